@@ -1,0 +1,140 @@
+"""The base model: build it, load or train its checkpoint (cached under ``runs/base/``), measure it.
+
+A checkpoint trained here is cached by a hash of everything that defines it (model source and
+kwargs, input shape, data source and split seed, training settings), so a second search on the
+same model and data reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoprune.config import SpaceConfig, config_hash
+from autoprune.errors import SourceError
+from autoprune.finetune import train_base
+from autoprune.measure import count_cost, evaluate, measure_latency
+from autoprune.sources import DataBundle, build_data, build_model, import_object, load_checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BaseMetrics:
+    """The unpruned model's measurements: every trial is compared with these."""
+
+    accuracy: float
+    macs: float
+    params: int
+    latency_ms: float
+    latency_p90_ms: float
+    latency: dict[str, Any]
+    checkpoint: str
+    checkpoint_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BaseMetrics:
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SourceError("search.device: got 'cuda' but no CUDA device is available; "
+                          "allowed here: 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
+    """Build the data, the model (random init) and the optional user ``evaluate`` function.
+
+    Fails early, before any training or trial, on a source that cannot be built or an input
+    shape the model does not accept.
+    """
+    data = build_data(space.data, space.model.input_shape)
+    num_classes = space.model.num_classes or data.num_classes
+    model = build_model(space.model.source, space.model.input_shape, num_classes,
+                        space.model.kwargs).eval()
+    example = torch.zeros(space.model.input_shape)
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:
+        raise SourceError(f"model.input_shape: got {list(space.model.input_shape)}; the model "
+                          f"{space.model.source!r} rejects it ({type(e).__name__}: {e})") from e
+    batch = next(iter(data.val))
+    if tuple(batch[0].shape[1:]) != tuple(space.model.input_shape[1:]):
+        raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
+                          f"{space.data.source!r} yields samples of shape "
+                          f"{list(batch[0].shape[1:])}")
+    evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
+        else None
+    return model, data, evaluate_fn
+
+
+def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
+                    device: torch.device, evaluate_fn: Any = None) -> Path:
+    """The base checkpoint: the space's own, or one trained here and cached under ``runs/``."""
+    if space.model.checkpoint:
+        load_checkpoint(model, space.model.checkpoint)
+        return Path(space.model.checkpoint)
+    m = space.model
+    key = config_hash(m.source, m.kwargs, m.input_shape, m.num_classes, m.train,
+                      space.data.source, space.data.kwargs, space.data.seed,
+                      space.data.batch_size, space.search.seed)
+    path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
+    if path.exists():
+        load_checkpoint(model, path)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seed_everything(space.search.seed)
+    log = train_base(model, data.train, m.train, device)
+    model.cpu().eval()
+    acc = evaluate(model, data.val, "cpu", evaluate_fn)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
+    path.with_suffix(".json").write_text(json.dumps({
+        "model": m.source, "data": space.data.source, "train": asdict(m.train),
+        "steps": log.steps, "final_loss": log.losses[-1][1] if log.losses else None,
+        "val_accuracy": acc}, indent=2))
+    return path
+
+
+def measure_base(space: SpaceConfig, model: nn.Module, data: DataBundle, checkpoint: Path,
+                 evaluate_fn: Any = None, device: torch.device | str = "cpu") -> BaseMetrics:
+    cost = count_cost(model, space.model.input_shape)
+    lat = space.latency
+    latency = measure_latency(model, space.model.input_shape, lat.runtime, lat.threads,
+                              lat.batch_size, lat.warmup, lat.repeats, lat.device)
+    return BaseMetrics(
+        accuracy=evaluate(model.to(device), data.val, device, evaluate_fn),
+        macs=cost.macs, params=cost.params, latency_ms=latency.median_ms,
+        latency_p90_ms=latency.p90_ms, latency=latency.to_dict(), checkpoint=str(checkpoint),
+        checkpoint_sha256=sha256_file(checkpoint),
+    )

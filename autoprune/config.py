@@ -1,0 +1,442 @@
+"""Typed search-space config: load a YAML file, validate every key, write the resolved config.
+
+Every section is a frozen dataclass. ``load_space`` rejects unknown keys and bad values with a
+:class:`~autoprune.errors.ConfigError` that names the key path, the value and what is allowed.
+
+Example:
+    >>> space = load_space("search_spaces/digits_resnet.yaml")  # doctest: +SKIP
+    >>> space.search.trials  # doctest: +SKIP
+    24
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from autoprune.errors import ConfigError
+
+Importance = Literal["l1", "l2", "taylor", "random", "lamp", "fpgm"]
+Objective = Literal["accuracy", "macs", "latency", "params"]
+Sampler = Literal["nsga2", "tpe", "gp", "random"]
+Runtime = Literal["onnxruntime", "torch"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the base model is trained when the space gives no checkpoint."""
+
+    epochs: int = 10
+    lr: float = 0.05
+    optimizer: Optimizer = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str
+    input_shape: tuple[int, ...]
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    evaluate: str | None = None
+    seed: int = 0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float = 0.0
+    high: float = 0.8
+    step: float | None = 0.05
+
+
+@dataclass(frozen=True)
+class GroupsConfig:
+    """Per-group search ranges. Patterns are fnmatch globs over group names; first match wins."""
+
+    default: Range = field(default_factory=Range)
+    patterns: dict[str, Range] = field(default_factory=dict)
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    importance: Importance = "l2"
+    round_to: int = 1
+    # Taylor importance needs gradients: this many training batches are used to compute them.
+    taylor_batches: int = 4
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Brief recovery training of a pruned candidate. ``steps`` (if set) overrides ``epochs``."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    lr: float = 0.01
+    optimizer: Optimizer = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bn_calibration_batches: int = 10
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class ConstraintsConfig:
+    max_macs_ratio: float | None = None
+    max_params_ratio: float | None = None
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    runtime: Runtime = "onnxruntime"
+    device: Device = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    warmup: int = 10
+    repeats: int = 50
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    trials: int = 30
+    sampler: Sampler = "nsga2"
+    seed: int = 0
+    population_size: int = 16
+    baselines: tuple[float, ...] = (0.25, 0.5, 0.75)
+    jobs: int = 1
+    device: Device = "auto"
+    storage: str | None = None
+    keep_models: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """A whole search space: what to prune, how, and how to judge the result."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    objectives: tuple[Objective, ...] = ("accuracy", "macs", "latency")
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runs_dir: str = "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every resolved setting (defaults included), YAML/JSON-serialisable."""
+        return _to_plain(self)
+
+    def replace(self, **changes: Any) -> SpaceConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def storage_url(self) -> str:
+        return self.search.storage or f"sqlite:///{Path(self.runs_dir) / 'optuna.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.runs_dir) / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic dataclass builder with key-path errors.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        keys = ", ".join(f.name for f in dataclasses.fields(tp))
+        return f"a mapping with keys {{{keys}}}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, value, _type_name(tp))
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(path, value, _type_name(tp))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(path, value, " | ".join(repr(a) for a in allowed) + hint)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, _type_name(tp))
+        return _build(tp, value, path)  # type: ignore[arg-type]
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, value, _type_name(tp))
+        (arg, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "a mapping")
+        _k, v_tp = typing.get_args(tp)
+        return {str(k): _coerce(v_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug, not user input
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(sub, value, f"one of the keys {names}{hint}")
+        kwargs[key] = _coerce(hints[key], value, sub)
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in kwargs:
+            raise ConfigError(f"{path}.{f.name}" if path else f.name, None,
+                              f"required: {_type_name(hints[f.name])}")
+    return cls(**kwargs)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Value checks that types alone cannot express.
+
+
+def _check_range(r: Range, path: str) -> None:
+    for name in ("low", "high"):
+        v = getattr(r, name)
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"{path}.{name}", v, "a pruning ratio in [0, 1)")
+    if r.low > r.high:
+        raise ConfigError(f"{path}.low", r.low, f"<= high ({r.high})")
+    if r.step is not None and not 0.0 < r.step <= 1.0:
+        raise ConfigError(f"{path}.step", r.step, "a number in (0, 1], or null for continuous")
+
+
+def _positive(value: float | int | None, path: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(path, value, ">= 0" if allow_zero else "> 0")
+
+
+def _validate(space: SpaceConfig) -> None:
+    shape = space.model.input_shape
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise ConfigError("model.input_shape", list(shape),
+                          "a list of positive ints with a batch dim, e.g. [1, 3, 32, 32]")
+    _check_range(space.groups.default, "groups.default")
+    for pat, r in space.groups.patterns.items():
+        _check_range(r, f"groups.patterns.{pat}")
+    _positive(space.pruning.round_to, "pruning.round_to")
+    _positive(space.finetune.epochs, "finetune.epochs", allow_zero=True)
+    _positive(space.finetune.steps, "finetune.steps", allow_zero=True)
+    _positive(space.finetune.lr, "finetune.lr")
+    _positive(space.finetune.bn_calibration_batches, "finetune.bn_calibration_batches", True)
+    _positive(space.finetune.log_every, "finetune.log_every")
+    _positive(space.model.train.epochs, "model.train.epochs", allow_zero=True)
+    _positive(space.model.train.lr, "model.train.lr")
+    _positive(space.data.batch_size, "data.batch_size")
+    _positive(space.data.eval_batch_size, "data.eval_batch_size")
+    _positive(space.data.num_workers, "data.num_workers", allow_zero=True)
+    for key in ("max_macs_ratio", "max_params_ratio", "max_latency_ms"):
+        _positive(getattr(space.constraints, key), f"constraints.{key}")
+    if space.constraints.min_accuracy is not None and not 0 <= space.constraints.min_accuracy:
+        raise ConfigError("constraints.min_accuracy", space.constraints.min_accuracy, ">= 0")
+    _positive(space.latency.threads, "latency.threads")
+    _positive(space.latency.batch_size, "latency.batch_size")
+    _positive(space.latency.warmup, "latency.warmup", allow_zero=True)
+    _positive(space.latency.repeats, "latency.repeats")
+    _positive(space.search.trials, "search.trials")
+    _positive(space.search.jobs, "search.jobs")
+    _positive(space.search.population_size, "search.population_size")
+    if space.search.population_size < 2:
+        raise ConfigError("search.population_size", space.search.population_size, ">= 2")
+    for i, b in enumerate(space.search.baselines):
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"search.baselines[{i}]", b, "a uniform ratio in [0, 1)")
+    if not space.objectives:
+        raise ConfigError("objectives", [], "a non-empty list of accuracy | macs | latency | params")
+    if len(set(space.objectives)) != len(space.objectives):
+        raise ConfigError("objectives", list(space.objectives), "each objective at most once")
+    if "accuracy" not in space.objectives:
+        raise ConfigError("objectives", list(space.objectives), "a list that includes 'accuracy'")
+    if not space.name or any(c in space.name for c in "/\\ "):
+        raise ConfigError("name", space.name, "a non-empty name without spaces or slashes")
+
+
+def _normalise_groups(raw: Any) -> Any:
+    """Accept the short form: ``{default: ..., ignore: [...], "layer4.*": {...}}``."""
+    if not isinstance(raw, dict):
+        return raw
+    out: dict[str, Any] = {"patterns": dict(raw.get("patterns", {}) or {})}
+    for key, value in raw.items():
+        if key in ("default", "ignore"):
+            out[key] = value
+        elif key != "patterns":
+            if not isinstance(value, dict):
+                raise ConfigError(f"groups.{key}", value,
+                                  "a range mapping {low, high, step} for the glob pattern "
+                                  "(or the keys default / ignore / patterns)")
+            out["patterns"][key] = value
+    return out
+
+
+def parse_space(data: dict[str, Any], base_dir: str | Path | None = None) -> SpaceConfig:
+    """Validate a parsed YAML mapping and return a :class:`SpaceConfig`.
+
+    Relative checkpoint and ``imagefolder:`` paths resolve against ``base_dir`` when they do not
+    exist relative to the current directory.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", data, _type_name(SpaceConfig))
+    data = dict(data)
+    if "groups" in data:
+        data["groups"] = _normalise_groups(data["groups"])
+    space: SpaceConfig = _build(SpaceConfig, data, "")
+    _validate(space)
+    if base_dir is not None:
+        space = _resolve_paths(space, Path(base_dir))
+    return space
+
+
+def _resolve_paths(space: SpaceConfig, base_dir: Path) -> SpaceConfig:
+    def fix(p: str) -> str:
+        return p if Path(p).exists() or Path(p).is_absolute() else str(base_dir / p)
+
+    model, data = space.model, space.data
+    if model.checkpoint and not Path(model.checkpoint).exists():
+        candidate = base_dir / model.checkpoint
+        if candidate.exists():
+            model = dataclasses.replace(model, checkpoint=str(candidate))
+    if data.source.startswith("imagefolder:"):
+        path = data.source.split(":", 1)[1]
+        if not Path(path).exists() and (base_dir / path).exists():
+            data = dataclasses.replace(data, source="imagefolder:" + fix(path))
+    return dataclasses.replace(space, model=model, data=data)
+
+
+def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SpaceConfig:
+    """Load and validate a search-space YAML file.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted-key overrides applied before validation, e.g. ``{"search.trials": 4}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("space", str(path), "an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("space", str(path), f"valid YAML ({e})") from e
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_space(data, base_dir=path.parent.parent if path.parent.name == "search_spaces"
+                       else path.parent)
+
+
+def dump_space(space: SpaceConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+
+
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of JSON-serialisable parts (used for cache keys)."""
+    blob = json.dumps([_to_plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

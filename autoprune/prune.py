@@ -1,0 +1,189 @@
+"""Apply per-group pruning ratios for real (channels are removed), record it, and replay it.
+
+Rounding: a group with ``C`` channels and ratio ``r`` keeps ``C * (1 - r)`` channels rounded to
+the nearest multiple of ``round_to``, never fewer than ``round_to`` (or 1 when ``C < round_to``)
+and never more than ``C``. So with ``round_to: 8`` a 64-channel group at ratio 0.3 keeps 48.
+
+The :class:`PruneRecord` (ratios, settings and Torch-Pruning's pruning history: which channel
+indices left which layer) rebuilds the same architecture from the same base model with
+:func:`replay`, without search, importance scores or gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from autoprune.errors import PruningError
+from autoprune.groups import (
+    ROOT_TYPES,
+    attention_heads,
+    build_graph,
+    check_ratios,
+    ignored_modules,
+    iter_groups,
+    root_module,
+)
+
+IMPORTANCES: dict[str, Callable[[], Any]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "lamp": lambda: tp.importance.LAMPImportance(p=2),
+    "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+
+
+@dataclass
+class PruneRecord:
+    """Everything needed to rebuild a pruned architecture from its base model."""
+
+    ratios: dict[str, float]
+    kept_channels: dict[str, int]
+    base_channels: dict[str, int]
+    importance: str
+    round_to: int
+    ignore: list[str]
+    history: list[tuple[str, bool, list[int]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruneRecord:
+        d = dict(data)
+        d["history"] = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in d["history"]]
+        return cls(**d)
+
+
+def kept_after_rounding(channels: int, ratio: float, round_to: int) -> int:
+    """Channels a group keeps at ``ratio`` (see the module docstring for the rule)."""
+    kept = channels * (1.0 - ratio)
+    if round_to > 1 and channels >= round_to:
+        kept = max(round_to, round(kept / round_to) * round_to)
+    return int(min(channels, max(1, round(kept))))
+
+
+def _sync_attributes(model: nn.Module) -> None:
+    """Update attributes that models read in ``forward`` and pruning cannot know about."""
+    for m in model.modules():
+        # torchvision's VisionTransformer reshapes with self.hidden_dim.
+        if hasattr(m, "hidden_dim") and hasattr(m, "conv_proj"):
+            m.hidden_dim = m.conv_proj.out_channels
+
+
+def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                          loss_fn: Callable[..., torch.Tensor]) -> None:
+    model.eval()  # keep BN statistics as they are; gradients flow all the same
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    seen = 0
+    for x, y in batches:
+        loss_fn(model(x.to(device)), y.to(device)).backward()
+        seen += 1
+    if seen == 0:
+        raise PruningError("importance 'taylor' needs at least one training batch for gradients")
+
+
+def prune_model(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    ratios: Mapping[str, float],
+    importance: str = "l2",
+    round_to: int = 1,
+    ignore: Sequence[str] = (),
+    grad_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+) -> tuple[nn.Module, PruneRecord]:
+    """Prune a copy of ``model``; the input model is never changed.
+
+    Args:
+        model: the base model.
+        example_inputs: a batch of the input shape, for tracing.
+        ratios: ``{group name: ratio in [0, 1)}``; groups not named are not pruned.
+        importance: one of :data:`IMPORTANCES`.
+        round_to: kept channels are rounded to a multiple of this.
+        ignore: glob patterns of module names never to prune (the head never is).
+        grad_batches: training batches for gradient-based importance (``taylor``).
+        loss_fn: loss for those batches (cross-entropy by default).
+
+    Returns:
+        The pruned copy and its :class:`PruneRecord`.
+    """
+    if importance not in IMPORTANCES:
+        raise PruningError(f"pruning.importance: got {importance!r}; allowed: {list(IMPORTANCES)}")
+    pruned = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        try:
+            ref_out = pruned(example_inputs)
+        except Exception as e:
+            raise PruningError(f"model.input_shape: the model does not accept an input of shape "
+                               f"{list(example_inputs.shape)} ({type(e).__name__}: {e})") from e
+    if importance == "taylor":
+        _accumulate_gradients(pruned, grad_batches or [], loss_fn or nn.functional.cross_entropy)
+
+    ignored = ignored_modules(pruned, example_inputs, ignore)
+    graph = build_graph(pruned, example_inputs)
+    names = {root_module(g): graph._module2name[root_module(g)]
+             for g in iter_groups(graph, ignored)}
+    check_ratios(ratios, list(names.values()))
+    by_name = {n: m for m, n in names.items()}
+    base_channels = {n: int(graph.get_out_channels(m)) for m, n in names.items()}
+    kept = {n: kept_after_rounding(base_channels[n], float(r), round_to)
+            for n, r in ratios.items()}
+    # MetaPruner keeps int(C * (1 - r)) channels; +0.5 makes that exactly our rounded count.
+    effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / base_channels[n]
+                 for n in ratios if kept[n] < base_channels[n]}
+    try:
+        pruner = tp.pruner.MetaPruner(
+            pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
+            pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
+            num_heads=attention_heads(pruned), root_module_types=list(ROOT_TYPES),
+        )
+        if effective:
+            pruner.step()
+        _sync_attributes(pruned)
+        pruned.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            out = pruned(example_inputs)
+    except Exception as e:  # noqa: BLE001 - report which op broke, keep the input model intact
+        raise PruningError(f"pruning failed, the model was left untouched: "
+                           f"{type(e).__name__}: {e}") from e
+    _check_output(ref_out, out)
+    history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in pruner.pruning_history()]
+    actual = {n: int(pruner.DG.get_out_channels(m)) for m, n in names.items()}
+    record = PruneRecord(
+        ratios={n: float(r) for n, r in ratios.items()}, kept_channels=actual,
+        base_channels=base_channels, importance=importance, round_to=round_to,
+        ignore=list(ignore), history=history,
+    )
+    return pruned, record
+
+
+def _check_output(ref: Any, out: Any) -> None:
+    ref_shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else None
+    out_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if ref_shape != out_shape:
+        raise PruningError(f"pruning changed the output shape from {ref_shape} to {out_shape}; "
+                           "the model was left untouched (add the layer to groups.ignore)")
+
+
+def replay(base_model: nn.Module, example_inputs: torch.Tensor,
+           record: PruneRecord) -> nn.Module:
+    """Rebuild the pruned architecture from a copy of the base model and a record."""
+    model = copy.deepcopy(base_model).eval()
+    graph = build_graph(model, example_inputs)
+    try:
+        graph.load_pruning_history([list(h) for h in record.history])
+    except Exception as e:  # noqa: BLE001
+        raise PruningError(f"the pruning record does not fit this base model: "
+                           f"{type(e).__name__}: {e}") from e
+    _sync_attributes(model)
+    return model

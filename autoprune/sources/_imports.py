@@ -1,0 +1,43 @@
+"""Import a user's ``some.module:function`` reference, with an error that says what failed."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+from autoprune.errors import SourceError
+
+
+def import_object(ref: str, field: str) -> Any:
+    """Import ``package.module:attr`` (the current directory is importable, like ``python -m``).
+
+    Args:
+        ref: the reference, e.g. ``my_project.models:build``.
+        field: the config key it came from, named in errors.
+    """
+    if ":" not in ref:
+        raise SourceError(f"{field}: got {ref!r}; allowed: 'package.module:function'")
+    module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SourceError(
+            f"{field}: cannot import module {module_name!r} from {ref!r} ({e}); allowed: a module "
+            "importable from the current directory or the installed packages"
+        ) from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            raise SourceError(
+                f"{field}: module {module_name!r} has no attribute {attr!r}; it has: "
+                f"{', '.join(names[:20])}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SourceError(f"{field}: {ref!r} is not callable")
+    return obj

@@ -1,0 +1,128 @@
+"""Model sources: a timm-style registry of built-in models, torchvision, and user factories.
+
+``builtin:<name>``      small CNNs/ResNets sized for the built-in data (see ``list_models()``)
+``torchvision:<name>``  any torchvision classification model, built with ``weights=None``
+``pkg.module:function`` the user's factory, called with ``**model.kwargs``
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoprune.errors import CheckpointError, SourceError
+from autoprune.sources._imports import import_object
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: make ``fn(in_channels, num_classes, **kw)`` available as ``builtin:<fn name>``."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the built-in models matching a glob pattern."""
+    import autoprune.sources._builtin_models  # noqa: F401  (registers the catalogue)
+
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | None,
+                kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build the model named by ``source``; nothing is downloaded.
+
+    Args:
+        source: ``builtin:<name>``, ``torchvision:<name>`` or ``pkg.module:function``.
+        input_shape: e.g. ``(1, 3, 32, 32)``; its channel count sizes built-in models.
+        num_classes: classifier size, or None to keep the factory's default.
+        kwargs: extra keyword arguments for the factory.
+    """
+    kwargs = dict(kwargs or {})
+    kind, _, name = source.partition(":")
+    if kind == "builtin":
+        names = list_models()
+        if name not in _REGISTRY:
+            raise SourceError(f"model.source: got {source!r}; allowed builtin models: {names}")
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+        return _REGISTRY[name](in_channels=input_shape[1], **kwargs)
+    if kind == "torchvision":
+        return _torchvision_model(name, num_classes, kwargs)
+    if ":" in source:
+        factory = import_object(source, "model.source")
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise SourceError(f"model.source: {source!r} returned {type(model).__name__}, "
+                              "allowed: a torch.nn.Module")
+        return model
+    raise SourceError(f"model.source: got {source!r}; allowed: 'builtin:<name>', "
+                      "'torchvision:<name>' or 'package.module:function'")
+
+
+def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=3)
+        raise SourceError(f"model.source: got 'torchvision:{name}'; close matches: {close}; "
+                          f"allowed: any of the {len(available)} torchvision classification models")
+    if kwargs.get("weights") not in (None, "None"):
+        raise SourceError("model.kwargs.weights: autoprune never downloads weights; allowed: "
+                          "null (use model.checkpoint for pretrained weights)")
+    kwargs["weights"] = None
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    if name in ("googlenet", "inception_v3"):
+        # Aux heads only exist in training mode and break a fixed graph; the scipy-based init is slow.
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", False)
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.checkpoint") -> None:
+    """Load a state dict with ``weights_only=True``; mismatches are listed key by key."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{field}: file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
+        raise CheckpointError(f"{field}: cannot read {str(path)!r} as a state dict with "
+                              f"weights_only=True ({e})") from e
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{field}: {str(path)!r} holds {type(state).__name__}; "
+                              "allowed: a state dict (mapping of tensor names to tensors)")
+    load_state_dict_strict(model, state, field)
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) -> None:
+    """``model.load_state_dict`` whose error lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state))
+              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:10]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:10]}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {shapes[:10]}")
+        raise CheckpointError(f"{field}: weights do not fit the architecture; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

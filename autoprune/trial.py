@@ -1,0 +1,215 @@
+"""One trial: the single function every controller (Optuna local, Ray Tune) calls.
+
+prune -> MACs/params/latency -> constraints (infeasible: stop, no fine-tune) -> adaptive BN
+(proxy accuracy) -> brief fine-tune -> evaluate -> objectives.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autoprune.base import (
+    BaseMetrics,
+    base_checkpoint,
+    load_sources,
+    resolve_device,
+    seed_everything,
+)
+from autoprune.config import SpaceConfig
+from autoprune.finetune import adaptive_bn, finetune
+from autoprune.groups import GroupInfo, describe_groups
+from autoprune.measure import count_cost, evaluate, measure_latency
+from autoprune.prune import prune_model
+from autoprune.sources import DataBundle, load_checkpoint
+
+TrialState = Literal["complete", "infeasible", "failed"]
+
+# Optuna study directions for each objective, and the TrialResult field that holds its value.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "accuracy": ("maximize", "accuracy"),
+    "macs": ("minimize", "macs_ratio"),
+    "latency": ("minimize", "latency_ms"),
+    "params": ("minimize", "params_ratio"),
+}
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a search shares: the space, the base model, the data."""
+
+    space: SpaceConfig
+    base_model: nn.Module
+    data: DataBundle
+    base: BaseMetrics
+    groups: list[GroupInfo]
+    device: torch.device
+    evaluate_fn: Any = None
+
+    @property
+    def example_inputs(self) -> torch.Tensor:
+        return torch.zeros(self.space.model.input_shape)
+
+    @classmethod
+    def build(cls, space: SpaceConfig, base: BaseMetrics | None = None,
+              device: str | None = None) -> TrialContext:
+        """Load sources and the base checkpoint (training it once if needed), measure the base.
+
+        Args:
+            space: the validated search space.
+            base: base metrics measured earlier (workers get them from the controller).
+            device: overrides ``search.device``.
+        """
+        dev = resolve_device(device or space.search.device)
+        model, data, evaluate_fn = load_sources(space)
+        if base is None:
+            from autoprune.base import measure_base
+
+            ckpt = base_checkpoint(space, model, data, dev, evaluate_fn)
+            base = measure_base(space, model, data, ckpt, evaluate_fn, dev)
+        else:
+            load_checkpoint(model, base.checkpoint)
+        model.cpu().eval()
+        groups = describe_groups(model, torch.zeros(space.model.input_shape),
+                                 space.groups.ignore)
+        return cls(space, model, data, base, groups, dev, evaluate_fn)
+
+
+@dataclass
+class TrialResult:
+    """What a trial measured. Ratios are per group; ``*_ratio`` fields are relative to the base."""
+
+    ratios: dict[str, float]
+    state: TrialState
+    seed: int
+    accuracy: float = float("nan")
+    proxy_accuracy: float = float("nan")
+    macs: float = float("nan")
+    macs_ratio: float = float("nan")
+    params: int = 0
+    params_ratio: float = float("nan")
+    latency_ms: float = float("nan")
+    latency_p90_ms: float = float("nan")
+    speedup: float = float("nan")
+    kept_channels: dict[str, int] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    finetune_steps: int = 0
+    finetune_losses: list[tuple[int, float]] = field(default_factory=list)
+    duration_s: float = 0.0
+    error: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+    def objective_values(self, objectives: tuple[str, ...]) -> list[float]:
+        return [float(getattr(self, OBJECTIVES[o][1])) for o in objectives]
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar metrics for tracking (NaNs left out)."""
+        keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
+                "latency_ms", "latency_p90_ms", "speedup", "finetune_steps", "duration_s")
+        out = {k: float(getattr(self, k)) for k in keys}
+        out["flops"] = 2.0 * out["macs"]
+        return {k: v for k, v in out.items() if v == v}
+
+    def to_dict(self, with_weights: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_weights:
+            d.pop("state_dict")
+        return d
+
+
+def constraint_values(space: SpaceConfig, result: TrialResult,
+                      after_finetune: bool) -> dict[str, float]:
+    """Optuna convention: a value <= 0 is satisfied."""
+    c = space.constraints
+    out: dict[str, float] = {}
+    if c.max_macs_ratio is not None:
+        out["macs_ratio"] = result.macs_ratio - c.max_macs_ratio
+    if c.max_params_ratio is not None:
+        out["params_ratio"] = result.params_ratio - c.max_params_ratio
+    if c.max_latency_ms is not None:
+        out["latency_ms"] = result.latency_ms - c.max_latency_ms
+    if c.min_accuracy is not None and after_finetune:
+        out["accuracy"] = c.min_accuracy - result.accuracy
+    return out
+
+
+def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
+              keep_model: bool = False, finetune_steps: int | None = None) -> TrialResult:
+    """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
+
+    Never raises for a failure inside the trial: the result has ``state="failed"`` and the
+    error, so the controller records it and the search goes on.
+
+    Args:
+        ctx: the shared trial context.
+        ratios: ``{group name: ratio}``.
+        seed: seeds pruning (random importance), data order and fine-tuning; defaults to
+            ``search.seed`` so the same ratios always give the same model.
+        keep_model: return the fine-tuned weights in ``state_dict``.
+        finetune_steps: override the fine-tune budget (steps).
+    """
+    space = ctx.space
+    seed = space.search.seed if seed is None else seed
+    result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
+    t0 = time.perf_counter()
+    try:
+        _run(ctx, result, keep_model, finetune_steps)
+    except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
+        result.state = "failed"
+        result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+    result.duration_s = time.perf_counter() - t0
+    return result
+
+
+def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
+         finetune_steps: int | None) -> None:
+    space, dev = ctx.space, ctx.device
+    seed_everything(result.seed)
+    p = space.pruning
+    grad_batches = (list(ctx.data.calibration_batches(p.taylor_batches))
+                    if p.importance == "taylor" else None)
+    model, record = prune_model(ctx.base_model, ctx.example_inputs, result.ratios,
+                                p.importance, p.round_to, space.groups.ignore, grad_batches)
+    result.record = record.to_dict()
+    result.kept_channels = dict(record.kept_channels)
+
+    cost = count_cost(model, space.model.input_shape)
+    lat = space.latency
+    latency = measure_latency(model, space.model.input_shape, lat.runtime, lat.threads,
+                              lat.batch_size, lat.warmup, lat.repeats, lat.device)
+    base = ctx.base
+    result.macs, result.params = cost.macs, cost.params
+    result.macs_ratio = cost.macs / base.macs
+    result.params_ratio = cost.params / base.params
+    result.latency_ms, result.latency_p90_ms = latency.median_ms, latency.p90_ms
+    result.speedup = base.latency_ms / latency.median_ms
+
+    model.to(dev)
+    seed_everything(result.seed)
+    adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
+    result.proxy_accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
+
+    result.constraints = constraint_values(space, result, after_finetune=False)
+    if not result.feasible:
+        result.accuracy = result.proxy_accuracy
+        result.state = "infeasible"
+        return
+    seed_everything(result.seed)
+    log = finetune(model, ctx.data.train, space.finetune, dev, finetune_steps)
+    result.finetune_steps, result.finetune_losses = log.steps, log.losses
+    result.accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
+    result.constraints = constraint_values(space, result, after_finetune=True)
+    result.state = "complete" if result.feasible else "infeasible"
+    if keep_model:
+        result.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
