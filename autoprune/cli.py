@@ -81,6 +81,67 @@ def _print_groups(groups: Sequence[GroupInfo]) -> None:
     print(f"\n{len(groups)} groups (the head is never pruned)")
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from autoprune.config import load_space
+    from autoprune.search import format_front, run_search
+
+    space = load_space(args.space)
+    ray_options = None
+    if args.backend == "ray":
+        ray_options = {"address": args.address, "concurrency": args.concurrency or args.jobs,
+                       "cpus_per_trial": args.cpus_per_trial,
+                       "gpus_per_trial": args.gpus_per_trial}
+    summary = run_search(space, args.study, args.trials, args.jobs, args.resume, args.seed,
+                         args.backend, ray_options, quiet=args.quiet)
+    print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
+          f"Pareto front ({len(summary.front)} trials):")
+    print(format_front(summary.front))
+    print(f"\ntables and plots: {summary.study_dir}; MLflow parent run {summary.parent_run_id} "
+          "(`autoprune ui` to browse)")
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> str:
+    if args.storage:
+        return str(args.storage)
+    if args.space:
+        from autoprune.config import load_space
+
+        return load_space(args.space).storage_url
+    return f"sqlite:///{Path(args.runs_dir) / 'optuna.db'}"
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from autoprune.report import pareto_frame
+    from autoprune.search import format_front
+    from autoprune.study import load_study
+
+    study = load_study(args.study, _storage(args))
+    front = pareto_frame(study)
+    base = study.user_attrs.get("base", {})
+    if args.json:
+        cols = [c for c in front.columns if c != "error"]
+        print(json.dumps({"study": args.study, "base": base,
+                          "front": json.loads(front[cols].to_json(orient="records"))}, indent=2))
+    else:
+        print(f"study {args.study}: base accuracy {base.get('accuracy', float('nan')):.4f}, "
+              f"latency {base.get('latency_ms', float('nan')):.3f} ms")
+        print(format_front(front))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    uri = args.uri or f"sqlite:///{Path(args.runs_dir) / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
+           "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--json", action="store_true", help="print JSON")
     lay.add_argument("--write-space", metavar="FILE", help="write a starter search space")
     lay.set_defaults(fn=cmd_layers)
+
+    se = sub.add_parser("search", help="search per-group pruning ratios")
+    se.add_argument("space", help="search space YAML")
+    se.add_argument("--trials", type=int, help="total trials in the study (default: the space's)")
+    se.add_argument("--study", help="study name (default: the space's name)")
+    se.add_argument("--jobs", type=int, help="parallel trials on this machine")
+    se.add_argument("--resume", action="store_true", help="continue an existing study")
+    se.add_argument("--seed", type=int)
+    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.add_argument("--backend", choices=["local", "ray"], default="local")
+    se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port)")
+    se.add_argument("--concurrency", type=int, help="Ray: trials at once")
+    se.add_argument("--cpus-per-trial", type=float, default=1.0)
+    se.add_argument("--gpus-per-trial", type=float, default=0.0)
+    se.set_defaults(fn=cmd_search)
+
+    pa = sub.add_parser("pareto", help="print a study's current Pareto front")
+    pa.add_argument("--study", required=True)
+    pa.add_argument("--space", help="read the storage from this space file")
+    pa.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
+    pa.add_argument("--runs-dir", default="runs")
+    pa.add_argument("--json", action="store_true")
+    pa.set_defaults(fn=cmd_pareto)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--uri", help="tracking URI (default sqlite:///runs/mlflow.db)")
+    ui.add_argument("--runs-dir", default="runs")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
     return p
 
 

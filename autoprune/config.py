@@ -347,7 +347,8 @@ def _validate(space: SpaceConfig) -> None:
         if not 0.0 <= b < 1.0:
             raise ConfigError(f"search.baselines[{i}]", b, "a uniform ratio in [0, 1)")
     if not space.objectives:
-        raise ConfigError("objectives", [], "a non-empty list of accuracy | macs | latency | params")
+        raise ConfigError("objectives", [],
+                          "a non-empty list of accuracy | macs | latency | params")
     if len(set(space.objectives)) != len(space.objectives):
         raise ConfigError("objectives", list(space.objectives), "each objective at most once")
     if "accuracy" not in space.objectives:
@@ -421,11 +422,18 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Spa
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError("space", str(path), f"valid YAML ({e})") from e
+    if overrides and not isinstance(data, dict):
+        raise ConfigError("<root>", data, _type_name(SpaceConfig))
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parents):
+            if node.get(p) is None:  # a missing or empty (``key:``) section
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(key, value, f"a key below a mapping, but "
+                                  f"{'.'.join(parents[:i + 1])} is {node!r}")
         node[leaf] = value
     return parse_space(data, base_dir=path.parent.parent if path.parent.name == "search_spaces"
                        else path.parent)

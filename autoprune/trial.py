@@ -128,9 +128,8 @@ class TrialResult:
         return d
 
 
-def constraint_values(space: SpaceConfig, result: TrialResult,
-                      after_finetune: bool) -> dict[str, float]:
-    """Optuna convention: a value <= 0 is satisfied."""
+def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, float]:
+    """Optuna convention: a value <= 0 is satisfied. Every trial gets the same keys."""
     c = space.constraints
     out: dict[str, float] = {}
     if c.max_macs_ratio is not None:
@@ -139,7 +138,7 @@ def constraint_values(space: SpaceConfig, result: TrialResult,
         out["params_ratio"] = result.params_ratio - c.max_params_ratio
     if c.max_latency_ms is not None:
         out["latency_ms"] = result.latency_ms - c.max_latency_ms
-    if c.min_accuracy is not None and after_finetune:
+    if c.min_accuracy is not None:
         out["accuracy"] = c.min_accuracy - result.accuracy
     return out
 
@@ -200,16 +199,18 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
     result.proxy_accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
 
-    result.constraints = constraint_values(space, result, after_finetune=False)
-    if not result.feasible:
-        result.accuracy = result.proxy_accuracy
+    # Cost constraints are known before fine-tuning: an infeasible candidate stops here and
+    # reports its proxy accuracy.
+    result.accuracy = result.proxy_accuracy
+    result.constraints = constraint_values(space, result)
+    if any(v > 0 for k, v in result.constraints.items() if k != "accuracy"):
         result.state = "infeasible"
         return
     seed_everything(result.seed)
     log = finetune(model, ctx.data.train, space.finetune, dev, finetune_steps)
     result.finetune_steps, result.finetune_losses = log.steps, log.losses
     result.accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
-    result.constraints = constraint_values(space, result, after_finetune=True)
+    result.constraints = constraint_values(space, result)
     result.state = "complete" if result.feasible else "infeasible"
     if keep_model:
         result.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -9,8 +9,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-COUNTED_OPS = ("conv/linear/multi-head-attention MACs, plus one op per output element of "
-               "BatchNorm, LayerNorm, GroupNorm, activations, pooling and upsampling "
+COUNTED_OPS = ("conv/linear/multi-head-attention MACs (bias adds included), plus two ops per "
+               "element of affine BatchNorm/GroupNorm/LayerNorm (one without affine), one per "
+               "output element of ReLU-family activations (ReLU, ReLU6, LeakyReLU, PReLU, ELU; "
+               "not GELU/SiLU/Hardswish) and upsampling, one per input element of pooling "
                "(Torch-Pruning op counter); FLOPs = 2 x MACs")
 
 

@@ -22,7 +22,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: make ``fn(in_channels, num_classes, **kw)`` available as ``builtin:<fn name>``."""
+    """Decorator: make ``fn(in_channels, num_classes, **kw)`` available as ``builtin:<name>``."""
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -52,7 +52,8 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
             raise SourceError(f"model.source: got {source!r}; allowed builtin models: {names}")
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
-        return _REGISTRY[name](in_channels=input_shape[1], **kwargs)
+        kwargs.setdefault("in_channels", input_shape[1])
+        return _REGISTRY[name](**kwargs)
     if kind == "torchvision":
         return _torchvision_model(name, num_classes, kwargs)
     if ":" in source:
@@ -75,7 +76,8 @@ def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any
 
         close = difflib.get_close_matches(name, available, n=3)
         raise SourceError(f"model.source: got 'torchvision:{name}'; close matches: {close}; "
-                          f"allowed: any of the {len(available)} torchvision classification models")
+                          f"allowed: any of the {len(available)} torchvision classification "
+                          "models")
     if kwargs.get("weights") not in (None, "None"):
         raise SourceError("model.kwargs.weights: autoprune never downloads weights; allowed: "
                           "null (use model.checkpoint for pretrained weights)")
@@ -83,7 +85,8 @@ def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any
     if num_classes is not None:
         kwargs.setdefault("num_classes", num_classes)
     if name in ("googlenet", "inception_v3"):
-        # Aux heads only exist in training mode and break a fixed graph; the scipy-based init is slow.
+        # Aux heads only exist in training mode and break a fixed graph; the scipy-based init
+        # is slow.
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", False)
     return torchvision.models.get_model(name, **kwargs)

@@ -1,0 +1,79 @@
+"""Local controller: Optuna ask/tell in this process, trials in-process or in worker processes.
+
+This process is the only one that touches the Optuna storage and MLflow; with ``jobs > 1`` each
+worker process runs whole trials with ``cpu_count // jobs`` torch threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+import optuna
+
+from autoprune.controllers import _worker
+from autoprune.study import done_count, suggest_ratios
+from autoprune.trial import TrialContext, TrialResult, run_trial
+
+OnResult = Callable[[optuna.Trial, TrialResult], None]
+
+
+def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
+              dists: dict[str, optuna.distributions.FloatDistribution],
+              on_result: OnResult, keep_model: bool) -> None:
+    """Run trials until ``total`` have finished (completed or failed).
+
+    Args:
+        ctx: the trial context (used directly when ``jobs == 1``).
+        study: the Optuna study (created before any worker starts).
+        total: trials the study should hold when done (resume counts earlier ones).
+        jobs: trials at once.
+        dists: the ratio distributions, one per group.
+        on_result: called in this process with every finished trial (records it).
+        keep_model: ask trials to return their fine-tuned weights.
+    """
+    if jobs <= 1:
+        while done_count(study) < total:
+            trial = study.ask()
+            on_result(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model))
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = _pool(ctx, jobs, threads)
+    pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}
+    try:
+        while done_count(study) + len(pending) < total or pending:
+            while len(pending) < jobs and done_count(study) + len(pending) < total:
+                trial = study.ask()
+                ratios = suggest_ratios(trial, dists)
+                pending[pool.submit(_worker.work, ratios, keep_model)] = (trial, ratios)
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                trial, ratios = pending.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as e:  # the worker died (killed, out of memory)
+                    broken = True
+                    result = TrialResult(ratios=ratios, state="failed", seed=ctx.space.search.seed,
+                                         error=f"worker process died: {e}")
+                on_result(trial, result)
+            if broken:
+                for fut, (trial, ratios) in list(pending.items()):
+                    pending.pop(fut)
+                    on_result(trial, TrialResult(ratios=ratios, state="failed",
+                                                 seed=ctx.space.search.seed,
+                                                 error="worker pool broke during this trial"))
+                pool.shutdown(cancel_futures=True)
+                pool = _pool(ctx, jobs, threads)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:
+    # spawn, not fork: forking a process that already runs torch thread pools can deadlock.
+    return ProcessPoolExecutor(
+        max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker.init_worker,
+        initargs=(ctx.space.to_dict(), ctx.base.to_dict(), threads))

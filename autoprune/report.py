@@ -1,0 +1,133 @@
+"""Tables (pandas) and pictures (matplotlib PNG, plotly HTML) of a study's trials and front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from autoprune.pareto import hypervolume_2d
+
+METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
+                  "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, baseline, ratio summary, metrics, per-group ratios."""
+    front = {t.number for t in study.best_trials} if _has_complete(study) else set()
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        ratios = list(t.params.values())
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.user_attrs.get("state", t.state.name.lower()),
+            "baseline": bool(t.user_attrs.get("baseline", False)),
+            "pareto": t.number in front,
+            "mean_ratio": float(np.mean(ratios)) if ratios else 0.0,
+            "min_ratio": float(np.min(ratios)) if ratios else 0.0,
+            "max_ratio": float(np.max(ratios)) if ratios else 0.0,
+        }
+        for key in METRIC_COLUMNS:
+            row[key] = t.user_attrs.get(key)
+        row["error"] = (t.user_attrs.get("error") or "").split("\n")[0] or None
+        row.update({f"ratio.{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def pareto_frame(study: optuna.Study) -> pd.DataFrame:
+    """The current front, most accurate first."""
+    df = trials_frame(study)
+    if df.empty:
+        return df
+    return df[df["pareto"]].sort_values("accuracy", ascending=False).reset_index(drop=True)
+
+
+def summary_columns(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["trial", "baseline", "mean_ratio", "accuracy", "proxy_accuracy", "macs_ratio",
+            "latency_ms", "speedup"]
+    return df[[c for c in cols if c in df.columns]]
+
+
+def front_hypervolume(df: pd.DataFrame) -> float:
+    """Hypervolume of (accuracy, MACs ratio) over the front; reference (0, 1.0)."""
+    if df.empty:
+        return 0.0
+    ok = df[df["pareto"]]
+    return hypervolume_2d(ok["accuracy"].to_numpy(float), ok["macs_ratio"].to_numpy(float))
+
+
+def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Accuracy vs MACs ratio and accuracy vs latency: PNG and interactive HTML.
+
+    Every finished trial is a dot, the front is highlighted and joined, the uniform baselines
+    are drawn as a line, and the base model is a star.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = df[df["state"].isin(["complete", "infeasible"])] if not df.empty else df
+    written: list[Path] = []
+    for x, label, base_x, stem in (
+        ("macs_ratio", "MACs ratio (pruned / base)", 1.0, "pareto_accuracy_vs_macs"),
+        ("latency_ms", "latency (ms, median)", base.get("latency_ms"), "pareto_accuracy_vs_latency"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        html = go.Figure()
+        if not done.empty:
+            feas = done[done["state"] == "complete"]
+            infeas = done[done["state"] == "infeasible"]
+            ax.scatter(feas[x], feas["accuracy"], s=18, c="#9aa5b1", label="trials")
+            ax.scatter(infeas[x], infeas["accuracy"], s=18, marker="x", c="#d08770",
+                       label="infeasible (proxy acc.)")
+            html.add_scatter(x=feas[x], y=feas["accuracy"], mode="markers", name="trials",
+                             text=[f"trial {n}" for n in feas["trial"]])
+            front = done[done["pareto"]].sort_values(x)
+            ax.plot(front[x], front["accuracy"], "-o", c="#bf1d2d", label="Pareto front")
+            html.add_scatter(x=front[x], y=front["accuracy"], mode="lines+markers",
+                             name="Pareto front", text=[f"trial {n}" for n in front["trial"]])
+            uni = done[done["baseline"]].sort_values(x)
+            if not uni.empty:
+                ax.plot(uni[x], uni["accuracy"], "--s", c="#2e6fdb", label="uniform ratios")
+                html.add_scatter(x=uni[x], y=uni["accuracy"], mode="lines+markers",
+                                 name="uniform ratios", line={"dash": "dash"})
+        if base_x is not None:
+            ax.scatter([base_x], [base["accuracy"]], marker="*", s=160, c="k", label="base model")
+            html.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers", name="base model",
+                             marker={"symbol": "star", "size": 14})
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        png = out_dir / f"{stem}.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        html.update_layout(xaxis_title=label, yaxis_title="accuracy", template="plotly_white")
+        page = out_dir / f"{stem}.html"
+        html.write_html(str(page), include_plotlyjs=True)
+        written += [png, page]
+    return written
+
+
+def write_tables(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = trials_frame(study)
+    trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
+    df.to_csv(trials_csv, index=False)
+    (df[df["pareto"]] if not df.empty else df).to_csv(pareto_csv, index=False)
+    return df, [trials_csv, pareto_csv]

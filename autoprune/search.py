@@ -1,0 +1,217 @@
+"""A whole search: base model -> study -> controller -> records -> front.
+
+``run_search`` is what ``autoprune search`` calls. The recording (Optuna tell, MLflow child run,
+kept weights, refreshed tables and plots) happens here, in the controller process, for either
+controller.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+
+from autoprune.config import SpaceConfig, dump_space
+from autoprune.report import plot_front, summary_columns, write_tables
+from autoprune.study import (
+    check_patterns,
+    distributions,
+    done_count,
+    enqueue_baselines,
+    front_numbers,
+    open_study,
+    recover_interrupted,
+    tell,
+)
+from autoprune.tracking import Tracker, default_artifact_dir
+from autoprune.trial import TrialContext, TrialResult
+
+REPORT_EVERY = 5  # trials between refreshes of the parent run's tables and plots
+
+
+@dataclass
+class SearchSummary:
+    study: str
+    trials: int
+    failed: int
+    front: pd.DataFrame
+    parent_run_id: str
+    study_dir: Path
+
+
+def study_dir(space: SpaceConfig, study: str) -> Path:
+    return Path(space.runs_dir) / "studies" / study
+
+
+def pruning_settings(space: SpaceConfig) -> dict[str, Any]:
+    p = space.pruning
+    return {"importance": p.importance, "round_to": p.round_to,
+            "finetune_epochs": space.finetune.epochs, "finetune_steps": space.finetune.steps,
+            "finetune_lr": space.finetune.lr, "seed": space.search.seed}
+
+
+class Recorder:
+    """Records each finished trial in Optuna, MLflow and ``runs/studies/<study>/``."""
+
+    def __init__(self, space: SpaceConfig, study: optuna.Study, tracker: Tracker, out: Path,
+                 progress: Any = None) -> None:
+        self.space, self.study, self.tracker, self.out = space, study, tracker, out
+        self.progress = progress
+        self.since_report = 0
+
+    def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
+        start = trial.datetime_start.timestamp() if trial.datetime_start else None
+        frozen = tell(self.study, trial, result, self.space.objectives)
+        artifacts = self._keep(frozen.number, result)
+        self.tracker.log_trial(frozen.number, frozen.user_attrs, frozen.params,
+                               pruning_settings(self.space), result.finetune_losses, start,
+                               time.time(), artifacts)
+        self.tracker.update_front(front_numbers(self.study))
+        self.since_report += 1
+        if self.since_report >= REPORT_EVERY:
+            self.report()
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(failed=self.failed(), front=len(self.tracker._front))
+
+    def _keep(self, number: int, result: TrialResult) -> list[Path]:
+        if not result.record:
+            return []
+        d = self.out / "trials" / str(number)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "prune_record.json").write_text(json.dumps(result.record))
+        if result.state_dict is not None:
+            torch.save(result.state_dict, d / "weights.pt")
+        return [d / "prune_record.json"]
+
+    def failed(self) -> int:
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(
+                       "interrupted"))
+
+    def report(self) -> pd.DataFrame:
+        """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run."""
+        self.since_report = 0
+        df, tables = write_tables(self.study, self.out)
+        plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots")
+        self.tracker.log_artifacts(tables)
+        self.tracker.log_artifacts(plots, "plots")
+        done = df[df["state"] == "complete"] if not df.empty else df
+        if not done.empty:
+            from autoprune.report import front_hypervolume
+
+            self.tracker.log_parent_metrics({
+                "front_size": float(df["pareto"].sum()),
+                "hypervolume_acc_macs": front_hypervolume(df),
+                "best_accuracy": float(done["accuracy"].max()),
+                "trials_done": float(done_count(self.study))}, step=done_count(self.study))
+        return df
+
+    def reconcile(self) -> int:
+        """Log finished trials that MLflow does not have yet (a kill between the two writes)."""
+        logged = self.tracker.logged_trials()
+        missing = [t for t in self.study.get_trials(deepcopy=False)
+                   if t.state.is_finished() and t.number not in logged
+                   and not t.user_attrs.get("interrupted")]
+        for t in missing:
+            self.tracker.log_trial(t.number, t.user_attrs, t.params, pruning_settings(self.space),
+                                   (), t.datetime_start.timestamp() if t.datetime_start else None,
+                                   t.datetime_complete.timestamp() if t.datetime_complete
+                                   else None)
+        return len(missing)
+
+
+def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
+               jobs: int | None = None, resume: bool = False, seed: int | None = None,
+               backend: str = "local", ray_options: dict[str, Any] | None = None,
+               quiet: bool = False) -> SearchSummary:
+    """Run (or resume) a search to ``trials`` finished trials and return its front.
+
+    Args:
+        space: the validated search space.
+        study_name: defaults to the space name.
+        trials: total trials (overrides ``search.trials``).
+        jobs: parallel trials on this machine (local backend).
+        resume: continue an existing study (and its MLflow parent run).
+        seed: overrides ``search.seed``.
+        backend: ``local`` (Optuna in-process) or ``ray`` (Ray Tune).
+        ray_options: address, concurrency, resources for the Ray backend.
+        quiet: no progress bar.
+    """
+    from tqdm import tqdm
+
+    if seed is not None:
+        space = space.replace(search=_replace(space.search, seed=seed))
+    name = study_name or space.name
+    total = trials or space.search.trials
+    out = study_dir(space, name)
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
+    ctx = TrialContext.build(space)  # fails here, before any trial, on bad sources
+    check_patterns(space, ctx.groups)
+    dists = distributions(space, ctx.groups)
+    log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
+        f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
+
+    study = open_study(space, name, resume, space.search.seed, ctx.base)
+    lost = recover_interrupted(study) if resume else []
+    if lost:
+        log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
+    enqueue_baselines(study, space, dists)
+
+    out.mkdir(parents=True, exist_ok=True)
+    dump_space(space, out / "space.yaml")
+    tracker = Tracker(space.tracking_uri, space.experiment_name, name,
+                      default_artifact_dir(space.runs_dir))
+    parent = tracker.start_parent(space, ctx.base, study.user_attrs.get("parent_run_id"),
+                                  out / "space.yaml")
+    study.set_user_attr("parent_run_id", parent)
+    already = done_count(study)
+    progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
+                                       desc=f"search {name}", file=sys.stderr)
+    recorder = Recorder(space, study, tracker, out, progress)
+    recorder.reconcile()
+    status = "FAILED"
+    try:
+        if backend == "ray":
+            from autoprune.controllers.ray_tune import run_ray
+
+            run_ray(ctx, study, total, dists, recorder, space.search.keep_models,
+                    **(ray_options or {}))
+        else:
+            from autoprune.controllers import run_local
+
+            run_local(ctx, study, total, jobs or space.search.jobs, dists, recorder,
+                      space.search.keep_models)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        df = recorder.report()
+        tracker.finish_parent(status)
+    front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
+    return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out)
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def format_front(front: pd.DataFrame) -> str:
+    if front.empty:
+        return "(no feasible completed trial yet)"
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+        return summary_columns(front).to_string(index=False)

@@ -1,0 +1,196 @@
+"""The Optuna side of a search: study creation, the ratio search space, baselines, bookkeeping.
+
+Both controllers use it: the local controller asks and tells through it, the Ray controller hands
+the same sampler and distributions to ``OptunaSearch``; ``pareto`` and ``export`` read studies
+back through it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune.base import BaseMetrics
+from autoprune.config import Range, SpaceConfig
+from autoprune.errors import AutopruneError
+from autoprune.groups import GroupInfo
+from autoprune.trial import OBJECTIVES, TrialResult
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+INTERRUPTED = "interrupted"  # user attr of trials whose process died mid-trial (resume re-runs them)
+
+
+def directions(objectives: Sequence[str]) -> list[str]:
+    return [OBJECTIVES[o][0] for o in objectives]
+
+
+def group_range(space: SpaceConfig, group: str) -> Range:
+    """The first glob pattern that matches ``group`` wins; otherwise ``groups.default``."""
+    for pattern, rng in space.groups.patterns.items():
+        if fnmatch.fnmatchcase(group, pattern):
+            return rng
+    return space.groups.default
+
+
+def distributions(space: SpaceConfig, groups: Sequence[GroupInfo]) -> dict[str, FloatDistribution]:
+    """One float per searchable group. Groups matching ``groups.ignore`` are left out."""
+    out = {}
+    for g in groups:
+        r = group_range(space, g.name)
+        step = r.step if r.step and r.high > r.low else None
+        high = r.low + math.floor((r.high - r.low) / step + 1e-9) * step if step else r.high
+        out[g.name] = FloatDistribution(r.low, round(high, 10), step=step)
+    return out
+
+
+def check_patterns(space: SpaceConfig, groups: Sequence[GroupInfo]) -> None:
+    """A glob pattern in ``groups`` that matches no group is almost surely a typo."""
+    import difflib
+
+    names = [g.name for g in groups]
+    for pattern in space.groups.patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+            raise AutopruneError(
+                f"groups.patterns.{pattern}: matches no group of {space.model.source}; close "
+                f"matches: {close or 'none'}; groups: {names} (see `autoprune layers`)")
+
+
+def snap(value: float, dist: FloatDistribution) -> float:
+    """Clip a ratio into a distribution and onto its step grid."""
+    v = min(max(value, dist.low), dist.high)
+    if dist.step:
+        v = dist.low + round((v - dist.low) / dist.step) * dist.step
+    return float(round(min(v, dist.high), 10))
+
+
+def make_sampler(space: SpaceConfig, seed: int) -> optuna.samplers.BaseSampler:
+    s = space.search
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=seed,
+                                          n_startup_trials=max(len(s.baselines) + 2, 8))
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                      if url.startswith("sqlite") else None)
+
+
+def list_studies(storage_url: str) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage_for(storage_url))]
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    """Load an existing study; a missing one is an error that lists the studies there."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage_for(storage_url))
+    except KeyError:
+        names = list_studies(storage_url)
+        raise AutopruneError(f"--study: no study {name!r} in {storage_url}; studies there: "
+                             f"{names or 'none'}") from None
+
+
+def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
+               base: BaseMetrics) -> optuna.Study:
+    """Create the study (once, before any worker starts) or, with ``resume``, load it."""
+    storage = storage_for(space.storage_url)
+    exists = name in list_studies(space.storage_url)
+    if exists and not resume:
+        raise AutopruneError(f"--study: study {name!r} already exists in {space.storage_url}; "
+                             "pass --resume to continue it, or --study NEW_NAME")
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                directions=directions(space.objectives),
+                                sampler=make_sampler(space, seed))
+    if not exists:
+        study.set_user_attr("space", space.to_dict())
+        study.set_user_attr("objectives", list(space.objectives))
+        study.set_user_attr("base", base.to_dict())
+        study.set_user_attr("seed", seed)
+    elif study.user_attrs.get("objectives") != list(space.objectives):
+        raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} was "
+                             f"created with {study.user_attrs.get('objectives')}; allowed: the "
+                             "same objectives, or a new --study")
+    return study
+
+
+def enqueue_baselines(study: optuna.Study, space: SpaceConfig,
+                      dists: Mapping[str, FloatDistribution]) -> None:
+    """Uniform ratios at each ``search.baselines`` level, run first (once per study)."""
+    if study.user_attrs.get("baselines_enqueued"):
+        return
+    for level in space.search.baselines:
+        params = {n: snap(level, d) for n, d in dists.items()}
+        study.enqueue_trial(params, user_attrs={"baseline": True, "baseline_ratio": level})
+    study.set_user_attr("baselines_enqueued", True)
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a killed process: mark failed-interrupted and queue them again."""
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if t.state == TrialState.WAITING:
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        user = {k: v for k, v in t.user_attrs.items() if k in ("baseline", "baseline_ratio")}
+        study.enqueue_trial(dict(t.params), user_attrs=user or None)
+        lost.append(t.number)
+    return lost
+
+
+def done_count(study: optuna.Study) -> int:
+    """Trials that count toward ``search.trials``: finished, and not interrupted."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+               and not t.user_attrs.get(INTERRUPTED))
+
+
+def suggest_ratios(trial: optuna.Trial, dists: Mapping[str, FloatDistribution]) -> dict[str, float]:
+    return {n: trial.suggest_float(n, d.low, d.high, step=d.step) for n, d in dists.items()}
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
+         objectives: Sequence[str]) -> FrozenTrial:
+    """Record a trial result in the study: values, constraints and every metric as user attrs."""
+    for key, value in result.to_dict().items():
+        if key in ("record", "finetune_losses", "ratios"):
+            continue
+        trial.set_user_attr(key, _jsonable(value))
+    trial.set_user_attr("state", result.state)
+    if result.state == "failed":
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        for key, value in result.constraints.items():
+            trial.set_constraint(key, value)
+        study.tell(trial, result.objective_values(tuple(objectives)))
+    return study._storage.get_trial(trial._trial_id)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    json.dumps(value)
+    return value
+
+
+def front_numbers(study: optuna.Study) -> set[int]:
+    """Trial numbers on the current front (feasible trials only when constraints are used)."""
+    return {t.number for t in study.best_trials}

@@ -1,0 +1,186 @@
+"""MLflow: one experiment per study, a parent run per search, a child run per trial.
+
+The controller process is the single writer; trials only return results. Child runs are written
+when a trial has finished (so a killed search never leaves a half-written trial) and are looked
+up by their ``autoprune.trial`` tag, which makes re-logging after a resume idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from autoprune.base import BaseMetrics
+from autoprune.config import SpaceConfig
+
+TRIAL_TAG = "autoprune.trial"
+STUDY_TAG = "autoprune.study"
+_PARAM_MAX = 6000  # MLflow's param value length limit (chars)
+
+
+def _ms(t: float | None = None) -> int:
+    return int((time.time() if t is None else t) * 1000)
+
+
+class Tracker:
+    """Writes a study's runs. Use one per search process.
+
+    Args:
+        uri: MLflow tracking URI (``sqlite:///runs/mlflow.db``, ``http://127.0.0.1:5000``, ...).
+        experiment: experiment name (one per study).
+        study: the Optuna study name, tagged on every run.
+        artifact_dir: where a new experiment keeps artifacts when the store is a local file.
+    """
+
+    def __init__(self, uri: str, experiment: str, study: str, artifact_dir: str | Path) -> None:
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri, self.study = uri, study
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = (Path(artifact_dir).resolve().as_uri()
+                        if not uri.startswith(("http://", "https://")) else None)
+            self.experiment_id = self.client.create_experiment(experiment, location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+        self._front: set[int] = set()
+
+    # -- parent run ------------------------------------------------------------------------
+    def start_parent(self, space: SpaceConfig, base: BaseMetrics, resume_run_id: str | None,
+                     config_file: Path) -> str:
+        """Start the search's parent run, or reopen it on resume."""
+        if resume_run_id:
+            self.parent_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            run = self.client.get_run(resume_run_id)
+            resumes = int(run.data.tags.get("autoprune.resumes", "0")) + 1
+            self.client.set_tag(resume_run_id, "autoprune.resumes", str(resumes))
+            self._front = {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()
+                           if r.data.tags.get("pareto") == "true"}
+            return resume_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"search-{self.study}",
+                                     tags={STUDY_TAG: self.study, "autoprune.role": "search"})
+        self.parent_id = run.info.run_id
+        params = [Param(k, str(v)[:_PARAM_MAX]) for k, v in _flatten(space.to_dict()).items()]
+        base_metrics = {"base_accuracy": base.accuracy, "base_macs": base.macs,
+                        "base_flops": 2 * base.macs, "base_params": float(base.params),
+                        "base_latency_ms": base.latency_ms,
+                        "base_latency_p90_ms": base.latency_p90_ms}
+        self._log_params(self.parent_id, params)
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), _ms(), 0)
+                                       for k, v in base_metrics.items()],
+                              tags=[RunTag("base_checkpoint", base.checkpoint),
+                                    RunTag("base_checkpoint_sha256", base.checkpoint_sha256),
+                                    RunTag("latency_setup", _latency_setup(base.latency))])
+        self.client.log_artifact(self.parent_id, str(config_file))
+        return self.parent_id
+
+    def finish_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        assert self.parent_id, "start_parent() first"  # a bug, not user input
+        for p in paths:
+            self.client.log_artifact(self.parent_id, str(p), artifact_path)
+
+    def log_parent_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        assert self.parent_id
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), _ms(), step)
+                                                       for k, v in metrics.items()])
+
+    # -- child runs ------------------------------------------------------------------------
+    def child_runs(self) -> list[Any]:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{STUDY_TAG}` = '{self.study}' and "
+                              f"tags.`autoprune.role` = 'trial'",
+                max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def logged_trials(self) -> set[int]:
+        return {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()}
+
+    def log_trial(self, number: int, attrs: Mapping[str, Any], params: Mapping[str, float],
+                  settings: Mapping[str, Any], losses: Iterable[tuple[int, float]] = (),
+                  start: float | None = None, end: float | None = None,
+                  artifacts: Iterable[Path] = ()) -> str:
+        """Write one finished trial as a child run (params, metrics, tags, artifacts)."""
+        assert self.parent_id, "start_parent() first"
+        state = str(attrs.get("state", "failed"))
+        tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study,
+                "autoprune.role": "trial", TRIAL_TAG: str(number), "state": state,
+                "baseline": str(bool(attrs.get("baseline", False))).lower(), "pareto": "false"}
+        if attrs.get("error"):
+            tags["error"] = str(attrs["error"])[:5000]
+        run = self.client.create_run(self.experiment_id, start_time=_ms(start),
+                                     tags=tags, run_name=f"trial-{number}")
+        run_id = run.info.run_id
+        now = _ms(end)
+        metric_keys = ("accuracy", "proxy_accuracy", "macs", "flops", "macs_ratio", "params",
+                       "params_ratio", "latency_ms", "latency_p90_ms", "speedup",
+                       "finetune_steps", "duration_s")
+        metrics = [Metric(k, float(attrs[k]), now, 0) for k in metric_keys
+                   if isinstance(attrs.get(k), (int, float))]
+        metrics += [Metric(f"constraint.{k}", float(v), now, 0)
+                    for k, v in (attrs.get("constraints") or {}).items()]
+        metrics += [Metric("finetune_loss", float(v), now, int(s)) for s, v in losses]
+        all_params = {f"ratio.{k}": v for k, v in params.items()} | dict(settings)
+        plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
+        self._log_params(run_id, plist)
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED",
+                                   end_time=now)
+        return str(run_id)
+
+    def _log_params(self, run_id: str, params: list[Param]) -> None:
+        for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
+            self.client.log_batch(run_id, params=params[i:i + 100])
+
+    def update_front(self, front: set[int]) -> None:
+        """Keep the ``pareto`` tag true on exactly the current front's trials."""
+        changed = front ^ self._front
+        if not changed:
+            return
+        by_number = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in self.child_runs()}
+        for n in changed:
+            if n in by_number:
+                self.client.set_tag(by_number[n], "pareto", str(n in front).lower())
+        self._front = set(front)
+
+
+def _latency_setup(lat: Mapping[str, Any]) -> str:
+    return (f"{lat.get('runtime')} on {lat.get('device')}, threads={lat.get('threads')}, "
+            f"batch={lat.get('batch_size')}, warmup={lat.get('warmup')}, "
+            f"repeats={lat.get('repeats')}")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def default_artifact_dir(runs_dir: str) -> Path:
+    return Path(os.path.abspath(runs_dir)) / "mlartifacts"
