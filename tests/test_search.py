@@ -1,0 +1,226 @@
+"""The search end to end: real Optuna (SQLite file), real MLflow store, real model on real data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from autoprune.config import parse_space
+from autoprune.errors import AutopruneError, ConfigError, SourceError
+from autoprune.search import run_search
+from autoprune.study import load_study
+
+FRAGILE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Fragile(nn.Module):
+    """A user model whose forward needs at least 6 channels after its first conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        if x.shape[1] < 6:
+            raise RuntimeError(f"this block needs >= 6 channels, got {x.shape[1]}")
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def build():
+    return Fragile()
+'''
+
+
+def tiny_space(runs: Path, name: str, **changes: Any) -> dict[str, Any]:
+    space: dict[str, Any] = {
+        "name": name,
+        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
+                  "kwargs": {"width": 8}, "train": {"epochs": 3, "lr": 0.05}},
+        "data": {"source": "builtin:digits", "batch_size": 64},
+        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
+        "finetune": {"steps": 4, "bn_calibration_batches": 2},
+        "latency": {"runtime": "onnxruntime", "warmup": 2, "repeats": 5},
+        "search": {"trials": 5, "population_size": 4, "baselines": [0.25, 0.5, 0.75]},
+        "runs_dir": str(runs),
+    }
+    for key, value in changes.items():
+        node = space
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return space
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One runs dir per module: the base checkpoint is trained once and reused by hash."""
+    return tmp_path_factory.mktemp("search") / "runs"
+
+
+def child_runs(space_runs: Path, experiment: str) -> list[Any]:
+    client = MlflowClient(f"sqlite:///{space_runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("autoprune.role") == "trial"]
+
+
+def test_short_search_records_every_trial_in_mlflow(runs: Path) -> None:
+    space = parse_space(tiny_space(runs, "short", **{"constraints.max_macs_ratio": 0.7}))
+    summary = run_search(space, quiet=True)
+
+    study = load_study("short", space.storage_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 5 and summary.trials == 5
+    baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert sorted(t.user_attrs["baseline_ratio"] for t in baselines) == [0.25, 0.5, 0.75]
+
+    runs_ = child_runs(runs, "short")
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in runs_) == [0, 1, 2, 3, 4]
+    groups = [g for g in study.trials[0].params]
+    for r in runs_:
+        assert {f"ratio.{g}" for g in groups} <= set(r.data.params)
+        assert {"importance", "round_to"} <= set(r.data.params)
+        assert {"proxy_accuracy", "macs", "macs_ratio", "params", "latency_ms",
+                "latency_p90_ms", "speedup", "accuracy"} <= set(r.data.metrics)
+        assert r.data.tags["state"] in ("complete", "infeasible")
+        assert r.data.tags["mlflow.parentRunId"] == summary.parent_run_id
+        if r.data.tags["state"] == "complete":
+            assert "finetune_loss" in r.data.metrics
+            assert r.data.metrics["macs_ratio"] <= 0.7
+        else:  # infeasible: skipped fine-tuning, constraint recorded
+            assert r.data.metrics["constraint.macs_ratio"] > 0
+            assert r.data.metrics["finetune_steps"] == 0
+
+    # the pareto tag is true on exactly Optuna's best_trials, all of them feasible
+    tagged = {int(r.data.tags["autoprune.trial"]) for r in runs_
+              if r.data.tags["pareto"] == "true"}
+    assert tagged == {t.number for t in study.best_trials}
+    assert tagged and all(t.user_attrs["state"] == "complete" for t in study.best_trials)
+    # the uniform 0.25 baseline keeps ~0.56 of the MACs, above the 0.7 limit? It must obey it.
+    for t in study.best_trials:
+        assert t.user_attrs["macs_ratio"] <= 0.7
+
+    client = MlflowClient(space.tracking_uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.metrics["base_accuracy"] > 0.5
+    names = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"trials.csv", "pareto.csv", "space.yaml", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
+    assert "plots/pareto_accuracy_vs_macs.png" in plots
+    assert "plots/pareto_accuracy_vs_latency.html" in plots
+
+
+def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fragile_model.py").write_text(FRAGILE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    space = parse_space(tiny_space(
+        runs, "fragile", **{"model.source": "fragile_model:build", "model.kwargs": {},
+                            "groups.default": {"low": 0.0, "high": 0.8, "step": 0.05},
+                            "search.trials": 5}))
+    run_search(space, quiet=True)
+    study = load_study("fragile", space.storage_url)
+    states = {t.number: t.state for t in study.trials}
+    # 0.75 uniform leaves conv1 with 3 of 12 channels: the user's forward raises
+    assert states[2] == optuna.trial.TrialState.FAIL
+    assert "needs >= 6 channels" in study.trials[2].user_attrs["error"]
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) >= 3
+    assert len(states) == 5
+    failed = [r for r in child_runs(runs, "fragile") if r.data.tags["state"] == "failed"]
+    failed_in_optuna = {n for n, s in states.items() if s == optuna.trial.TrialState.FAIL}
+    assert {int(r.data.tags["autoprune.trial"]) for r in failed} == failed_in_optuna
+    for r in failed:
+        assert r.info.status == "FAILED" and "needs >= 6 channels" in r.data.tags["error"]
+
+
+def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Path) -> None:
+    import yaml
+
+    space_file = tmp_path / "resume.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "resume", **{"search.trials": 7})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    # warm the base checkpoint cache so the subprocess starts trials quickly
+    run_search(parse_space(tiny_space(runs, "resume-warm", **{"search.trials": 1})), quiet=True)
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        done = 0
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            try:
+                study = load_study("resume", space.storage_url)
+            except AutopruneError:
+                continue
+            done = sum(t.state.is_finished() for t in study.trials)
+            if done >= 2:
+                break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert done >= 2
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    study = load_study("resume", space.storage_url)
+    before = {t.number for t in study.trials if t.state.is_finished()}
+    with pytest.raises(AutopruneError, match="--resume"):
+        run_search(space, quiet=True)
+    run_search(space, resume=True, quiet=True)
+
+    study = load_study("resume", space.storage_url)
+    counted = [t for t in study.trials if t.state.is_finished()
+               and not t.user_attrs.get("interrupted")]
+    assert len(counted) == 7
+    assert before <= {t.number for t in study.trials}
+    logged = [int(r.data.tags["autoprune.trial"]) for r in child_runs(runs, "resume")]
+    assert len(logged) == len(set(logged)), "a trial was logged twice"
+    assert set(logged) == {t.number for t in counted}
+    baselines = sorted(t.user_attrs["baseline_ratio"] for t in counted
+                       if t.user_attrs.get("baseline"))
+    assert baselines == [0.25, 0.5, 0.75]
+
+
+def test_bad_sources_fail_before_any_trial(runs: Path) -> None:
+    bad_data = parse_space(tiny_space(runs, "bad-data", **{"data.source": "builtin:cifar"}))
+    with pytest.raises(SourceError, match="builtin:digits"):
+        run_search(bad_data, quiet=True)
+    bad_model = parse_space(tiny_space(runs, "bad-model",
+                                       **{"model.source": "no_such_pkg.models:build"}))
+    with pytest.raises(SourceError, match="no_such_pkg"):
+        run_search(bad_model, quiet=True)
+    bad_pattern = parse_space(tiny_space(runs, "bad-pattern", groups={
+        "default": {"low": 0.0, "high": 0.5}, "layer9.*": {"low": 0.1, "high": 0.5}}))
+    with pytest.raises(AutopruneError, match=r"groups.patterns.layer9\.\*"):
+        run_search(bad_pattern, quiet=True)
+    storage = f"sqlite:///{runs / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert not {"bad-data", "bad-model", "bad-pattern"} & set(names)
+
+
+def test_bad_space_values_name_the_key(runs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"search.sampler.*'nsga2'"):
+        parse_space(tiny_space(runs, "x", **{"search.sampler": "nsga3"}))
+    with pytest.raises(ConfigError, match=r"groups.default.high.*\[0, 1\)"):
+        parse_space(tiny_space(runs, "x", **{"groups.default": {"low": 0.0, "high": 1.2}}))
+    with pytest.raises(ConfigError, match=r"objectives\[0\]"):
+        parse_space(tiny_space(runs, "x", **{"objectives": ["acc"]}))
