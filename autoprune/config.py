@@ -182,7 +182,15 @@ class SpaceConfig:
 # Generic dataclass builder with key-path errors.
 
 
+_SCALARS: dict[Any, tuple[str, str]] = {
+    int: ("an integer", "integers"), float: ("a number", "numbers"),
+    str: ("a string", "strings"), bool: ("true or false", "booleans"),
+}
+
+
 def _type_name(tp: Any) -> str:
+    if tp in _SCALARS:
+        return _SCALARS[tp][0]
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -192,7 +200,9 @@ def _type_name(tp: Any) -> str:
         return "null"
     if origin in (tuple, list):
         args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        if not args:
+            return "a list"
+        return f"a list of {_SCALARS[args[0]][1] if args[0] in _SCALARS else _type_name(args[0])}"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):

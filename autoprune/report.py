@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from autoprune.pareto import hypervolume_2d
+from autoprune.pareto import hypervolume_2d, pareto_mask
 
 METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
                   "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
@@ -96,10 +96,19 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Pa
                        label="infeasible (proxy acc.)")
             html.add_scatter(x=feas[x], y=feas["accuracy"], mode="markers", name="trials",
                              text=[f"trial {n}" for n in feas["trial"]])
-            front = done[done["pareto"]].sort_values(x)
-            ax.plot(front[x], front["accuracy"], "-o", c="#bf1d2d", label="Pareto front")
-            html.add_scatter(x=front[x], y=front["accuracy"], mode="lines+markers",
-                             name="Pareto front", text=[f"trial {n}" for n in front["trial"]])
+            study_front = done[done["pareto"]]
+            ax.scatter(study_front[x], study_front["accuracy"], s=30, c="#bf1d2d",
+                       label="on the study's front (all objectives)")
+            html.add_scatter(x=study_front[x], y=study_front["accuracy"], mode="markers",
+                             name="on the study's front",
+                             text=[f"trial {n}" for n in study_front["trial"]])
+            if not feas.empty:  # the 2-D front of this pair of axes, as a line
+                pts = feas[["accuracy", x]].to_numpy(float)
+                front = feas[pareto_mask(pts, ["maximize", "minimize"])].sort_values(x)
+                ax.step(front[x], front["accuracy"], where="post", c="#bf1d2d",
+                        label=f"front: accuracy vs {x}")
+                html.add_scatter(x=front[x], y=front["accuracy"], mode="lines",
+                                 line={"shape": "hv"}, name=f"front: accuracy vs {x}")
             uni = done[done["baseline"]].sort_values(x)
             if not uni.empty:
                 ax.plot(uni[x], uni["accuracy"], "--s", c="#2e6fdb", label="uniform ratios")

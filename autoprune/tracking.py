@@ -8,6 +8,7 @@ up by their ``autoprune.trial`` tag, which makes re-logging after a resume idemp
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -172,9 +173,10 @@ def _latency_setup(lat: Mapping[str, Any]) -> str:
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys; characters MLflow rejects in names (glob ``*``, ``?``, ``[``) become ``_``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{k}")
         if isinstance(v, Mapping) and v:
             out.update(_flatten(v, key + "."))
         else:
