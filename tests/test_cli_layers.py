@@ -1,0 +1,151 @@
+"""``autoprune layers``: list the dependency groups, write a starter search space."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from autoprune.base import load_sources
+from autoprune.cli import main
+from autoprune.config import load_space
+from autoprune.groups import describe_groups
+from autoprune.sources import build_model
+
+
+def _layers_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["layers", *args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, dict)
+    return out
+
+
+def test_resnet18_has_12_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _layers_json(capsys, "--model", "torchvision:resnet18", "--input-shape", "1,3,224,224")
+    assert out["model"] == "torchvision:resnet18"
+    assert out["input_shape"] == [1, 3, 224, 224]
+    groups = {g["name"]: g for g in out["groups"]}
+    assert len(groups) == 12
+    assert "fc" not in groups  # the head is never pruned
+    # One group per residual stage (rooted anywhere in the coupled set) and one per block conv1.
+    assert {f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in (0, 1)} <= set(groups)
+    assert groups["layer1.0.conv1"]["channels"] == 64
+    assert set(groups["layer1.0.conv1"]["members"]) == {"layer1.0.conv1", "layer1.0.bn1",
+                                                        "layer1.0.conv2"}
+    assert groups["layer4.0.downsample.0"]["channels"] == 512
+    assert "fc" in groups["layer4.0.downsample.0"]["members"]
+    assert all(0 < g["macs_share"] <= 1 for g in groups.values())
+
+
+def test_mobilenet_v2_has_25_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _layers_json(capsys, "--model", "torchvision:mobilenet_v2", "--input-shape",
+                       "1x3x224x224", "--num-classes", "5")
+    groups = {g["name"]: g for g in out["groups"]}
+    assert len(groups) == 25
+    assert "classifier.1" not in groups
+    # An expansion conv, its depthwise conv and the projection's input are one group, rooted
+    # at the depthwise conv.
+    assert "features.2.conv.0.0" not in groups
+    assert groups["features.2.conv.1.0"]["channels"] == 96
+    assert {"features.2.conv.0.0", "features.2.conv.1.0", "features.2.conv.2"} <= set(
+        groups["features.2.conv.1.0"]["members"])
+    assert "classifier.1" in groups["features.18.0"]["members"]
+
+
+def test_table_output_for_a_space_file(capsys: pytest.CaptureFixture[str],
+                                       repo_root: Path) -> None:
+    path = repo_root / "search_spaces" / "digits_resnet.yaml"
+    space = load_space(path)
+    model = build_model(space.model.source, space.model.input_shape, 10, space.model.kwargs)
+    expected = describe_groups(model, torch.zeros(space.model.input_shape), space.groups.ignore)
+    assert main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"\n{len(expected)} groups (the head is never pruned)" in out
+    assert "MACs share" in out
+    assert all(g.name in out for g in expected)
+
+
+def test_write_space_gives_a_loadable_space(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    path = tmp_path / "starter.yaml"
+    assert main(["layers", "--model", "builtin:resnet_tiny", "--input-shape", "1,1,8,8",
+                 "--write-space", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "wrote a starter search space with 6 groups" in captured.err
+    text = path.read_text()
+    assert text.startswith("# Starter search space for builtin:resnet_tiny")
+    assert yaml.safe_load(text)["data"]["source"] == "imagefolder:data/my_dataset"
+    space = load_space(path, {"data.source": "builtin:digits", "runs_dir": str(tmp_path)})
+    assert space.name == "resnet-tiny"
+    assert space.model.input_shape == (1, 1, 8, 8) and space.model.num_classes == 10
+    assert space.pruning.round_to == 8
+    model, data, _fn = load_sources(space)
+    assert data.num_classes == 10 and model.fc.out_features == 10
+
+
+def test_write_space_and_json_together(capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    out = _layers_json(capsys, "--model", "builtin:tiny_cnn", "--input-shape", "1,1,8,8",
+                       "--write-space", str(path))
+    names = [g["name"] for g in out["groups"]]
+    assert sorted(names) == ["0.0", "1.0", "2.0"]
+    assert "# 3 groups: " in path.read_text()
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ("1,3,abc", "comma-separated ints"),
+    ("224", "with a batch dim"),
+    ("1,3,0,224", "positive ints"),
+])
+def test_bad_input_shape(capsys: pytest.CaptureFixture[str], shape: str, message: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["layers", "--model", "torchvision:resnet18", "--input-shape", shape])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--input-shape: got {shape!r}; allowed:" in err
+    assert message in err
+
+
+def test_input_shape_the_model_rejects(capsys: pytest.CaptureFixture[str]) -> None:
+    # A shape argparse accepts but the model does not: an error line, not a traceback.
+    assert main(["layers", "--model", "builtin:tiny_cnn", "--input-shape", "1,1,8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoprune: error: ") and "expected 4D input (got 3D input)" in err
+    assert "Traceback" not in err
+
+
+def test_missing_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--model", "builtin:tiny_cnn", "--input-shape", "1,1,8,8",
+                 "--checkpoint", "/nonexistent/weights.pt"]) == 2
+    assert "autoprune: error: model.checkpoint: file '/nonexistent/weights.pt' does not exist" \
+        in capsys.readouterr().err
+
+
+def test_missing_model_or_unknown_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--model", "torchvision:resnet18"]) == 2
+    assert "give a SPACE.yaml, or --model and --input-shape" in capsys.readouterr().err
+    assert main(["layers", "--model", "torchvision:resnet_18", "--input-shape", "1,3,32,32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoprune: error: model.source: got 'torchvision:resnet_18'")
+    assert "close matches: ['resnet18'" in err
+
+
+def test_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("autoprune")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "autoprune.cli"]
+    proc = subprocess.run([*cmd, "layers", "--model", "builtin:tiny_cnn", "--input-shape",
+                           "1,1,8,8", "--json"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["groups"]) == 3
+    bad = subprocess.run([*cmd, "layers", "--model", "builtin:tiny_cnn", "--input-shape", "x"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert bad.returncode == 2
+    assert "--input-shape: got 'x'" in bad.stderr

@@ -1,0 +1,163 @@
+"""Measurements: MACs/params, latency (torch and ONNX Runtime), accuracy, adaptive BN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autoprune.finetune import adaptive_bn, train
+from autoprune.measure import (
+    LatencyResult,
+    count_cost,
+    evaluate,
+    export_onnx,
+    measure_latency,
+    top1_accuracy,
+)
+from autoprune.prune import prune_model
+from autoprune.sources import DataBundle, build_model
+
+SHAPE = (1, 1, 8, 8)
+
+
+def _resnet(width: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("builtin:resnet_tiny", SHAPE, 10, {"width": width, "blocks": 1}).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(digits: DataBundle) -> nn.Module:
+    """tiny_cnn trained for 150 steps on digits (a few seconds on one core)."""
+    torch.manual_seed(0)
+    model = build_model("builtin:tiny_cnn", SHAPE, 10, {"width": 8})
+    train(model, digits.train, steps=150, lr=0.05)
+    return model.eval()
+
+
+def test_count_cost_of_known_layers() -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False))
+    cost = count_cost(conv, (5, 1, 8, 8))
+    assert cost.macs == 4 * 9 * 64  # out channels x kernel x output positions
+    assert cost.params == 36
+    assert cost.input_shape == (1, 1, 8, 8)  # always one sample
+    assert cost.flops == 2 * cost.macs
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 5, bias=False))
+    assert count_cost(linear, SHAPE).macs == 320
+    # Affine BatchNorm adds two ops per element, ReLU one (as COUNTED_OPS states).
+    cbr = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    assert count_cost(cbr, SHAPE).macs == 2304 + 2 * 256 + 256
+    assert "FLOPs = 2 x MACs" in cost.counted
+
+
+def test_count_cost_lower_after_pruning() -> None:
+    base = _resnet()
+    base_cost = count_cost(base, SHAPE)
+    pruned, _record = prune_model(base, torch.zeros(SHAPE), {"stem.0": 0.5,
+                                                             "layer3.0.conv1": 0.5})
+    cost = count_cost(pruned, SHAPE)
+    assert cost.macs < base_cost.macs
+    assert cost.params < base_cost.params
+    assert cost.params == sum(p.numel() for p in pruned.parameters())
+    assert cost.to_dict()["flops"] == 2 * cost.macs
+    assert base.training is False  # count_cost restores the mode
+
+
+def test_count_cost_keeps_training_mode() -> None:
+    model = _resnet().train()
+    count_cost(model, SHAPE)
+    assert model.training
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_measure_latency_states_how(runtime: str) -> None:
+    result = measure_latency(_resnet(), SHAPE, runtime=runtime, threads=1, batch_size=2,
+                             warmup=2, repeats=7)
+    assert isinstance(result, LatencyResult)
+    assert result.runtime == runtime
+    assert result.device == ("cpu" if runtime == "torch" else "CPUExecutionProvider")
+    assert (result.threads, result.batch_size, result.warmup, result.repeats) == (1, 2, 2, 7)
+    assert result.input_shape == (2, 1, 8, 8)
+    assert 0 < result.min_ms <= result.median_ms <= result.p90_ms
+    assert result.min_ms <= result.mean_ms
+    assert result.to_dict()["median_ms"] == result.median_ms
+
+
+def test_measure_latency_restores_threads_and_rejects_unknown_runtime() -> None:
+    before = torch.get_num_threads()
+    measure_latency(_resnet(), SHAPE, runtime="torch", threads=2, warmup=0, repeats=2)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="latency.runtime: got 'tvm'"):
+        measure_latency(_resnet(), SHAPE, runtime="tvm")
+
+
+def test_onnx_export_matches_torch_with_dynamic_batch(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = _resnet()
+    path = export_onnx(model, SHAPE, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 8, 8)
+    (out,) = sess.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    # An exported file is timed as it is.
+    result = measure_latency(model, SHAPE, "onnxruntime", batch_size=4, warmup=1, repeats=3,
+                             onnx_path=path)
+    assert result.input_shape == (4, 1, 8, 8)
+
+
+def test_top1_accuracy_of_a_trained_model(trained: nn.Module, digits: DataBundle) -> None:
+    acc = top1_accuracy(trained, digits.val)
+    assert acc > 0.85
+    untrained = build_model("builtin:tiny_cnn", SHAPE, 10, {"width": 8})
+    assert top1_accuracy(untrained, digits.val) < 0.5
+    # The value is the plain fraction of correct predictions.
+    with torch.no_grad():
+        correct = sum(int((trained(x).argmax(1) == y).sum()) for x, y in digits.val)
+    assert acc == correct / 360
+    first = top1_accuracy(trained, digits.val, max_batches=1)
+    assert 0.0 <= first <= 1.0
+    assert evaluate(trained, digits.val) == acc
+    assert evaluate(trained, digits.val, fn=lambda m, loader: 0.25) == 0.25
+    with pytest.raises(ValueError, match="no samples"):
+        top1_accuracy(trained, [])
+
+
+def test_adaptive_bn_reestimates_running_stats(digits: DataBundle) -> None:
+    model = _resnet()
+    bn = model.stem[1]
+    momentum = bn.momentum
+    batches = list(digits.calibration_batches(3))
+    used = adaptive_bn(model, batches, batches=3)
+    assert used == 3
+    assert not model.training and bn.momentum == momentum
+    assert int(bn.num_batches_tracked) == 3
+    # With a cumulative average over equal batches, the stem BN's running statistics are the
+    # statistics of the stem conv's outputs on the calibration data.
+    with torch.no_grad():
+        conv_out = torch.cat([model.stem[0](x) for x, _y in batches])
+    torch.testing.assert_close(bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4,
+                               atol=1e-5)
+    per_batch_var = torch.stack([model.stem[0](x).detach().var((0, 2, 3)) for x, _y in batches])
+    torch.testing.assert_close(bn.running_var, per_batch_var.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_bn_changes_stats_of_a_pruned_model(trained: nn.Module,
+                                                     digits: DataBundle) -> None:
+    pruned, _record = prune_model(trained, torch.zeros(SHAPE), {"0.0": 0.5, "1.0": 0.5})
+    before = [m.running_mean.clone() for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]
+    acc_before = top1_accuracy(pruned, digits.val)
+    assert adaptive_bn(pruned, digits.train, batches=4) == 4
+    after = [m.running_mean for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert any(not torch.allclose(a, b) for a, b in zip(before, after, strict=True))
+    # Re-estimated statistics recover much of the accuracy pruning lost (EagleEye's proxy).
+    assert top1_accuracy(pruned, digits.val) > acc_before + 0.1
+
+
+def test_adaptive_bn_without_batchnorm() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert adaptive_bn(model, [(torch.zeros(2, 1, 8, 8), torch.zeros(2))], batches=2) == 0

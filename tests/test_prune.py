@@ -1,0 +1,256 @@
+"""Pruning per dependency group: channels really go, the record replays, the base is untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autoprune.errors import ConfigError, PruningError
+from autoprune.groups import describe_groups
+from autoprune.prune import PruneRecord, kept_after_rounding, prune_model, replay
+from autoprune.sources import DataBundle, build_model, load_checkpoint
+
+SHAPE = (1, 1, 8, 8)
+# resnet_tiny width 16, one block per stage: groups and their channels.
+GROUPS = {"stem.0": 16, "layer1.0.conv1": 16, "layer2.0.conv1": 32, "layer2.0.shortcut.0": 32,
+          "layer3.0.conv1": 64, "layer3.0.shortcut.0": 64}
+RATIOS = {"stem.0": 0.5, "layer2.0.conv1": 0.3, "layer3.0.shortcut.0": 0.25}
+
+
+def _base(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("builtin:resnet_tiny", SHAPE, 10, {"width": 16, "blocks": 1})
+    # Non-trivial BN statistics, so replay and reload are checked on every tensor.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture
+def base() -> nn.Module:
+    return _base()
+
+
+@pytest.fixture
+def example() -> torch.Tensor:
+    return torch.zeros(SHAPE)
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(5, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+
+
+def test_groups_of_the_test_model(base: nn.Module, example: torch.Tensor) -> None:
+    groups = {g.name: g.channels for g in describe_groups(base, example)}
+    assert groups == GROUPS
+
+
+@pytest.mark.parametrize(("channels", "ratio", "round_to", "kept"), [
+    (64, 0.3, 8, 48),     # the documented example
+    (64, 0.0, 8, 64),
+    (64, 0.99, 8, 8),     # never fewer than round_to
+    (64, 0.05, 8, 64),    # 60.8 rounds up to 64: nothing is pruned
+    (32, 0.3, 4, 24),     # 22.4 -> 24
+    (32, 0.3, 1, 22),
+    (6, 0.5, 8, 3),       # fewer channels than round_to: plain rounding
+    (10, 0.99, 1, 1),     # never fewer than 1
+    (16, 0.5, 4, 8),
+])
+def test_kept_after_rounding(channels: int, ratio: float, round_to: int, kept: int) -> None:
+    assert kept_after_rounding(channels, ratio, round_to) == kept
+
+
+def test_kept_after_rounding_rule_holds_everywhere() -> None:
+    for channels in (3, 8, 16, 24, 64, 96, 512):
+        for round_to in (1, 2, 4, 8, 16):
+            for step in range(20):
+                ratio = step / 20
+                kept = kept_after_rounding(channels, ratio, round_to)
+                assert 1 <= kept <= channels
+                if channels >= round_to:
+                    assert kept >= round_to
+                    assert kept % round_to == 0 or kept == channels
+                    assert abs(kept - channels * (1 - ratio)) <= round_to / 2 + 1e-9 or (
+                        kept == round_to)
+
+
+def test_per_group_ratios_remove_channels(base: nn.Module, example: torch.Tensor,
+                                          batch: torch.Tensor) -> None:
+    pruned, record = prune_model(base, example, RATIOS, importance="l2", round_to=4)
+    expected = {n: kept_after_rounding(c, RATIOS[n], 4) if n in RATIOS else c
+                for n, c in GROUPS.items()}
+    assert expected == {"stem.0": 8, "layer1.0.conv1": 16, "layer2.0.conv1": 24,
+                        "layer2.0.shortcut.0": 32, "layer3.0.conv1": 64,
+                        "layer3.0.shortcut.0": 48}
+    assert record.kept_channels == expected
+    assert record.base_channels == GROUPS
+    assert record.ratios == RATIOS and record.round_to == 4 and record.importance == "l2"
+    # The weights shrank: the stem group couples the stem, the stage-1 residual and the
+    # stage-2 inputs; the stage-3 residual group reaches the classifier's input.
+    assert pruned.stem[0].weight.shape == (8, 1, 3, 3)
+    assert pruned.stem[1].num_features == 8
+    assert pruned.layer1[0].conv1.weight.shape == (16, 8, 3, 3)
+    assert pruned.layer1[0].conv2.weight.shape == (8, 16, 3, 3)
+    assert pruned.layer2[0].conv1.weight.shape == (24, 8, 3, 3)
+    assert pruned.layer2[0].conv2.weight.shape == (32, 24, 3, 3)
+    assert pruned.layer2[0].shortcut[0].weight.shape == (32, 8, 1, 1)
+    assert pruned.layer3[0].conv2.weight.shape == (48, 64, 3, 3)
+    assert pruned.fc.weight.shape == (10, 48)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
+    with torch.no_grad():
+        assert pruned(batch).shape == (5, 10)
+
+
+def test_round_to_one_and_empty_ratios(base: nn.Module, example: torch.Tensor,
+                                       batch: torch.Tensor) -> None:
+    _pruned, record = prune_model(base, example, {"layer2.0.conv1": 0.3})
+    assert record.kept_channels["layer2.0.conv1"] == 22
+    same, record = prune_model(base, example, {})
+    assert record.kept_channels == GROUPS and record.history == []
+    with torch.no_grad():
+        assert torch.equal(same(batch), base(batch))
+
+
+def test_kept_channels_follow_rounding_for_many_ratios(base: nn.Module,
+                                                       example: torch.Tensor) -> None:
+    for ratio in (0.1, 0.45, 0.8):
+        ratios = dict.fromkeys(GROUPS, ratio)
+        _pruned, record = prune_model(base, example, ratios, round_to=8)
+        assert record.kept_channels == {n: kept_after_rounding(c, ratio, 8)
+                                        for n, c in GROUPS.items()}
+
+
+def test_unknown_group_lists_close_matches(base: nn.Module, example: torch.Tensor) -> None:
+    with pytest.raises(ConfigError) as info:
+        prune_model(base, example, {"layer2.0.conv": 0.5})
+    err = info.value
+    assert err.path == "ratios.layer2.0.conv"
+    assert "close matches: ['layer2.0.conv1'" in err.allowed
+    assert "all groups:" in err.allowed and "'layer3.0.shortcut.0'" in err.allowed
+    with pytest.raises(ConfigError, match="close matches: none"):
+        prune_model(base, example, {"decoder": 0.5})
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_unit_interval(base: nn.Module, example: torch.Tensor,
+                                     ratio: float) -> None:
+    with pytest.raises(ConfigError) as info:
+        prune_model(base, example, {"stem.0": ratio})
+    assert info.value.path == "ratios.stem.0"
+    assert info.value.allowed == "a pruning ratio in [0, 1)"
+
+
+def test_ignored_groups_and_head_cannot_be_pruned(base: nn.Module, example: torch.Tensor) -> None:
+    names = {g.name for g in describe_groups(base, example, ignore=["layer2.*"])}
+    assert names == {n for n in GROUPS if not n.startswith("layer2.")}
+    with pytest.raises(ConfigError, match="ratios.layer2.0.conv1"):
+        prune_model(base, example, {"layer2.0.conv1": 0.5}, ignore=["layer2.*"])
+    with pytest.raises(ConfigError, match="ratios.fc"):
+        prune_model(base, example, {"fc": 0.5})
+
+
+def test_input_model_untouched(base: nn.Module, example: torch.Tensor,
+                               digits: DataBundle) -> None:
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    modules_before = [type(m) for m in base.modules()]
+    pruned, _record = prune_model(base, example, RATIOS, importance="taylor", round_to=4,
+                                  grad_batches=list(digits.calibration_batches(2)))
+    after = base.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in base.modules()] == modules_before
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad is None for p in pruned.parameters())
+    assert pruned is not base and pruned.stem[0] is not base.stem[0]
+
+
+def test_failed_pruning_leaves_model_untouched(base: nn.Module, example: torch.Tensor) -> None:
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(PruningError, match="model.input_shape: the model does not accept"):
+        prune_model(base, torch.zeros(1, 3, 8, 8), RATIOS)
+    with pytest.raises(PruningError, match="pruning.importance: got 'l3'"):
+        prune_model(base, example, RATIOS, importance="l3")
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "random", "lamp", "fpgm"])
+def test_importances(base: nn.Module, example: torch.Tensor, batch: torch.Tensor,
+                     digits: DataBundle, importance: str) -> None:
+    grads = list(digits.calibration_batches(2)) if importance == "taylor" else None
+    pruned, record = prune_model(base, example, RATIOS, importance, round_to=4,
+                                 grad_batches=grads)
+    assert record.importance == importance
+    assert record.kept_channels["stem.0"] == 8
+    assert pruned.stem[0].weight.shape[0] == 8
+    with torch.no_grad():
+        assert torch.isfinite(pruned(batch)).all()
+
+
+def test_importance_decides_which_channels_go(base: nn.Module, example: torch.Tensor) -> None:
+    # Shrink channels 16-31 of the group layer2.0.conv1 -> bn1 -> conv2 in every member:
+    # magnitude importance removes exactly those.
+    block = base.layer2[0]
+    with torch.no_grad():
+        block.conv1.weight[16:] *= 1e-4
+        block.bn1.weight[16:] *= 1e-4
+        block.bn1.bias[16:] *= 1e-4
+        block.conv2.weight[:, 16:] *= 1e-4
+    for importance in ("l1", "l2"):
+        _pruned, record = prune_model(base, example, {"layer2.0.conv1": 0.5}, importance)
+        assert record.history == [("layer2.0.conv1", True, list(range(16, 32)))]
+    _pruned, random = prune_model(base, example, {"layer2.0.conv1": 0.5}, "random")
+    assert len(random.history[0][2]) == 16
+
+
+def test_taylor_needs_gradient_batches(base: nn.Module, example: torch.Tensor) -> None:
+    with pytest.raises(PruningError, match="needs at least one training batch"):
+        prune_model(base, example, RATIOS, "taylor")
+
+
+def test_replay_gives_identical_outputs(base: nn.Module, example: torch.Tensor,
+                                        batch: torch.Tensor) -> None:
+    pruned, record = prune_model(base, example, RATIOS, "l2", round_to=4)
+    again = replay(base, example, record)
+    via_json = replay(base, example,
+                      PruneRecord.from_dict(json.loads(json.dumps(record.to_dict()))))
+    assert PruneRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    with torch.no_grad():
+        expected = pruned(batch)
+        assert torch.equal(again(batch), expected)
+        assert torch.equal(via_json(batch), expected)
+    assert {k: v.shape for k, v in via_json.state_dict().items()} == \
+        {k: v.shape for k, v in pruned.state_dict().items()}
+
+
+def test_save_and_rebuild_without_unpickling(base: nn.Module, example: torch.Tensor,
+                                             batch: torch.Tensor, tmp_path: Path) -> None:
+    pruned, record = prune_model(base, example, RATIOS, "random", round_to=4)
+    # Change the pruned weights, as fine-tuning would, so only a real reload reproduces them.
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(pruned.state_dict(), tmp_path / "pruned.pt")
+    (tmp_path / "record.json").write_text(json.dumps(record.to_dict()))
+
+    fresh_base = _base(seed=123)  # another init: the architecture is all that replay needs
+    loaded = PruneRecord.from_dict(json.loads((tmp_path / "record.json").read_text()))
+    rebuilt = replay(fresh_base, example, loaded)
+    load_checkpoint(rebuilt, tmp_path / "pruned.pt", field="weights")
+    state = torch.load(tmp_path / "pruned.pt", weights_only=True)
+    assert state.keys() == rebuilt.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(batch), pruned(batch))
+
+
+def test_replay_on_another_architecture_fails(example: torch.Tensor, base: nn.Module) -> None:
+    _pruned, record = prune_model(base, example, RATIOS, "l2", round_to=4)
+    other = build_model("builtin:tiny_cnn", SHAPE, 10).eval()
+    with pytest.raises(PruningError, match="the pruning record does not fit this base model"):
+        replay(other, example, record)

@@ -1,0 +1,356 @@
+"""Model and data sources: builtin, torchvision, imagefolder, ``module:function``, checkpoints."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from autoprune.base import load_sources
+from autoprune.config import DataConfig, ModelConfig, SpaceConfig, parse_space
+from autoprune.errors import CheckpointError, SourceError
+from autoprune.sources import (
+    DataBundle,
+    build_data,
+    build_model,
+    import_object,
+    list_models,
+    load_checkpoint,
+)
+
+# Set when a pickle payload is unpickled: a weights_only load must never call it.
+UNPICKLED: list[str] = []
+
+
+def _mark_unpickled(tag: str) -> str:
+    UNPICKLED.append(tag)
+    return tag
+
+
+class _Payload:
+    """An arbitrary object: unpickling it would run ``_mark_unpickled``."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _mark_unpickled, ("payload ran",)
+
+
+def _user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str) -> str:
+    """Write ``source`` as a uniquely named module importable for this test; return its name."""
+    name = f"user_src_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.fixture(scope="module")
+def mnist5k() -> DataBundle:
+    return build_data(DataConfig(source="builtin:mnist5k", batch_size=16, eval_batch_size=50),
+                      (1, 1, 28, 28))
+
+
+def test_builtin_catalogue() -> None:
+    assert list_models() == ["mobilenet_tiny", "resnet14", "resnet8", "resnet_tiny", "tiny_cnn"]
+    assert list_models("resnet*") == ["resnet14", "resnet8", "resnet_tiny"]
+
+
+def test_digits_split_and_shapes(digits: DataBundle) -> None:
+    assert digits.num_classes == 10
+    assert len(digits.train.dataset) + len(digits.val.dataset) == 1797
+    assert len(digits.val.dataset) == 360
+    x, y = next(iter(digits.train))
+    assert x.shape == (32, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64
+    labels = torch.cat([b[1] for b in digits.val])
+    assert set(labels.tolist()) == set(range(10))
+    # Normalised with the training split's statistics.
+    xs = torch.cat([b[0] for b in digits.train])
+    assert abs(float(xs.mean())) < 0.05 and abs(float(xs.std()) - 1.0) < 0.05
+
+
+def test_digits_resized_and_channel_repeated_to_input_shape() -> None:
+    bundle = build_data(DataConfig(source="builtin:digits", batch_size=8), (1, 3, 16, 16))
+    x, _y = next(iter(bundle.val))
+    assert x.shape == (256, 3, 16, 16)
+    assert torch.equal(x[:, 0], x[:, 2])
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet_tiny", "resnet8", "resnet14",
+                                  "mobilenet_tiny"])
+def test_builtin_models_forward_on_digits(name: str, digits: DataBundle) -> None:
+    model = build_model(f"builtin:{name}", (1, 1, 8, 8), 10).eval()
+    x, _y = next(iter(digits.val))
+    with torch.no_grad():
+        assert model(x).shape == (x.shape[0], 10)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet_tiny"])
+def test_builtin_models_forward_on_mnist5k(name: str, mnist5k: DataBundle) -> None:
+    assert mnist5k.num_classes == 10
+    assert len(mnist5k.train.dataset) == 4000 and len(mnist5k.val.dataset) == 1000
+    model = build_model(f"builtin:{name}", (1, 1, 28, 28), 10, {"width": 8}).eval()
+    x, y = next(iter(mnist5k.train))
+    assert x.shape == (16, 1, 28, 28) and y.shape == (16,)
+    with torch.no_grad():
+        assert model(x).shape == (16, 10)
+
+
+def test_builtin_model_kwargs_and_classes() -> None:
+    model = build_model("builtin:resnet_tiny", (1, 3, 8, 8), 4, {"width": 8, "blocks": 2})
+    assert model.stem[0].in_channels == 3
+    assert model.fc.out_features == 4 and model.fc.in_features == 32
+    assert len(model.layer1) == 2
+
+
+def test_unknown_builtin_lists_catalogue() -> None:
+    with pytest.raises(SourceError, match=r"model.source: got 'builtin:resnet_small'.*tiny_cnn"):
+        build_model("builtin:resnet_small", (1, 1, 8, 8), 10)
+
+
+def test_torchvision_model_without_weights() -> None:
+    model = build_model("torchvision:resnet18", (1, 3, 32, 32), 7).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(SourceError, match="never downloads weights"):
+        build_model("torchvision:resnet18", (1, 3, 32, 32), 7, {"weights": "DEFAULT"})
+    with pytest.raises(SourceError, match=r"close matches: \['resnet18'"):
+        build_model("torchvision:resnet_18", (1, 3, 32, 32), 7)
+
+
+def test_unrecognised_source_form() -> None:
+    with pytest.raises(SourceError, match="model.source: got 'resnet18'"):
+        build_model("resnet18", (1, 3, 32, 32), 10)
+    with pytest.raises(SourceError, match="data.source: got 'digits'"):
+        build_data(DataConfig(source="digits"), (1, 1, 8, 8))
+    with pytest.raises(SourceError, match="'builtin:digits', 'builtin:mnist5k'"):
+        build_data(DataConfig(source="builtin:cifar10"), (1, 3, 32, 32))
+
+
+def test_module_function_model_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def build(width=4, num_classes=3):
+            return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(width, num_classes))
+
+        def loaders(n=12):
+            g = torch.Generator().manual_seed(0)
+            ds = TensorDataset(torch.randn(n, 1, 6, 6, generator=g), torch.arange(n) % 3)
+            return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=6), 3
+
+        def two_loaders():
+            return loaders()[:2]
+    """)
+    model = build_model(f"{mod}:build", (1, 1, 6, 6), None, {"width": 5})
+    assert model[0].out_channels == 5 and model[-1].out_features == 3
+    data = build_data(DataConfig(source=f"{mod}:loaders", kwargs={"n": 18}), (1, 1, 6, 6))
+    assert data.num_classes == 3
+    assert len(data.train) == 5 and len(data.val) == 3
+    assert "user data" in data.description
+    x, _y = next(iter(data.val))
+    with torch.no_grad():
+        assert model(x).shape == (6, 3)
+    assert build_data(DataConfig(source=f"{mod}:two_loaders"), (1, 1, 6, 6)).num_classes is None
+
+
+def test_module_function_that_cannot_be_imported(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SourceError) as info:
+        build_model("no_such_package_xyz.models:build", (1, 1, 8, 8), 10)
+    msg = str(info.value)
+    assert msg.startswith("model.source: cannot import module 'no_such_package_xyz.models'")
+    with pytest.raises(SourceError, match="^data.source: cannot import module"):
+        build_data(DataConfig(source="no_such_package_xyz:loaders"), (1, 1, 8, 8))
+    mod = _user_module(tmp_path, monkeypatch, """
+        def build():
+            return 42
+
+        def broken():
+            raise RuntimeError("disk full")
+
+        def one_loader():
+            return [1, 2, 3, 4]
+
+        NOT_CALLABLE = 3
+    """)
+    with pytest.raises(SourceError, match=rf"model.source: module '{mod}' has no attribute "
+                                          r"'biuld'; it has: .*build"):
+        build_model(f"{mod}:biuld", (1, 1, 8, 8), 10)
+    with pytest.raises(SourceError, match="returned int, allowed: a torch.nn.Module"):
+        build_model(f"{mod}:build", (1, 1, 8, 8), 10)
+    with pytest.raises(SourceError, match="data.source: .* raised RuntimeError: disk full"):
+        build_data(DataConfig(source=f"{mod}:broken"), (1, 1, 8, 8))
+    with pytest.raises(SourceError, match=r"returned list; allowed: \(train_loader, val_loader\)"):
+        build_data(DataConfig(source=f"{mod}:one_loader"), (1, 1, 8, 8))
+    with pytest.raises(SourceError, match="data.evaluate: .* is not callable"):
+        import_object(f"{mod}:NOT_CALLABLE", "data.evaluate")
+
+
+def _tiny_resnet(**kw: Any) -> nn.Module:
+    return build_model("builtin:resnet_tiny", (1, 1, 8, 8), 10, {"width": 8, **kw}).eval()
+
+
+def test_checkpoint_round_trip_and_nested_state_dict(tmp_path: Path) -> None:
+    src, dst = _tiny_resnet(), _tiny_resnet()
+    path = tmp_path / "nested.pt"
+    torch.save({"state_dict": src.state_dict(), "epoch": 3}, path)
+    load_checkpoint(dst, path)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_checkpoint_with_mismatched_keys(tmp_path: Path) -> None:
+    state = _tiny_resnet(blocks=1).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "blocks1.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(_tiny_resnet(blocks=2), path)
+    msg = str(info.value)
+    assert msg.startswith("model.checkpoint: weights do not fit the architecture")
+    # Every parameter and buffer of the second blocks (6 layers), the first ten listed.
+    assert "missing keys (36): ['layer1.1.bn1.bias', " in msg
+    assert "unexpected keys (1): ['extra.weight']" in msg
+
+
+def test_checkpoint_with_mismatched_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "wide.pt"
+    torch.save(build_model("builtin:resnet_tiny", (1, 1, 8, 8), 10, {"width": 16}).state_dict(),
+               path)
+    target = _tiny_resnet()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(46\): \['fc.weight: file "
+                                              r"\(10, 64\) vs model \(10, 32\)'"):
+        load_checkpoint(target, path, field="export.weights")
+    # Nothing was loaded.
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_checkpoint_is_loaded_with_weights_only(tmp_path: Path) -> None:
+    model = _tiny_resnet()
+    path = tmp_path / "pickle.pt"
+    torch.save({"state_dict": model.state_dict(), "extra": _Payload()}, path)
+    UNPICKLED.clear()
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(model, path)
+    assert UNPICKLED == []
+    # The file really holds a pickle payload that a full unpickle would run.
+    torch.load(path, weights_only=False)
+    assert UNPICKLED == ["payload ran"]
+
+
+def test_checkpoint_missing_or_not_a_state_dict(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(_tiny_resnet(), tmp_path / "none.pt")
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="holds Tensor; allowed: a state dict"):
+        load_checkpoint(_tiny_resnet(), path)
+
+
+def _image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), train: int = 4,
+                  val: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 64, (12, 10, 3)) + 128 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_source(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path / "pets")
+    data = build_data(DataConfig(source=f"imagefolder:{root}", batch_size=4, eval_batch_size=8),
+                      (1, 3, 16, 16))
+    assert data.num_classes == 2
+    assert "8 train / 4 val images, 2 classes" in data.description
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 16, 16)
+    xv, yv = next(iter(data.val))
+    assert xv.shape == (4, 3, 16, 16)
+    assert yv.tolist() == [0, 0, 1, 1]
+    # Brighter "dog" images stay brighter after the fixed normalisation.
+    assert float(xv[2:].mean()) > float(xv[:2].mean())
+    grey = build_data(DataConfig(source=f"imagefolder:{root}", batch_size=2), (1, 1, 8, 8))
+    assert next(iter(grey.val))[0].shape == (4, 1, 8, 8)
+    model = build_model("builtin:tiny_cnn", (1, 3, 16, 16), data.num_classes, {"width": 4})
+    with torch.no_grad():
+        assert model.eval()(x).shape == (4, 2)
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    (root / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(SourceError, match="has no val/ folder"):
+        build_data(DataConfig(source=f"imagefolder:{root}"), (1, 3, 16, 16))
+    other = _image_folder(tmp_path / "other")
+    (other / "val" / "dog").rename(other / "val" / "wolf")
+    with pytest.raises(SourceError, match=r"train/ classes \['cat', 'dog'\] differ"):
+        build_data(DataConfig(source=f"imagefolder:{other}"), (1, 3, 16, 16))
+
+
+def test_relative_imagefolder_resolves_against_project(space_dict: dict[str, Any], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    _image_folder(project / "data" / "pets")
+    space_dict["data"] = {"source": "imagefolder:data/pets", "batch_size": 2}
+    space = parse_space(space_dict, base_dir=project)
+    monkeypatch.chdir(tmp_path)
+    assert space.data.source == f"imagefolder:{project / 'data' / 'pets'}"
+    space = space.replace(model=ModelConfig(
+        source="builtin:tiny_cnn", input_shape=(1, 3, 8, 8), kwargs={"width": 4}))
+    model, data, evaluate_fn = load_sources(space)
+    assert data.num_classes == 2 and evaluate_fn is None
+    assert model[-1].out_features == 2  # num_classes comes from the data
+
+
+def test_load_sources_rejects_an_input_shape_the_model_refuses(space: SpaceConfig) -> None:
+    bad = space.replace(model=ModelConfig(
+        source="builtin:tiny_cnn", input_shape=(1, 1, 8, 8), kwargs={"in_channels": 3}))
+    with pytest.raises(SourceError) as info:
+        load_sources(bad)
+    msg = str(info.value)
+    assert msg.startswith("model.input_shape: got [1, 1, 8, 8]; the model 'builtin:tiny_cnn' "
+                          "rejects it (RuntimeError")
+
+
+def test_load_sources_rejects_data_of_another_shape(space: SpaceConfig, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def loaders():
+            ds = TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+            return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4)
+    """)
+    bad = space.replace(
+        model=ModelConfig(source="builtin:tiny_cnn", input_shape=(1, 1, 16, 16)),
+        data=DataConfig(source=f"{mod}:loaders"))
+    with pytest.raises(SourceError, match=r"model.input_shape: got \[1, 1, 16, 16\] but "
+                                          rf"'{mod}:loaders' yields samples of shape \[1, 8, 8\]"):
+        load_sources(bad)
+
+
+def test_load_sources_on_the_demo_space(space: SpaceConfig) -> None:
+    model, data, evaluate_fn = load_sources(space)
+    assert evaluate_fn is None
+    assert data.num_classes == 10
+    assert not model.training
+    x, _y = next(iter(data.val))
+    with torch.no_grad():
+        assert model(x).shape == (x.shape[0], 10)
