@@ -142,6 +142,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from autoprune.export import export_trial
+
+    res = export_trial(args.study, _storage(args), args.pick, args.out, args.register,
+                       args.alias)
+    t = res.config["metrics"]["trial"]
+    print(f"exported trial {res.trial} of study {args.study} to {res.out_dir}: accuracy "
+          f"{t['accuracy']:.4f}, MACs ratio {t['macs_ratio']:.3f}, speed-up {t['speedup']:.2f}x")
+    for f in ("prune_config.json", "model.onnx", "weights.pt", "model_card.md"):
+        print(f"  {res.out_dir / f}")
+    if res.registered_version:
+        print(f"registered {args.register} version {res.registered_version} as "
+              f"models:/{args.register}@{args.alias}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoprune.measure import count_cost, export_onnx
+    from autoprune.rebuild import read_config, rebuild
+
+    config = read_config(args.config)
+    model = rebuild(config, args.checkpoint, args.weights, args.force)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = tuple(config["model"]["input_shape"])
+    export_onnx(model, shape, out / "model.onnx")
+    torch.save(model.state_dict(), out / "weights.pt")
+    cost = count_cost(model, shape)
+    print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
+          f"{cost.params:,} params; wrote {out / 'model.onnx'} and {out / 'weights.pt'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--runs-dir", default="runs")
     pa.add_argument("--json", action="store_true")
     pa.set_defaults(fn=cmd_pareto)
+
+    ex = sub.add_parser("export", help="export a point of the front for deployment")
+    ex.add_argument("--study", required=True)
+    ex.add_argument("--pick", default="knee",
+                    help="knee | max-accuracy | macs<=R | params<=R | latency_ms<=MS | "
+                         "accuracy>=A | trial:N")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow registry")
+    ex.add_argument("--alias", default="champion")
+    ex.add_argument("--space", help="read the storage from this space file")
+    ex.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
+    ex.add_argument("--runs-dir", default="runs")
+    ex.set_defaults(fn=cmd_export)
+
+    ap = sub.add_parser("apply", help="rebuild a pruned model from prune_config.json")
+    ap.add_argument("config")
+    ap.add_argument("--checkpoint", required=True, help="the base model checkpoint")
+    ap.add_argument("--weights", help="the pruned model's fine-tuned weights")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--force", action="store_true", help="accept a different base checkpoint")
+    ap.set_defaults(fn=cmd_apply)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", help="tracking URI (default sqlite:///runs/mlflow.db)")

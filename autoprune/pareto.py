@@ -1,4 +1,4 @@
-"""Pareto-front arithmetic on plain arrays: dominance, hypervolume, knee, matched-cost accuracy.
+"""Pareto-front arithmetic on plain arrays: dominance, hypervolume, knee, pick rules.
 
 Conventions: ``points`` is an ``(n, k)`` array; ``directions`` says per column whether larger
 (``"maximize"``) or smaller (``"minimize"``) is better. Internally everything is turned into
@@ -7,9 +7,11 @@ minimisation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 
 def _as_min(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -97,3 +99,54 @@ def accuracy_at_cost(accuracy: np.ndarray, cost: np.ndarray, budget: float) -> f
     acc = np.asarray(accuracy, dtype=float)
     ok = np.asarray(cost, dtype=float) <= budget
     return float(acc[ok].max()) if ok.any() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pick rules: which point of a front to export.
+
+_BUDGET = re.compile(r"^\s*(accuracy|macs|latency_ms|latency|params)\s*(<=|>=)\s*([0-9.eE+-]+)\s*$")
+_COLUMN = {"macs": "macs_ratio", "params": "params_ratio", "latency": "latency_ms",
+           "latency_ms": "latency_ms", "accuracy": "accuracy"}
+PICK_RULES = ("knee", "max-accuracy", "macs<=R", "params<=R", "latency_ms<=MS", "accuracy>=A",
+              "trial:N")
+
+
+def pick(front: pd.DataFrame, rule: str, cost: str = "macs_ratio") -> int:
+    """The trial number a pick rule selects from a front (rows: trial, accuracy, costs).
+
+    Rules: ``knee`` (the knee of accuracy vs ``cost``, see :func:`knee_index`),
+    ``max-accuracy``, a budget ``macs<=0.5`` / ``params<=0.5`` / ``latency_ms<=3.0`` (the most
+    accurate point within it), ``accuracy>=0.97`` (the cheapest point by ``cost`` that reaches
+    it), and ``trial:N``.
+
+    Raises:
+        ValueError: the rule is malformed or matches no point of the front.
+    """
+    if front.empty:
+        raise ValueError("the front is empty: no feasible trial has completed")
+    rule = rule.strip()
+    if rule.startswith("trial:"):
+        n = int(rule.split(":", 1)[1])
+        if n not in set(front["trial"]):
+            raise ValueError(f"--pick {rule}: trial {n} is not on the front")
+        return n
+    if rule == "max-accuracy":
+        return int(front.loc[front["accuracy"].idxmax(), "trial"])
+    if rule == "knee":  # on the 2-D front of accuracy vs cost within the study's front
+        pts = front[["accuracy", cost]].to_numpy(float)
+        front2 = front[pareto_mask(pts, ["maximize", "minimize"])]
+        i = knee_index(front2["accuracy"].to_numpy(float), front2[cost].to_numpy(float))
+        return int(front2.iloc[i]["trial"])
+    m = _BUDGET.match(rule)
+    if not m:
+        raise ValueError(f"--pick: got {rule!r}; allowed: {', '.join(PICK_RULES)}")
+    col, op, limit = _COLUMN[m.group(1)], m.group(2), float(m.group(3))
+    if col == "accuracy":
+        ok = front[front["accuracy"] >= limit] if op == ">=" else front[front["accuracy"] <= limit]
+        if ok.empty:
+            raise ValueError(f"--pick {rule}: no point of the front meets it")
+        return int(ok.loc[ok[cost].idxmin(), "trial"])
+    ok = front[front[col] <= limit] if op == "<=" else front[front[col] >= limit]
+    if ok.empty:
+        raise ValueError(f"--pick {rule}: no point of the front meets it")
+    return int(ok.loc[ok["accuracy"].idxmax(), "trial"])

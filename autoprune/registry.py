@@ -1,0 +1,52 @@
+"""MLflow Model Registry: log the exported model on its trial's run and register a version.
+
+Notes from MLflow 3: ``mlflow.pytorch.log_model`` defaults to the ``pt2`` format, which needs an
+input example, and a batch-1 example pins the loaded model to batch 1, so the example has batch
+2. ``pip_requirements`` is given to skip a slow inference of the environment.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
+                   model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...]) -> str:
+    """Log ONNX and PyTorch flavours on ``run_id`` (the trial's run), register, set the alias.
+
+    Returns:
+        The new registered model version.
+    """
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    example = np.random.default_rng(0).standard_normal((2, *input_shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        output = model.eval()(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="export")
+    with run, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="onnx_model", signature=signature,
+            input_example=example, registered_model_name=name,
+            pip_requirements=[f"onnx=={onnx.__version__}",
+                              f"onnxruntime=={onnxruntime.__version__}"])
+        mlflow.pytorch.log_model(model, name="pytorch_model", signature=signature,
+                                 input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    version = str(info.registered_model_version)
+    client = MlflowClient(tracking_uri)
+    client.set_registered_model_alias(name, alias, version)
+    if run_id:
+        client.set_model_version_tag(name, version, "autoprune.trial_run", run_id)
+    return version

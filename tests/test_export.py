@@ -1,0 +1,242 @@
+"""Export and the deployment contract: files, schema, rebuild, registry, a consumer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import autoprune
+from autoprune.cli import main as cli
+from autoprune.config import parse_space
+from autoprune.errors import AutopruneError, CheckpointError
+from autoprune.export import export_trial
+from autoprune.rebuild import read_config, rebuild, validate_config
+from autoprune.search import run_search
+from autoprune.study import load_study
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def space_dict(runs: Path, name: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
+                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
+        "data": {"source": "builtin:digits"},
+        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
+        "finetune": {"steps": 6, "bn_calibration_batches": 2},
+        "objectives": ["accuracy", "macs"],
+        "latency": {"warmup": 2, "repeats": 5},
+        "search": {"trials": 5, "population_size": 4},
+        "tracking": {"uri": tracking_uri},
+        "runs_dir": str(runs),
+    }
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    runs = tmp_path_factory.mktemp("export") / "runs"
+    space = parse_space(space_dict(runs, "exp"))
+    run_search(space, quiet=True)
+    return space, runs
+
+
+@pytest.fixture(scope="module")
+def exported(searched: tuple[Any, Path]) -> Path:
+    space, runs = searched
+    out = runs / "export"
+    export_trial("exp", space.storage_url, "knee", out)
+    return out
+
+
+def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
+                                                   exported: Path) -> None:
+    space, _ = searched
+    assert {p.name for p in exported.iterdir()} >= {"prune_config.json", "model.onnx",
+                                                    "weights.pt", "model_card.md"}
+    config = read_config(exported / "prune_config.json")
+    study = load_study("exp", space.storage_url)
+    trial = study.trials[config["source"]["trial"]]
+    assert trial.number in {t.number for t in study.best_trials}
+    assert config["schema_version"] == 1
+    assert config["model"]["checkpoint_sha256"] == study.user_attrs["base"]["checkpoint_sha256"]
+    assert config["pruning"]["ratios"] == pytest.approx(trial.params)
+    assert config["metrics"]["trial"]["accuracy"] == trial.user_attrs["accuracy"]
+    assert {"torch", "torch_pruning", "autoprune"} == set(config["versions"])
+    # the exported weights are the trial's fine-tuned weights: same accuracy as logged
+    assert config["metrics"]["verified"]["accuracy"] == pytest.approx(
+        trial.user_attrs["accuracy"], abs=0.002)
+
+    model = autoprune.load_pruned(exported / "prune_config.json", exported / "weights.pt")
+    x = torch.randn(7, 1, 8, 8)  # a batch size never seen at export: the axis is dynamic
+    sess = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert out.shape == (7, 10)
+    assert np.abs(out - ref).max() < 1e-4
+    card = (exported / "model_card.md").read_text()
+    assert f"trial {trial.number}" in card and "base" in card
+
+
+def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
+                                    tmp_path: Path) -> None:
+    space, _ = searched
+    ckpt = load_study("exp", space.storage_url).user_attrs["base"]["checkpoint"]
+    rc = cli(["apply", str(exported / "prune_config.json"), "--checkpoint", ckpt,
+              "--weights", str(exported / "weights.pt"), "--out", str(tmp_path / "applied")])
+    assert rc == 0
+    a = torch.load(exported / "weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "applied" / "weights.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    outs = [ort.InferenceSession(str(p / "model.onnx")).run(None, {"input": x})[0]
+            for p in (exported, tmp_path / "applied")]
+    assert np.array_equal(outs[0], outs[1])
+    # without weights: the architecture alone, from base checkpoint + record
+    bare = rebuild(read_config(exported / "prune_config.json"), checkpoint=ckpt)
+    assert {k: tuple(v.shape) for k, v in bare.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in a.items()}
+
+
+def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
+    space, _ = searched
+    study = load_study("exp", space.storage_url)
+    front = sorted(study.best_trials, key=lambda t: t.user_attrs["accuracy"])
+    best = front[-1]
+    res = export_trial("exp", space.storage_url, "max-accuracy", tmp_path / "a")
+    assert res.trial == best.number
+    cheapest = min(front, key=lambda t: t.user_attrs["macs_ratio"])
+    budget = cheapest.user_attrs["macs_ratio"] + 1e-9
+    res = export_trial("exp", space.storage_url, f"macs<={budget}", tmp_path / "b")
+    assert res.trial == cheapest.number
+    res = export_trial("exp", space.storage_url, f"trial:{cheapest.number}", tmp_path / "c")
+    assert res.trial == cheapest.number
+    with pytest.raises(AutopruneError, match=r"no point of the front meets it[\s\S]*macs_ratio"):
+        export_trial("exp", space.storage_url, "macs<=0.0001", tmp_path / "d")
+    with pytest.raises(AutopruneError, match="allowed: knee, max-accuracy"):
+        export_trial("exp", space.storage_url, "smallest", tmp_path / "e")
+    with pytest.raises(AutopruneError, match=r"no study 'nope'.*\['exp'\]"):
+        export_trial("nope", space.storage_url, "knee", tmp_path / "f")
+
+
+def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], exported: Path,
+                                                    tmp_path: Path) -> None:
+    space, _ = searched
+    config = json.loads((exported / "prune_config.json").read_text())
+    broken = json.loads(json.dumps(config))
+    broken["pruning"]["ratios"]["stem.0"] = 1.5
+    with pytest.raises(AutopruneError, match=r"pruning\.ratios\.stem\.0"):
+        validate_config(broken)
+    del broken["model"]["source"]
+    with pytest.raises(AutopruneError, match=r"model: 'source' is a required property"):
+        validate_config(broken)
+    future = dict(config, schema_version=99)
+    with pytest.raises(AutopruneError, match="schema_version 99 is not supported"):
+        validate_config(future)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(AutopruneError, match="not valid JSON"):
+        read_config(tmp_path / "bad.json")
+
+    state = torch.load(exported / "weights.pt", weights_only=True)
+    state["extra.weight"] = torch.zeros(1)
+    state.pop(next(iter(state)))
+    torch.save(state, tmp_path / "bad_weights.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys.*unexpected keys.*extra\.weight"):
+        rebuild(config, weights=tmp_path / "bad_weights.pt")
+
+    ckpt = Path(load_study("exp", space.storage_url).user_attrs["base"]["checkpoint"])
+    other = tmp_path / "other.pt"
+    sd = torch.load(ckpt, weights_only=True)
+    first = next(iter(sd))
+    sd[first] = sd[first] + 1.0
+    torch.save(sd, other)
+    with pytest.raises(CheckpointError, match="--force"):
+        rebuild(config, checkpoint=other)
+    rebuild(config, checkpoint=other, force=True)  # forced: rebuilds all the same
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry, against a real `mlflow server` on 127.0.0.1.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow") or "mlflow",
+           "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "mlflow server exited"
+            assert time.time() < deadline, "mlflow server did not start in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        # SIGINT, not SIGTERM: SIGTERM was seen to leave the server's workers orphaned
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_register_and_consume_from_a_real_mlflow_server(mlflow_server: str,
+                                                         tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    runs = tmp_path / "runs"
+    space = parse_space(space_dict(runs, "reg", tracking_uri=mlflow_server)
+                        | {"search": {"trials": 3, "population_size": 4,
+                                      "baselines": [0.25, 0.5]}})
+    run_search(space, quiet=True)
+    res = export_trial("reg", space.storage_url, "max-accuracy", tmp_path / "out",
+                       register="digits-pruned", alias="champion")
+    assert res.registered_version == "1"
+    client = MlflowClient(mlflow_server)
+    mv = client.get_model_version_by_alias("digits-pruned", "champion")
+    assert mv.version == "1"
+    assert mv.tags["autoprune.trial_run"] == res.config["source"]["mlflow_run_id"]
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "deploy_from_registry.py"), "--tracking-uri",
+         mlflow_server, "--model", "digits-pruned", "--batch", "5"],
+        capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["output_shape"] == [5, 10]
+    assert len(result["predictions"]) == 5
