@@ -12,6 +12,7 @@ indices left which layer) rebuilds the same architecture from the same base mode
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,10 +66,12 @@ class PruneRecord:
 
 def kept_after_rounding(channels: int, ratio: float, round_to: int) -> int:
     """Channels a group keeps at ``ratio`` (see the module docstring for the rule)."""
+    if ratio <= 0.0:
+        return channels  # ratio 0 never prunes, whatever the rounding
     kept = channels * (1.0 - ratio)
     if round_to > 1 and channels >= round_to:
-        kept = max(round_to, round(kept / round_to) * round_to)
-    return int(min(channels, max(1, round(kept))))
+        kept = max(round_to, math.floor(kept / round_to + 0.5) * round_to)  # half rounds up
+    return int(min(channels, max(1, math.floor(kept + 0.5))))
 
 
 def _sync_attributes(model: nn.Module) -> None:
@@ -180,6 +183,14 @@ def replay(base_model: nn.Module, example_inputs: torch.Tensor,
     """Rebuild the pruned architecture from a copy of the base model and a record."""
     model = copy.deepcopy(base_model).eval()
     graph = build_graph(model, example_inputs)
+    named = dict(model.named_modules())
+    wrong = {n: (c, int(graph.get_out_channels(named[n]) or 0) if n in named else None)
+             for n, c in record.base_channels.items()
+             if n not in named or int(graph.get_out_channels(named[n]) or 0) != c}
+    if wrong:
+        shown = dict(list(wrong.items())[:5])
+        raise PruningError("the pruning record does not fit this base model (it was made on "
+                           f"another architecture); group: (record, model) channels: {shown}")
     try:
         graph.load_pruning_history([list(h) for h in record.history])
     except Exception as e:  # noqa: BLE001
