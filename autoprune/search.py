@@ -17,10 +17,12 @@ from typing import Any
 import optuna
 import pandas as pd
 import torch
+from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, dump_space
 from autoprune.report import plot_front, summary_columns, write_tables
 from autoprune.study import (
+    add_result,
     check_patterns,
     distributions,
     done_count,
@@ -67,8 +69,17 @@ class Recorder:
         self.since_report = 0
 
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
+        """Record a trial the local controller asked for."""
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
-        frozen = tell(self.study, trial, result, self.space.objectives)
+        self._after(tell(self.study, trial, result, self.space.objectives), result, start)
+
+    def add(self, result: TrialResult, user_attrs: dict[str, Any],
+            dists: dict[str, Any], start: float | None = None) -> None:
+        """Record a trial that another searcher proposed (Ray Tune's OptunaSearch)."""
+        frozen = add_result(self.study, result, self.space.objectives, dists, user_attrs)
+        self._after(frozen, result, start)
+
+    def _after(self, frozen: FrozenTrial, result: TrialResult, start: float | None) -> None:
         artifacts = self._keep(frozen.number, result)
         self.tracker.log_trial(frozen.number, frozen.user_attrs, frozen.params,
                                pruning_settings(self.space), result.finetune_losses, start,
@@ -79,7 +90,7 @@ class Recorder:
             self.report()
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix(failed=self.failed(), front=len(self.tracker._front))
+            self.progress.set_postfix(failed=self.failed(), front=len(self.tracker.front))
 
     def _keep(self, number: int, result: TrialResult) -> list[Path]:
         if not result.record:
@@ -165,7 +176,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
-    enqueue_baselines(study, space, dists)
+    if backend != "ray":  # on Ray the baselines go to OptunaSearch as points_to_evaluate
+        enqueue_baselines(study, space, dists)
 
     out.mkdir(parents=True, exist_ok=True)
     dump_space(space, out / "space.yaml")
@@ -185,7 +197,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
             from autoprune.controllers.ray_tune import run_ray
 
             run_ray(ctx, study, total, dists, recorder, space.search.keep_models,
-                    **(ray_options or {}))
+                    resume=resume, **(ray_options or {}))
         else:
             from autoprune.controllers import run_local
 

@@ -170,11 +170,8 @@ def suggest_ratios(trial: optuna.Trial, dists: Mapping[str, FloatDistribution]) 
 def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
          objectives: Sequence[str]) -> FrozenTrial:
     """Record a trial result in the study: values, constraints and every metric as user attrs."""
-    for key, value in result.to_dict().items():
-        if key in ("record", "finetune_losses", "ratios"):
-            continue
-        trial.set_user_attr(key, _jsonable(value))
-    trial.set_user_attr("state", result.state)
+    for key, value in result_attrs(result).items():
+        trial.set_user_attr(key, value)
     if result.state == "failed":
         study.tell(trial, state=TrialState.FAIL)
     else:
@@ -182,6 +179,29 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
             trial.set_constraint(key, value)
         study.tell(trial, result.objective_values(tuple(objectives)))
     return study._storage.get_trial(trial._trial_id)
+
+
+def result_attrs(result: TrialResult) -> dict[str, Any]:
+    skip = ("record", "finetune_losses", "ratios", "state_dict")
+    attrs = {k: _jsonable(v) for k, v in result.to_dict().items() if k not in skip}
+    attrs["state"] = result.state
+    return attrs
+
+
+def add_result(study: optuna.Study, result: TrialResult, objectives: Sequence[str],
+               dists: Mapping[str, FloatDistribution],
+               user_attrs: Mapping[str, Any]) -> FrozenTrial:
+    """Add a trial that ran elsewhere (Ray Tune) to the study, as ``tell`` would have."""
+    failed = result.state == "failed"
+    trial = optuna.trial.create_trial(
+        state=TrialState.FAIL if failed else TrialState.COMPLETE,
+        values=None if failed else result.objective_values(tuple(objectives)),
+        params={n: result.ratios[n] for n in dists}, distributions=dict(dists),
+        user_attrs=result_attrs(result) | dict(user_attrs),
+        system_attrs={} if failed else {f"constraints:{k}": float(v)
+                                        for k, v in result.constraints.items()})
+    study.add_trial(trial)
+    return study.get_trials(deepcopy=False)[-1]
 
 
 def _jsonable(value: Any) -> Any:

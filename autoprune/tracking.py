@@ -84,6 +84,10 @@ class Tracker:
         self.client.log_artifact(self.parent_id, str(config_file))
         return self.parent_id
 
+    @property
+    def front(self) -> set[int]:
+        return set(self._front)
+
     def finish_parent(self, status: str = "FINISHED") -> None:
         if self.parent_id:
             self.client.set_terminated(self.parent_id, status=status)

@@ -28,6 +28,7 @@ from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, measure_latency
 from autoprune.prune import prune_model
 from autoprune.sources import DataBundle, load_checkpoint
+from autoprune.sources._models import load_state_dict_strict
 
 TrialState = Literal["complete", "infeasible", "failed"]
 
@@ -58,13 +59,16 @@ class TrialContext:
 
     @classmethod
     def build(cls, space: SpaceConfig, base: BaseMetrics | None = None,
-              device: str | None = None) -> TrialContext:
+              device: str | None = None,
+              base_state: dict[str, torch.Tensor] | None = None) -> TrialContext:
         """Load sources and the base checkpoint (training it once if needed), measure the base.
 
         Args:
             space: the validated search space.
             base: base metrics measured earlier (workers get them from the controller).
             device: overrides ``search.device``.
+            base_state: the base weights themselves, for workers on machines that cannot read
+                ``base.checkpoint``.
         """
         dev = resolve_device(device or space.search.device)
         model, data, evaluate_fn = load_sources(space)
@@ -73,6 +77,8 @@ class TrialContext:
 
             ckpt = base_checkpoint(space, model, data, dev, evaluate_fn)
             base = measure_base(space, model, data, ckpt, evaluate_fn, dev)
+        elif base_state is not None:
+            load_state_dict_strict(model, base_state, "base weights")
         else:
             load_checkpoint(model, base.checkpoint)
         model.cpu().eval()

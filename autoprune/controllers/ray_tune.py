@@ -1,0 +1,227 @@
+"""Ray Tune controller: the same trial function, sampler and records, on a Ray cluster.
+
+``OptunaSearch`` wraps the space's sampler with ``metric``/``mode`` lists (multi-objective is
+only accepted there, not on ``TuneConfig``); the uniform baselines go in as
+``points_to_evaluate``. The driver is the single writer: a Tune callback adds every finished trial
+to the autoprune study (SQLite) and to MLflow, so workers need neither. The base weights travel
+in Ray's object store, so worker nodes need no shared filesystem.
+
+No Tune scheduler is used: Ray's single-metric schedulers (ASHA) would record early-stopped
+trials as complete, with under-trained accuracy, and pollute the front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from autoprune.errors import AutopruneError
+from autoprune.study import INTERRUPTED, directions, done_count, make_sampler, snap
+from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
+
+if TYPE_CHECKING:
+    from autoprune.search import Recorder
+
+_CTX: TrialContext | None = None  # one per worker process, reused across trials
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster, or start a local one that ignores stale cluster files.
+
+    ``address=None`` starts a fresh local Ray (``address="local"``): a stale
+    ``/tmp/ray/ray_current_cluster`` left by a killed head would otherwise make ``ray.init``
+    try to join a cluster that is gone.
+    """
+    if ray.is_initialized():
+        return
+    from ray.exceptions import AuthenticationError
+
+    try:
+        if address in (None, "", "local"):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    except AuthenticationError as e:
+        raise AutopruneError(
+            f"--address {address}: the cluster refused this client's token ({e}). Ray 2.60 "
+            "turns token authentication on by default: copy the cluster's token to "
+            "~/.ray/auth_token or set RAY_AUTH_TOKEN, and keep RAY_AUTH_MODE the same on the "
+            "head, the workers and this client (see README, 'Ray clusters')") from e
+    except ConnectionError as e:
+        raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there ({e}); "
+                             "allowed: auto (a cluster started on this machine with `ray "
+                             "start`), host:port of a head node, or ray://host:10001") from e
+
+
+def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
+    """The Tune function trainable: one :func:`run_trial`, one report."""
+    global _CTX
+    if _CTX is None:
+        from autoprune.base import BaseMetrics
+        from autoprune.config import parse_space
+
+        torch.set_num_threads(max(1, int(payload["threads"])))
+        _CTX = TrialContext.build(parse_space(payload["space"]),
+                                  BaseMetrics.from_dict(payload["base"]),
+                                  device=payload["device"], base_state=payload["base_state"])
+    result = run_trial(_CTX, dict(config))
+    metrics = result_to_metrics(result)
+    metrics["node_id"] = ray.get_runtime_context().get_node_id()
+    metrics["pid"] = os.getpid()
+    tune.report(metrics)
+
+
+def result_to_metrics(result: TrialResult) -> dict[str, Any]:
+    """A flat, picklable result for Tune (failed trials report NaN objectives)."""
+    d = result.to_dict()
+    for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios"):
+        d[key] = json.dumps(d[key])
+    return d
+
+
+def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -> TrialResult:
+    fields = TrialResult.__dataclass_fields__
+    kw = {k: v for k, v in metrics.items() if k in fields and k != "state_dict"}
+    for key in ("record", "kept_channels", "constraints", "finetune_losses"):
+        if isinstance(kw.get(key), str):
+            kw[key] = json.loads(kw[key])
+    kw["finetune_losses"] = [tuple(x) for x in kw.get("finetune_losses", [])]
+    kw["ratios"] = dict(ratios)
+    return TrialResult(**kw)
+
+
+def _baselines(ctx: TrialContext, dists: Mapping[str, Any]) -> list[dict[str, float]]:
+    return [{n: snap(level, d) for n, d in dists.items()} for level in ctx.space.search.baselines]
+
+
+def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
+            dists: dict[str, optuna.distributions.FloatDistribution], recorder: Recorder,
+            keep_model: bool, address: str | None = None, concurrency: int | None = None,
+            cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_failures: int = 2,
+            resume: bool = False) -> None:
+    """Run the search on Ray Tune until the study holds ``total`` finished trials.
+
+    Args:
+        ctx: the trial context built by the driver (base model trained and measured).
+        study: the autoprune study; every finished Tune trial is added to it.
+        total: trials wanted in the study.
+        dists: the ratio distributions.
+        recorder: records each finished trial (Optuna study, MLflow, files).
+        keep_model: unused on Ray (weights stay on the workers; export re-makes the trial
+            deterministically from its seed).
+        address: Ray address; None starts a local Ray.
+        concurrency: trials at once (``max_concurrent_trials``).
+        cpus_per_trial: CPUs per trial; the trial's torch threads follow it.
+        gpus_per_trial: GPUs per trial.
+        max_failures: retries of a trial whose worker died.
+        resume: restore the Tune experiment of an interrupted driver.
+    """
+    connect(address)
+    space = ctx.space
+    storage = Path(space.runs_dir).resolve() / "ray"
+    exp_path = storage / study.study_name
+    base_state = {k: v.detach().cpu() for k, v in ctx.base_model.state_dict().items()}
+    payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
+               "threads": max(1, int(cpus_per_trial)),
+               "device": "cuda" if gpus_per_trial > 0 else "cpu"}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
+                                    {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    baselines = _baselines(ctx, dists)
+    callback = RecordCallback(recorder, dists, baselines)
+
+    if resume and exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        # callbacks are not part of the saved state: re-attach the recorder
+        tuner._local_tuner._run_config.callbacks = [callback]
+    else:
+        remaining = total - done_count(study)
+        if remaining <= 0:
+            return
+        done_params = [t.params for t in study.get_trials(deepcopy=False)
+                       if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)]
+        todo = [b for b in baselines if b not in done_params][:remaining]
+        objectives = list(space.objectives)
+        searcher = OptunaSearch(
+            space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
+            mode=[d[:3] for d in directions(objectives)], points_to_evaluate=todo or None,
+            sampler=make_sampler(space, space.search.seed))
+        if exp_path.exists():  # an experiment of an earlier, finished or abandoned invocation
+            shutil.rmtree(exp_path)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=study.study_name, storage_path=str(storage),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                callbacks=[callback], verbose=0))
+    try:
+        _record_missing(tuner.fit(), callback)
+    finally:
+        if address in (None, "", "local"):
+            ray.shutdown()
+
+
+class RecordCallback(tune.Callback):
+    """Driver-side: add each finished Tune trial to the study and MLflow, once."""
+
+    def __init__(self, recorder: Recorder, dists: dict[str, Any],
+                 baselines: list[dict[str, float]]) -> None:
+        self.recorder, self.dists, self.baselines = recorder, dists, baselines
+        self.recorded = {t.user_attrs.get("ray_trial_id")
+                         for t in recorder.study.get_trials(deepcopy=False)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune saves its run config with the experiment; the recorder (open stores) stays here
+        # and a resumed driver attaches a new one.
+        return {}
+
+    def record(self, trial_id: str, config: Mapping[str, Any],
+               metrics: Mapping[str, Any] | None, error: str | None) -> None:
+        if not hasattr(self, "recorder") or trial_id in self.recorded:
+            return
+        self.recorded.add(trial_id)
+        ratios = {n: float(config[n]) for n in self.dists}
+        if metrics and "state" in metrics:
+            result = metrics_to_result(metrics, ratios)
+        else:
+            result = TrialResult(ratios=ratios, state="failed",
+                                 seed=self.recorder.space.search.seed,
+                                 error=error or "the trial reported no result")
+        attrs: dict[str, Any] = {"ray_trial_id": trial_id}
+        if metrics and metrics.get("node_id"):
+            attrs["ray_node_id"] = metrics["node_id"]
+        if ratios in self.baselines:
+            level = self.recorder.space.search.baselines[self.baselines.index(ratios)]
+            attrs |= {"baseline": True, "baseline_ratio": level}
+        self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        self.record(trial.trial_id, trial.config, trial.last_result, None)
+
+
+def _record_missing(results: Any, callback: Any) -> None:
+    """Trials Tune finished while no driver was recording (or that errored out for good)."""
+    for res in results:
+        trial_id = (res.metrics or {}).get("trial_id") or res.path.rsplit("/", 1)[-1]
+        if trial_id in callback.recorded:
+            continue
+        error = f"{type(res.error).__name__}: {res.error}" if res.error else None
+        metrics = res.metrics if res.metrics and "state" in res.metrics else None
+        if metrics is None and error is None:
+            continue
+        callback.record(trial_id, res.config or {}, metrics, error)
