@@ -139,7 +139,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     baselines = _baselines(ctx, dists)
-    callback = RecordCallback(recorder, dists, baselines)
+    callback = RecordCallback(recorder, dists, baselines, total)
 
     if resume and exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
@@ -167,6 +167,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             run_config=tune.RunConfig(
                 name=study.study_name, storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=max_failures),
+                stop=EnoughTrials(space.storage_url, study.study_name, total),
                 callbacks=[callback], verbose=0))
     try:
         _record_missing(tuner.fit(), callback)
@@ -175,12 +176,33 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             ray.shutdown()
 
 
+class EnoughTrials(tune.Stopper):
+    """Stop the experiment once the study holds ``total`` finished trials (also after restore,
+    whose search generator may have been saved before the last trials it had started)."""
+
+    def __init__(self, storage_url: str, study: str, total: int) -> None:
+        self.storage_url, self.study, self.total = storage_url, study, total
+        self._checked, self._enough = 0.0, False
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        from autoprune.study import load_study
+
+        if not self._enough and time.time() - self._checked > 1.0:  # Tune asks every loop
+            self._checked = time.time()
+            self._enough = done_count(load_study(self.study, self.storage_url)) >= self.total
+        return self._enough
+
+
 class RecordCallback(tune.Callback):
     """Driver-side: add each finished Tune trial to the study and MLflow, once."""
 
     def __init__(self, recorder: Recorder, dists: dict[str, Any],
-                 baselines: list[dict[str, float]]) -> None:
+                 baselines: list[dict[str, float]], total: int) -> None:
         self.recorder, self.dists, self.baselines = recorder, dists, baselines
+        self.total = total
         self.recorded = {t.user_attrs.get("ray_trial_id")
                          for t in recorder.study.get_trials(deepcopy=False)}
 
@@ -193,6 +215,10 @@ class RecordCallback(tune.Callback):
                metrics: Mapping[str, Any] | None, error: str | None) -> None:
         if not hasattr(self, "recorder") or trial_id in self.recorded:
             return
+        if done_count(self.recorder.study) >= self.total:
+            return  # a restored experiment may schedule more trials than it still needs
+        if not metrics and not error:
+            return  # stopped before it reported: nothing was measured
         self.recorded.add(trial_id)
         ratios = {n: float(config[n]) for n in self.dists}
         if metrics and "state" in metrics:

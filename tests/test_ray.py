@@ -1,0 +1,156 @@
+"""The Ray backend on a real multi-node Ray cluster started on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+from ray.cluster_utils import Cluster
+
+from autoprune.config import parse_space
+from autoprune.errors import AutopruneError
+from autoprune.search import run_search
+from autoprune.study import load_study
+
+
+def tiny_space(runs: Path, name: str, trials: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
+                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
+        "data": {"source": "builtin:digits"},
+        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
+        "finetune": {"steps": 6, "bn_calibration_batches": 2},
+        "latency": {"warmup": 2, "repeats": 5},
+        "search": {"trials": trials, "population_size": 4, "seed": 0},
+        "runs_dir": str(runs),
+    }
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A head and one worker node, one CPU each, on this machine (127.0.0.1)."""
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+
+
+def ray_opts(cluster: Cluster, concurrency: int = 2) -> dict[str, Any]:
+    return {"address": cluster.address, "concurrency": concurrency, "cpus_per_trial": 1.0}
+
+
+def trial_runs(space: Any, name: str) -> list[Any]:
+    client = MlflowClient(space.tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("autoprune.role") == "trial"]
+
+
+def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    space = parse_space(tiny_space(tmp_path / "runs", "ray2", trials=6))
+    run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
+
+    study = load_study("ray2", space.storage_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6
+    assert len({t.user_attrs["ray_node_id"] for t in finished}) == 2, "trials ran on one node"
+    assert sorted(t.user_attrs["baseline_ratio"] for t in finished
+                  if t.user_attrs.get("baseline")) == [0.25, 0.5, 0.75]
+    runs = trial_runs(space, "ray2")
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in runs) == list(range(6))
+    for r in runs:
+        assert {"accuracy", "macs_ratio", "latency_ms", "proxy_accuracy"} <= set(r.data.metrics)
+    tagged = {int(r.data.tags["autoprune.trial"]) for r in runs
+              if r.data.tags["pareto"] == "true"}
+    assert tagged == {t.number for t in study.best_trials} and tagged
+    # every trial on the front had the whole fine-tune budget (no early stopping on Ray)
+    assert all(t.user_attrs["finetune_steps"] == 6 for t in study.best_trials)
+
+
+def test_losing_a_worker_node_mid_search(cluster: Cluster, tmp_path: Path) -> None:
+    space = parse_space(tiny_space(tmp_path / "runs", "raykill", trials=8))
+    worker = [n for n in cluster.list_all_nodes() if not n.head][0]
+    storage = space.storage_url
+
+    def kill_worker_after_two_trials() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if sum(t.state.is_finished() for t in load_study("raykill", storage).trials) >= 2:
+                    cluster.remove_node(worker, allow_graceful=False)
+                    return
+            except AutopruneError:
+                pass
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_worker_after_two_trials, daemon=True)
+    killer.start()
+    run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
+    killer.join(timeout=5)
+    assert not any(n is worker for n in cluster.list_all_nodes()), "the node was never killed"
+
+    study = load_study("raykill", storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 8  # complete, or failed with its error: none lost
+    assert sum(t.user_attrs.get("state") in ("complete", "infeasible") for t in finished) >= 6
+    numbers = [int(r.data.tags["autoprune.trial"]) for r in trial_runs(space, "raykill")]
+    assert sorted(numbers) == sorted(t.number for t in finished)
+
+
+def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    spec = tiny_space(runs, "raydrv", trials=7)
+    space_file = tmp_path / "raydrv.yaml"
+    space_file.write_text(yaml.safe_dump(spec))
+    space = parse_space(spec)
+    # train the base model before, so the driver reaches its trials quickly
+    run_search(parse_space(tiny_space(runs, "raydrv-warm", trials=1)), quiet=True)
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet",
+           "--backend", "ray", "--address", cluster.address, "--concurrency", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        done = 0
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                done = sum(t.state.is_finished()
+                           for t in load_study("raydrv", space.storage_url).trials)
+            except AutopruneError:
+                continue
+            if done >= 2:
+                break
+        assert proc.poll() is None and done >= 2
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    run_search(space, resume=True, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True)
+    study = load_study("raydrv", space.storage_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 7
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in finished]
+    assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
+    numbers = [int(r.data.tags["autoprune.trial"]) for r in trial_runs(space, "raydrv")]
+    assert len(numbers) == len(set(numbers)) == 7
