@@ -34,7 +34,7 @@ ui: install
 	$(VENV)/bin/autoprune ui
 
 cluster-search: install
-	$(VENV)/bin/autoprune submit $(SPACE) $(if $(ADDRESS),--address $(ADDRESS),)
+	$(VENV)/bin/autoprune submit $(SPACE) --wait $(if $(ADDRESS),--address $(ADDRESS),)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

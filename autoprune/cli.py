@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +86,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.config import load_space
     from autoprune.search import format_front, run_search
 
-    space = load_space(args.space)
+    space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
     ray_options = None
     if args.backend == "ray":
         ray_options = {"address": args.address, "concurrency": args.concurrency or args.jobs,
@@ -177,6 +178,42 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def submit_command(args: argparse.Namespace) -> list[str]:
+    """``ray job submit`` of the same search, run on the cluster with ``--address auto``."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "job", "submit"]
+    if args.address:
+        cmd += ["--address", args.address]
+    if not args.wait:
+        cmd.append("--no-wait")
+    cmd += ["--runtime-env", args.runtime_env, "--", "python", "-m", "autoprune.cli", "search",
+            args.space, "--backend", "ray", "--address", "auto", "--quiet",
+            "--cpus-per-trial", str(args.cpus_per_trial)]
+    for flag, value in (("--trials", args.trials), ("--study", args.study),
+                        ("--runs-dir", args.runs_dir),
+                        ("--concurrency", args.concurrency), ("--seed", args.seed)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from autoprune.config import load_space
+
+    load_space(args.space)  # a bad space fails here, not on the cluster
+    cmd = submit_command(args)
+    # Ray 2.60 heads use token auth by default; the job client must use the same mode, or it
+    # fails with "Missing authentication token". Never turn auth off on the user's behalf.
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    print(f"autoprune: RAY_AUTH_MODE={env['RAY_AUTH_MODE']} " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="continue an existing study")
     se.add_argument("--seed", type=int)
     se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
+                                       "(default: the space's runs_dir, runs/)")
     se.add_argument("--backend", choices=["local", "ray"], default="local")
     se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port)")
     se.add_argument("--concurrency", type=int, help="Ray: trials at once")
@@ -234,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True)
     ap.add_argument("--force", action="store_true", help="accept a different base checkpoint")
     ap.set_defaults(fn=cmd_apply)
+
+    sb = sub.add_parser("submit", help="submit the search as a Ray job to a running cluster")
+    sb.add_argument("space")
+    sb.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
+                                      "(default: RAY_ADDRESS or the local cluster)")
+    sb.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
+    sb.add_argument("--trials", type=int)
+    sb.add_argument("--study")
+    sb.add_argument("--concurrency", type=int)
+    sb.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sb.add_argument("--seed", type=int)
+    sb.add_argument("--resume", action="store_true")
+    sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "
+                                       "(default: runs/ inside the job's working dir)")
+    sb.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    sb.set_defaults(fn=cmd_submit)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", help="tracking URI (default sqlite:///runs/mlflow.db)")

@@ -154,3 +154,39 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
     assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
     numbers = [int(r.data.tags["autoprune.trial"]) for r in trial_runs(space, "raydrv")]
     assert len(numbers) == len(set(numbers)) == 7
+
+
+def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:
+    """`autoprune submit` against a head started with `ray start` (dashboard on 127.0.0.1)."""
+    bindir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    port, dash = "6391", "8266"
+    start = [str(bindir / "ray"), "start", "--head", "--port", port, "--num-cpus", "2",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", dash,
+             "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        space_file = Path("search_spaces") / f"_test_submit_{os.getpid()}.yaml"
+        spec = tiny_space(tmp_path / "runs", "submitted", trials=3)
+        spec["search"]["baselines"] = [0.25, 0.5]
+        space_file.write_text(yaml.safe_dump(spec))
+        runtime_env = tmp_path / "runtime_env.yaml"
+        # the nodes share this machine's virtualenv: upload the code only, install nothing
+        runtime_env.write_text(yaml.safe_dump({"working_dir": ".",
+                                               "excludes": [".venv/", "runs/", ".git/"]}))
+        try:
+            out = subprocess.run(
+                [str(bindir / "autoprune"), "submit", str(space_file), "--wait",
+                 "--address", f"http://127.0.0.1:{dash}", "--runtime-env", str(runtime_env),
+                 "--runs-dir", str(tmp_path / "runs")],
+                env=env, capture_output=True, text=True, timeout=400)
+        finally:
+            space_file.unlink()
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout + out.stderr
+        study = load_study("submitted", f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+        assert sum(t.state.is_finished() for t in study.trials) == 3
+        assert all("ray_trial_id" in t.user_attrs for t in study.trials)
+    finally:
+        subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
