@@ -190,3 +190,20 @@ def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:
     finally:
         subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
+
+
+def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(tmp_path: Path) -> None:
+    from autoprune.pareto import hypervolume_2d
+
+    volumes = {}
+    for backend in ("local", "ray"):
+        spec = tiny_space(tmp_path / backend, f"same-{backend}", trials=8)
+        spec["objectives"] = ["accuracy", "macs"]
+        space = parse_space(spec)
+        run_search(space, backend=backend, quiet=True,
+                   ray_options={"concurrency": 1} if backend == "ray" else None)
+        front = load_study(space.name, space.storage_url).best_trials
+        volumes[backend] = hypervolume_2d([t.values[0] for t in front],
+                                          [t.values[1] for t in front])
+    assert volumes["local"] > 0.3
+    assert abs(volumes["local"] - volumes["ray"]) <= 0.05 * volumes["local"]
