@@ -78,6 +78,9 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     """
     data = build_data(space.data, space.model.input_shape)
     num_classes = space.model.num_classes or data.num_classes
+    # The random init is part of the base model a cached checkpoint stands for (its key holds
+    # search.seed): draw it from that seed, not from torch's per-process default seed.
+    seed_everything(space.search.seed)
     model = build_model(space.model.source, space.model.input_shape, num_classes,
                         space.model.kwargs).eval()
     example = torch.zeros(space.model.input_shape)

@@ -92,7 +92,11 @@ class PruningConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Brief recovery training of a pruned candidate. ``steps`` (if set) overrides ``epochs``."""
+    """Brief recovery training of a pruned candidate. ``steps`` (if set) overrides ``epochs``.
+
+    ``distill_alpha > 0`` adds knowledge distillation from the base model (the teacher):
+    loss = (1 - alpha) * CE + alpha * T^2 * KL(student_T || teacher_T).
+    """
 
     epochs: float = 1.0
     steps: int | None = None
@@ -102,6 +106,8 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     bn_calibration_batches: int = 10
     log_every: int = 10
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,33 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class FidelityConfig:
+    """Multi-fidelity search with Pareto-aware promotion (multi-objective ASHA).
+
+    A trial is judged at rung 0 (adaptive-BN proxy accuracy, before any fine-tuning) and after
+    each fraction in ``rungs`` of its fine-tune budget. It goes on only if fewer than
+    ``ceil(n / eta)`` of the ``n`` trials at that rung lie in better non-dominated layers on
+    (accuracy at the rung, cost). Stopped trials are ``pruned``.
+    """
+
+    enabled: bool = False
+    rungs: tuple[float, ...] = (1 / 9, 1 / 3)
+    eta: float = 3.0
+    min_trials: int = 4
+    proxy_rung: bool = True
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Sensitivity warm start: scan each group alone, then seed the search with configs that
+    spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``."""
+
+    sensitivity: bool = False
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    budgets: tuple[float, ...] = (0.3, 0.5, 0.7)
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     trials: int = 30
     sampler: Sampler = "nsga2"
@@ -133,6 +166,8 @@ class SearchConfig:
     device: Device = "auto"
     storage: str | None = None
     keep_models: bool = True
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
 
 @dataclass(frozen=True)
@@ -356,6 +391,26 @@ def _validate(space: SpaceConfig) -> None:
     for i, b in enumerate(space.search.baselines):
         if not 0.0 <= b < 1.0:
             raise ConfigError(f"search.baselines[{i}]", b, "a uniform ratio in [0, 1)")
+    fid = space.search.fidelity
+    for i, f in enumerate(fid.rungs):
+        if not 0.0 < f < 1.0:
+            raise ConfigError(f"search.fidelity.rungs[{i}]", f, "a fraction of the fine-tune "
+                              "budget in (0, 1); the full budget is always the last rung")
+    if list(fid.rungs) != sorted(fid.rungs):
+        raise ConfigError("search.fidelity.rungs", list(fid.rungs), "increasing fractions")
+    if fid.eta <= 1.0:
+        raise ConfigError("search.fidelity.eta", fid.eta, "a number > 1 (keep the top 1/eta)")
+    _positive(fid.min_trials, "search.fidelity.min_trials")
+    for i, r in enumerate(space.search.warm_start.ratios):
+        if not 0.0 < r < 1.0:
+            raise ConfigError(f"search.warm_start.ratios[{i}]", r, "a ratio in (0, 1)")
+    for i, b in enumerate(space.search.warm_start.budgets):
+        if not 0.0 < b < 1.0:
+            raise ConfigError(f"search.warm_start.budgets[{i}]", b, "a MACs ratio in (0, 1)")
+    if not 0.0 <= space.finetune.distill_alpha <= 1.0:
+        raise ConfigError("finetune.distill_alpha", space.finetune.distill_alpha,
+                          "a weight in [0, 1] (0: no distillation)")
+    _positive(space.finetune.distill_temperature, "finetune.distill_temperature")
     if not space.objectives:
         raise ConfigError("objectives", [],
                           "a non-empty list of accuracy | macs | latency | params")

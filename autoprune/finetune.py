@@ -52,37 +52,75 @@ def _batches(loader: Iterable[Any], total_steps: int) -> Iterable[Any]:
             raise ValueError("the training loader yielded no batches")
 
 
+class Trainer:
+    """Cosine-decayed training over ``total_steps``, run in segments (``advance``), so a trial
+    can be judged part-way through its budget and continue where it stopped.
+
+    Args:
+        teacher: a model to distil from (``alpha`` weight, temperature ``temperature``).
+
+    Raises (from ``advance``):
+        FloatingPointError: the loss became NaN or infinite.
+    """
+
+    def __init__(self, model: nn.Module, loader: Any, total_steps: int, lr: float,
+                 optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
+                 label_smoothing: float = 0.0, device: torch.device | str = "cpu",
+                 log_every: int = 10, teacher: nn.Module | None = None, alpha: float = 0.0,
+                 temperature: float = 4.0) -> None:
+        self.model, self.loader, self.total, self.device = model, loader, total_steps, device
+        self.log_every = log_every
+        self.log = TrainLog()
+        self.opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
+                                                    / max(total_steps, 1))))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.teacher = teacher.to(device).eval() if teacher is not None and alpha > 0 else None
+        self.alpha, self.temperature = alpha, temperature
+        self._batches = iter(_batches(loader, total_steps)) if total_steps > 0 else iter(())
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            soft = nn.functional.softmax(self.teacher(x) / self.temperature, dim=1)
+        kd = nn.functional.kl_div(nn.functional.log_softmax(out / self.temperature, dim=1),
+                                  soft, reduction="batchmean") * self.temperature ** 2
+        return (1 - self.alpha) * loss + self.alpha * kd
+
+    def advance(self, to_step: int) -> TrainLog:
+        """Train until ``to_step`` steps in all (capped at the total); returns the log so far."""
+        to_step = min(to_step, self.total)
+        if self.log.steps >= to_step:
+            return self.log
+        self.model.to(self.device).train()
+        while self.log.steps < to_step:
+            batch = next(self._batches)
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            loss = self._loss(x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at step "
+                                         f"{self.log.steps}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.log.steps += 1
+            if self.log.steps % self.log_every == 0 or self.log.steps == self.total:
+                self.log.losses.append((self.log.steps, float(loss.detach())))
+        self.model.eval()
+        return self.log
+
+
 def train(model: nn.Module, loader: Any, steps: int, lr: float, optimizer: str = "sgd",
           momentum: float = 0.9, weight_decay: float = 5e-4, label_smoothing: float = 0.0,
           device: torch.device | str = "cpu", log_every: int = 10) -> TrainLog:
-    """Train for ``steps`` batches with a cosine learning-rate decay.
-
-    Raises:
-        FloatingPointError: the loss became NaN or infinite.
-    """
-    log = TrainLog()
-    if steps <= 0:
-        return log
-    model.to(device).train()
-    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    for batch in _batches(loader, steps):
-        x, y = batch[0].to(device), batch[1].to(device)
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step "
-                                     f"{log.steps}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        log.steps += 1
-        if log.steps % log_every == 0 or log.steps == steps:
-            log.losses.append((log.steps, float(loss.detach())))
-    model.eval()
-    return log
+    """Train for ``steps`` batches with a cosine learning-rate decay."""
+    return Trainer(model, loader, steps, lr, optimizer, momentum, weight_decay, label_smoothing,
+                   device, log_every).advance(steps)
 
 
 def steps_for(epochs: float, steps: int | None, loader: Any) -> int:
@@ -98,12 +136,22 @@ def train_base(model: nn.Module, loader: Any, cfg: TrainConfig,
                  cfg.momentum, cfg.weight_decay, cfg.label_smoothing, device, log_every=50)
 
 
-def finetune(model: nn.Module, loader: Any, cfg: FinetuneConfig,
-             device: torch.device | str = "cpu", steps: int | None = None) -> TrainLog:
-    """Brief recovery training of a pruned model (``steps`` overrides the config's budget)."""
+def finetuner(model: nn.Module, loader: Any, cfg: FinetuneConfig,
+              device: torch.device | str = "cpu", steps: int | None = None,
+              teacher: nn.Module | None = None) -> Trainer:
+    """A :class:`Trainer` for the brief recovery fine-tune (``steps`` overrides the budget)."""
     n = steps if steps is not None else steps_for(cfg.epochs, cfg.steps, loader)
-    return train(model, loader, n, cfg.lr, cfg.optimizer, cfg.momentum, cfg.weight_decay,
-                 device=device, log_every=cfg.log_every)
+    return Trainer(model, loader, n, cfg.lr, cfg.optimizer, cfg.momentum, cfg.weight_decay,
+                   device=device, log_every=cfg.log_every, teacher=teacher,
+                   alpha=cfg.distill_alpha, temperature=cfg.distill_temperature)
+
+
+def finetune(model: nn.Module, loader: Any, cfg: FinetuneConfig,
+             device: torch.device | str = "cpu", steps: int | None = None,
+             teacher: nn.Module | None = None) -> TrainLog:
+    """Brief recovery training of a pruned model, in one go."""
+    trainer = finetuner(model, loader, cfg, device, steps, teacher)
+    return trainer.advance(trainer.total)
 
 
 @torch.no_grad()

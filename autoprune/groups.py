@@ -8,15 +8,19 @@ root module (its qualified name in the model, e.g. ``layer1.0.conv1``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
+from torch_pruning.dependency import shape_infer as tp_shape_infer
 
 from autoprune.errors import ConfigError, PruningError
 
@@ -79,23 +83,152 @@ def ignored_modules(model: nn.Module, example_inputs: torch.Tensor,
     return head_layers(model, example_inputs) + [named[n] for n in chosen]
 
 
+def _traced_shapes(grad_fn: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Input and output shape of a traced view/reshape, or None when autograd kept no record."""
+    try:
+        out = tuple(int(d) for d in grad_fn._input_metadata[0].shape)
+        src = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        if src is None:
+            fn, nr = grad_fn.next_functions[0]
+            src = fn._input_metadata[nr].shape
+        return tuple(int(d) for d in src), out
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _kept_axis(src: tuple[int, ...], dst: tuple[int, ...], i: int) -> bool:
+    """Whether axis ``i`` of ``src`` is still a whole axis of ``dst`` after a reshape."""
+    before = math.prod(src[:i])
+    return any(d == src[i] and math.prod(dst[:j]) == before for j, d in enumerate(dst) if j)
+
+
+def reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
+                     c_out: int | None) -> tuple[str, int] | None:
+    """How channels go through a reshape of ``src`` to ``dst``: ``(kind, stride)`` or None.
+
+    ``c_in`` and ``c_out`` are the widths of the layers before and after (None: unknown).
+    ``"same"``: every axis of the channel width survives whole (other axes regroup around it);
+    ``"flatten"``/``"unflatten"``: the channel axis merges with all later axes (``stride``
+    values each) or splits back out of one. None: no channel axis survives (a channel shuffle
+    splits it into groups, an attention reshape into heads), so no channel index can be
+    followed through. Every axis of that width must survive, since a spatial axis may be as
+    wide as the channel axis.
+    """
+    c = next((c for c in (c_in, c_out) if c and c in src[1:]), None)
+    if c is None:
+        return None
+    axes = [i for i, d in enumerate(src) if i and d == c]
+    if all(_kept_axis(src, dst, i) for i in axes):
+        return "same", 1
+    i = axes[0]
+    if math.prod(src[:i]) == math.prod(dst[:-1]) and dst[-1] == math.prod(src[i:]):
+        return "flatten", math.prod(src[i + 1:])
+    for j, d in enumerate(dst):
+        if (j and i == len(src) - 1 and d == c_out
+                and math.prod(dst[:j]) == math.prod(src[:-1]) and math.prod(dst[j:]) == c):
+            return "unflatten", math.prod(dst[j + 1:])
+    return None
+
+
+def _inside_attention(graph: tp.DependencyGraph, node: Any) -> bool:
+    """Whether the first layers after the op ``node`` include an ``nn.MultiheadAttention``."""
+    seen, todo = set(), list(node.outputs)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.module, nn.MultiheadAttention):
+            return True
+        if n.module not in graph._module2name:  # another op: look further
+            todo.extend(n.outputs)
+    return False
+
+
+def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
+    """Replaces Torch-Pruning's reshape index mapping, which guesses from neighbouring layers.
+
+    Its guess divides by zero on a channel shuffle (ShuffleNet) and, on channel-last attention
+    reshapes (Swin), maps channels to ever longer index lists so group lookup never ends. Here
+    the traced shapes decide; a reshape no channel index survives is cut off (``opaque``) so
+    every group reaching it is left out of the search.
+    """
+    # Torch-Pruning prunes nn.MultiheadAttention as one module; the head reshapes traced
+    # inside it carry its embedding dims unchanged.
+    if _inside_attention(graph, node):
+        node.type = tp.ops.OPTYPE.ELEMENTWISE
+        return
+    shapes = _traced_shapes(node.grad_fn)
+    c_in = next((c for n in node.inputs
+                 if (c := tp_shape_infer.infer_out_channels_recursively(graph, n, [0]))), None)
+    c_out = next((c for n in node.outputs
+                  if (c := tp_shape_infer.infer_in_channels_recursively(graph, n, [0]))), None)
+    how = reshape_channels(*shapes, c_in, c_out) if shapes else None
+    # Decided once: Torch-Pruning re-runs its own guess for RESHAPE nodes on every lookup.
+    node.type = tp.ops.OPTYPE.ELEMENTWISE
+    if how is None:
+        src, dst = shapes or ("?", "?")
+        node.opaque = f"{node.grad_fn.name()} {list(src)} -> {list(dst)}"
+        node.dependencies.clear()
+    elif how[0] != "same":
+        # As Torch-Pruning maps a flatten: node -> neighbour collapses, neighbour -> node expands.
+        for other in node.inputs if how[0] == "flatten" else node.outputs:
+            for dep in node.dependencies:
+                if dep.target is other:
+                    dep.index_mapping[0] = tp_index_mapping._FlattenIndexMapping(how[1], True)
+            for dep in other.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = tp_index_mapping._FlattenIndexMapping(how[1], False)
+
+
+@contextlib.contextmanager
+def shape_checked_reshapes() -> Iterator[None]:
+    """Map channels through view/reshape by their traced shapes while a graph is built."""
+    original = tp_index_mapping.update_reshape_index_mapping
+    tp_index_mapping.update_reshape_index_mapping = _map_reshape
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_reshape_index_mapping = original
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """Trace the model once into a Torch-Pruning dependency graph."""
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                     verbose=False)
+        with shape_checked_reshapes():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                         verbose=False)
     except Exception as e:  # noqa: BLE001 - tracing failures carry the op in their message
         raise PruningError(f"cannot trace the model into a dependency graph: "
                            f"{type(e).__name__}: {e}") from e
 
 
+def fixed_width_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention modules with their own projections and a ``num_heads`` (Swin, timm style).
+
+    Their forward derives the head size from the input width (``C // num_heads``), so neither
+    the width they read and write nor their projections can shrink; Torch-Pruning only knows
+    how to keep ``nn.MultiheadAttention`` consistent.
+    """
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "num_heads", None), int)
+            and not isinstance(m, nn.MultiheadAttention)
+            and any(isinstance(c, nn.Linear) for c in m.children())]
+
+
 def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterable[Any]:
+    """The searchable groups: not rooted in ``ignored``, not crossing an opaque reshape and not
+    touching a fixed-width module (on either side of its layers)."""
     ignored_all = [sub for m in ignored for sub in m.modules()]
-    yield from graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES)
+    fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
+    for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
+        if not any(getattr(dep.target, "opaque", None) or dep.target.module in fixed
+                   for dep, _ in group):
+            yield group
 
 
 def root_module(group: Any) -> nn.Module:
-    return group[0].dep.target.module  # type: ignore[no-any-return]
+    return group[0].dep.target.module
 
 
 def describe_groups(model: nn.Module, example_inputs: torch.Tensor,

@@ -150,3 +150,19 @@ def pick(front: pd.DataFrame, rule: str, cost: str = "macs_ratio") -> int:
     if ok.empty:
         raise ValueError(f"--pick {rule}: no point of the front meets it")
     return int(ok.loc[ok["accuracy"].idxmax(), "trial"])
+
+
+def crowding_distance(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """NSGA-II crowding distance within one set of points (extremes get +inf)."""
+    p = _as_min(points, directions)
+    n, k = p.shape if p.ndim == 2 else (len(p), 0)
+    dist = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for j in range(k):
+        order = np.argsort(p[:, j])
+        span = p[order[-1], j] - p[order[0], j]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if span > 0:
+            dist[order[1:-1]] += (p[order[2:], j] - p[order[:-2], j]) / span
+    return dist

@@ -30,6 +30,7 @@ from autoprune.groups import (
     ignored_modules,
     iter_groups,
     root_module,
+    shape_checked_reshapes,
 )
 
 IMPORTANCES: dict[str, Callable[[], Any]] = {
@@ -145,11 +146,15 @@ def prune_model(
     effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / base_channels[n]
                  for n in ratios if kept[n] < base_channels[n]}
     try:
-        pruner = tp.pruner.MetaPruner(
-            pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
-            pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
-            num_heads=attention_heads(pruned), root_module_types=list(ROOT_TYPES),
-        )
+        with shape_checked_reshapes():  # its own graph must map reshapes like build_graph's
+            pruner = tp.pruner.MetaPruner(
+                pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
+                pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
+                num_heads=attention_heads(pruned), root_module_types=list(ROOT_TYPES),
+                # Fresh dicts: MetaPruner fills these in place, and its defaults are shared
+                # between calls (every pruned model would stay referenced from there).
+                in_channel_groups={}, out_channel_groups={},
+            )
         if effective:
             pruner.step()
         _sync_attributes(pruned)

@@ -90,7 +90,10 @@ class Recorder:
             self.report()
         if self.progress is not None:
             self.progress.update(1)
-            self.progress.set_postfix(failed=self.failed(), front=len(self.tracker.front))
+            pruned = sum(1 for t in self.study.get_trials(deepcopy=False)
+                         if t.state == optuna.trial.TrialState.PRUNED)
+            self.progress.set_postfix(failed=self.failed(), pruned=pruned,
+                                      front=len(self.tracker.front))
 
     def _keep(self, number: int, result: TrialResult) -> list[Path]:
         if not result.record:
@@ -118,11 +121,17 @@ class Recorder:
         if not done.empty:
             from autoprune.report import front_hypervolume
 
-            self.tracker.log_parent_metrics({
-                "front_size": float(df["pareto"].sum()),
-                "hypervolume_acc_macs": front_hypervolume(df),
-                "best_accuracy": float(done["accuracy"].max()),
-                "trials_done": float(done_count(self.study))}, step=done_count(self.study))
+            metrics = {"front_size": float(df["pareto"].sum()),
+                       "hypervolume_acc_macs": front_hypervolume(df),
+                       "best_accuracy": float(done["accuracy"].max()),
+                       "trials_done": float(done_count(self.study)),
+                       "trials_pruned": float((df["state"] == "pruned").sum()),
+                       "finetune_steps_total": float(df["finetune_steps"].fillna(0).sum())}
+            tau = proxy_kendall_tau(df)
+            if tau is not None:
+                metrics["proxy_kendall_tau"] = tau
+                self.study.set_user_attr("proxy_kendall_tau", tau)
+            self.tracker.log_parent_metrics(metrics, step=done_count(self.study))
         return df
 
     def reconcile(self) -> int:
@@ -214,6 +223,17 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         tracker.finish_parent(status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out)
+
+
+def proxy_kendall_tau(df: pd.DataFrame) -> float | None:
+    """Rank correlation between the adaptive-BN proxy and the final accuracy (complete trials):
+    how far a user can trust the proxy to stop trials early on this model."""
+    from scipy.stats import kendalltau
+
+    done = df[df["state"] == "complete"][["proxy_accuracy", "accuracy"]].dropna()
+    if len(done) < 3 or done["proxy_accuracy"].nunique() < 2 or done["accuracy"].nunique() < 2:
+        return None
+    return float(kendalltau(done["proxy_accuracy"], done["accuracy"]).statistic)
 
 
 def _replace(obj: Any, **changes: Any) -> Any:

@@ -174,6 +174,8 @@ def tell(study: optuna.Study, trial: optuna.Trial, result: TrialResult,
         trial.set_user_attr(key, value)
     if result.state == "failed":
         study.tell(trial, state=TrialState.FAIL)
+    elif result.state == "pruned":  # stopped at a rung: never complete, never on the front
+        study.tell(trial, state=TrialState.PRUNED)
     else:
         for key, value in result.constraints.items():
             trial.set_constraint(key, value)
@@ -192,10 +194,11 @@ def add_result(study: optuna.Study, result: TrialResult, objectives: Sequence[st
                dists: Mapping[str, FloatDistribution],
                user_attrs: Mapping[str, Any]) -> FrozenTrial:
     """Add a trial that ran elsewhere (Ray Tune) to the study, as ``tell`` would have."""
-    failed = result.state == "failed"
+    failed = result.state in ("failed", "pruned")
+    state = {"failed": TrialState.FAIL, "pruned": TrialState.PRUNED}.get(result.state,
+                                                                       TrialState.COMPLETE)
     trial = optuna.trial.create_trial(
-        state=TrialState.FAIL if failed else TrialState.COMPLETE,
-        values=None if failed else result.objective_values(tuple(objectives)),
+        state=state, values=None if failed else result.objective_values(tuple(objectives)),
         params={n: result.ratios[n] for n in dists}, distributions=dict(dists),
         user_attrs=result_attrs(result) | dict(user_attrs),
         system_attrs={} if failed else {f"constraints:{k}": float(v)
@@ -209,6 +212,16 @@ def _jsonable(value: Any) -> Any:
         return None
     json.dumps(value)
     return value
+
+
+def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]]]]:
+    """Rung results of finished trials, to refill a :class:`~autoprune.fidelity.RungBook`."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and t.user_attrs.get("rungs"):
+            key = t.user_attrs.get("ray_trial_id") or f"t{t.number}"
+            out.append((str(key), [tuple(r) for r in t.user_attrs["rungs"]]))
+    return out  # type: ignore[return-value]
 
 
 def front_numbers(study: optuna.Study) -> set[int]:

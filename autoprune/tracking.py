@@ -143,6 +143,9 @@ class Tracker:
         metrics += [Metric(f"constraint.{k}", float(v), now, 0)
                     for k, v in (attrs.get("constraints") or {}).items()]
         metrics += [Metric("finetune_loss", float(v), now, int(s)) for s, v in losses]
+        # accuracy at each multi-fidelity rung (step = rung; rung 0 is the proxy)
+        metrics += [Metric("rung_accuracy", float(a), now, int(r))
+                    for r, a, _c in attrs.get("rungs") or []]
         all_params = {f"ratio.{k}": v for k, v in params.items()} | dict(settings)
         plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
         self._log_params(run_id, plist)

@@ -6,6 +6,7 @@ prune -> MACs/params/latency -> constraints (infeasible: stop, no fine-tune) -> 
 
 from __future__ import annotations
 
+import copy
 import time
 import traceback
 from collections.abc import Mapping
@@ -23,14 +24,15 @@ from autoprune.base import (
     seed_everything,
 )
 from autoprune.config import SpaceConfig
-from autoprune.finetune import adaptive_bn, finetune
+from autoprune.fidelity import Promote, rung_steps
+from autoprune.finetune import TrainLog, adaptive_bn, finetuner
 from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, measure_latency
 from autoprune.prune import prune_model
 from autoprune.sources import DataBundle, load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
 
-TrialState = Literal["complete", "infeasible", "failed"]
+TrialState = Literal["complete", "infeasible", "pruned", "failed"]
 
 # Optuna study directions for each objective, and the TrialResult field that holds its value.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -107,6 +109,7 @@ class TrialResult:
     constraints: dict[str, float] = field(default_factory=dict)
     finetune_steps: int = 0
     finetune_losses: list[tuple[int, float]] = field(default_factory=list)
+    rungs: list[tuple[int, float, float]] = field(default_factory=list)
     duration_s: float = 0.0
     error: str | None = None
     record: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +153,8 @@ def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, floa
 
 
 def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
-              keep_model: bool = False, finetune_steps: int | None = None) -> TrialResult:
+              keep_model: bool = False, finetune_steps: int | None = None,
+              promote: Promote | None = None) -> TrialResult:
     """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
 
     Never raises for a failure inside the trial: the result has ``state="failed"`` and the
@@ -163,13 +167,15 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
             ``search.seed`` so the same ratios always give the same model.
         keep_model: return the fine-tuned weights in ``state_dict``.
         finetune_steps: override the fine-tune budget (steps).
+        promote: multi-fidelity: ``promote(rung, accuracy, cost)`` decides at each rung
+            whether the trial goes on; a stopped trial ends ``pruned``.
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
     result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
     t0 = time.perf_counter()
     try:
-        _run(ctx, result, keep_model, finetune_steps)
+        _run(ctx, result, keep_model, finetune_steps, promote)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
         result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
@@ -177,8 +183,16 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
     return result
 
 
+def _cost(ctx: TrialContext, result: TrialResult) -> float:
+    """The cost that multi-fidelity promotion trades against accuracy: the first cost objective."""
+    for obj in ctx.space.objectives:
+        if obj != "accuracy":
+            return float(getattr(result, OBJECTIVES[obj][1]))
+    return result.macs_ratio
+
+
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
-         finetune_steps: int | None) -> None:
+         finetune_steps: int | None, promote: Promote | None) -> None:
     space, dev = ctx.space, ctx.device
     seed_everything(result.seed)
     p = space.pruning
@@ -212,11 +226,38 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     if any(v > 0 for k, v in result.constraints.items() if k != "accuracy"):
         result.state = "infeasible"
         return
+    fid = space.search.fidelity
+    judge = promote if fid.enabled else None
+    if judge is not None and fid.proxy_rung and not _judged(result, judge, 0,
+                                                          result.proxy_accuracy, ctx):
+        return
     seed_everything(result.seed)
-    log = finetune(model, ctx.data.train, space.finetune, dev, finetune_steps)
-    result.finetune_steps, result.finetune_losses = log.steps, log.losses
+    teacher = ctx.base_model if space.finetune.distill_alpha > 0 else None
+    trainer = finetuner(model, ctx.data.train, space.finetune, dev, finetune_steps,
+                        copy.deepcopy(teacher) if teacher is not None else None)
+    for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if judge else [], start=1):
+        _log(result, trainer.advance(step))
+        acc = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
+        if not _judged(result, judge, i, acc, ctx):  # type: ignore[arg-type]
+            return
+    _log(result, trainer.advance(trainer.total))
     result.accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
     result.constraints = constraint_values(space, result)
     result.state = "complete" if result.feasible else "infeasible"
     if keep_model:
         result.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _log(result: TrialResult, log: TrainLog) -> None:
+    result.finetune_steps, result.finetune_losses = log.steps, list(log.losses)
+
+
+def _judged(result: TrialResult, promote: Promote, rung: int, accuracy: float,
+            ctx: TrialContext) -> bool:
+    """Report a rung; on a stop, the trial ends ``pruned`` with its accuracy at that rung."""
+    cost = _cost(ctx, result)
+    result.rungs.append((rung, float(accuracy), cost))
+    if promote(rung, accuracy, cost):
+        return True
+    result.state, result.accuracy = "pruned", float(accuracy)
+    return False

@@ -9,6 +9,7 @@ import torch
 
 from autoprune.base import BaseMetrics
 from autoprune.config import parse_space
+from autoprune.fidelity import promoter
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 _CTX: TrialContext | None = None
@@ -20,6 +21,8 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
     _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))
 
 
-def work(ratios: dict[str, float], keep_model: bool) -> TrialResult:
+def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
+         key: str = "") -> TrialResult:
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
-    return run_trial(_CTX, ratios, keep_model=keep_model)
+    promote = promoter(book, key) if book is not None else None
+    return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote)

@@ -11,11 +11,13 @@ import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import BaseManager
 
 import optuna
 
 from autoprune.controllers import _worker
-from autoprune.study import done_count, suggest_ratios
+from autoprune.fidelity import RungBook, promoter
+from autoprune.study import done_count, rung_history, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
@@ -35,12 +37,25 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         on_result: called in this process with every finished trial (records it).
         keep_model: ask trials to return their fine-tuned weights.
     """
+    fid = ctx.space.search.fidelity
     if jobs <= 1:
+        book = RungBook(fid.eta, fid.min_trials) if fid.enabled else None
+        if book is not None:
+            book.load(rung_history(study))
         while done_count(study) < total:
             trial = study.ask()
-            on_result(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model))
+            promote = promoter(book, f"t{trial.number}") if book is not None else None
+            on_result(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
+                                       promote=promote))
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    manager = None
+    shared = None
+    if fid.enabled:  # one rung book for all worker processes, served by a manager process
+        manager = _BookManager()
+        manager.start()
+        shared = manager.RungBook(fid.eta, fid.min_trials)  # type: ignore[attr-defined]
+        shared.load(rung_history(study))
     pool = _pool(ctx, jobs, threads)
     pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}
     try:
@@ -48,7 +63,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             while len(pending) < jobs and done_count(study) + len(pending) < total:
                 trial = study.ask()
                 ratios = suggest_ratios(trial, dists)
-                pending[pool.submit(_worker.work, ratios, keep_model)] = (trial, ratios)
+                fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}")
+                pending[fut] = (trial, ratios)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
             for fut in finished:
@@ -70,6 +86,15 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 pool = _pool(ctx, jobs, threads)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:
+            manager.shutdown()
+
+
+class _BookManager(BaseManager):
+    pass
+
+
+_BookManager.register("RungBook", RungBook)
 
 
 def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:

@@ -27,7 +27,15 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from autoprune.errors import AutopruneError
-from autoprune.study import INTERRUPTED, directions, done_count, make_sampler, snap
+from autoprune.fidelity import RungBook, promoter
+from autoprune.study import (
+    INTERRUPTED,
+    directions,
+    done_count,
+    make_sampler,
+    rung_history,
+    snap,
+)
 from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
 
 if TYPE_CHECKING:
@@ -76,7 +84,9 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
         _CTX = TrialContext.build(parse_space(payload["space"]),
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
-    result = run_trial(_CTX, dict(config))
+    book = payload.get("book")
+    promote = promoter(book, tune.get_context().get_trial_id()) if book is not None else None
+    result = run_trial(_CTX, dict(config), promote=promote)
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
@@ -86,7 +96,7 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
 def result_to_metrics(result: TrialResult) -> dict[str, Any]:
     """A flat, picklable result for Tune (failed trials report NaN objectives)."""
     d = result.to_dict()
-    for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios"):
+    for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios", "rungs"):
         d[key] = json.dumps(d[key])
     return d
 
@@ -94,10 +104,11 @@ def result_to_metrics(result: TrialResult) -> dict[str, Any]:
 def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -> TrialResult:
     fields = TrialResult.__dataclass_fields__
     kw = {k: v for k, v in metrics.items() if k in fields and k != "state_dict"}
-    for key in ("record", "kept_channels", "constraints", "finetune_losses"):
+    for key in ("record", "kept_channels", "constraints", "finetune_losses", "rungs"):
         if isinstance(kw.get(key), str):
             kw[key] = json.loads(kw[key])
     kw["finetune_losses"] = [tuple(x) for x in kw.get("finetune_losses", [])]
+    kw["rungs"] = [tuple(x) for x in kw.get("rungs", [])]
     kw["ratios"] = dict(ratios)
     return TrialResult(**kw)
 
@@ -136,6 +147,11 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
     payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
                "threads": max(1, int(cpus_per_trial)),
                "device": "cuda" if gpus_per_trial > 0 else "cpu"}
+    fid = space.search.fidelity
+    if fid.enabled:  # the rung book lives in an actor on the cluster, refilled from the study
+        book = ray.remote(RungBook).options(num_cpus=0).remote(fid.eta, fid.min_trials)
+        ray.get(book.load.remote(rung_history(study)))
+        payload["book"] = book
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     baselines = _baselines(ctx, dists)
