@@ -214,6 +214,41 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from autoprune.config import load_space
+    from autoprune.sensitivity import cache_path, cached_scan, plot_heatmap
+    from autoprune.trial import TrialContext
+
+    space = load_space(args.space)
+    ratios = args.ratios or list(space.search.warm_start.ratios)
+    ctx = TrialContext.build(space)
+    sens, cached = cached_scan(ctx, ratios)
+    png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
+    if args.json:
+        print(json.dumps(sens.to_dict(), indent=2))
+        return 0
+    df = pd.DataFrame(sens.accuracy, index=sens.groups,
+                      columns=[f"r={r:.2f}" for r in sens.ratios])
+    print(f"accuracy with one group pruned (adaptive BN, no fine-tune); base "
+          f"{sens.base_accuracy:.4f}{' (cached)' if cached else ''}")
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 200):
+        print(df.to_string())
+    print(f"\nheatmap: {png}")
+    return 0
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratios: got {text!r}; allowed: e.g. 0.25,0.5,0.75")
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--ratios: got {text!r}; allowed: ratios in (0, 1)")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--cpus-per-trial", type=float, default=1.0)
     se.add_argument("--gpus-per-trial", type=float, default=0.0)
     se.set_defaults(fn=cmd_search)
+
+    sn = sub.add_parser("sensitivity", help="scan each group's accuracy vs pruning ratio")
+    sn.add_argument("space")
+    sn.add_argument("--ratios", type=_ratios, help="e.g. 0.25,0.5,0.75 (default: the space's)")
+    sn.add_argument("--json", action="store_true")
+    sn.set_defaults(fn=cmd_sensitivity)
 
     pa = sub.add_parser("pareto", help="print a study's current Pareto front")
     pa.add_argument("--study", required=True)

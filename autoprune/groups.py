@@ -47,6 +47,7 @@ class GroupInfo:
     channels: int
     members: tuple[str, ...]
     macs_share: float
+    member_macs: tuple[float, ...] = ()  # each member's share of the model's MACs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,18 +249,19 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor,
     for group in iter_groups(graph, ignored_modules(model, example_inputs, ignore)):
         root = root_module(group)
         members: list[str] = []
-        macs = 0.0
+        shares: list[float] = []
         for dep, _idxs in group:
             module = dep.target.module
             name = graph._module2name.get(module)
             if name is None or name in members or not isinstance(module, nn.Module):
                 continue
             members.append(name)
-            macs += float(layer_macs.get(module) or 0.0)
+            shares.append(float(layer_macs.get(module) or 0.0) / total_macs if total_macs
+                          else 0.0)
         infos.append(GroupInfo(
             name=graph._module2name[root], root_type=type(root).__name__,
             channels=int(graph.get_out_channels(root) or 0), members=tuple(members),
-            macs_share=macs / total_macs if total_macs else 0.0,
+            macs_share=sum(shares), member_macs=tuple(shares),
         ))
     return infos
 

@@ -26,10 +26,11 @@ from autoprune.study import (
     check_patterns,
     distributions,
     done_count,
-    enqueue_baselines,
+    enqueue_points,
     front_numbers,
     open_study,
     recover_interrupted,
+    seed_points,
     tell,
 )
 from autoprune.tracking import Tracker, default_artifact_dir
@@ -185,8 +186,16 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
-    if backend != "ray":  # on Ray the baselines go to OptunaSearch as points_to_evaluate
-        enqueue_baselines(study, space, dists)
+    sens = None
+    if space.search.warm_start.sensitivity:
+        from autoprune.sensitivity import cached_scan
+
+        log("autoprune: sensitivity scan (one group at a time) for the warm start")
+        sens, cached = cached_scan(ctx)
+        log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
+    points = seed_points(space, dists, ctx.groups, sens)
+    if backend != "ray":  # on Ray the seed points go to OptunaSearch as points_to_evaluate
+        enqueue_points(study, points)
 
     out.mkdir(parents=True, exist_ok=True)
     dump_space(space, out / "space.yaml")
@@ -195,6 +204,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     parent = tracker.start_parent(space, ctx.base, study.user_attrs.get("parent_run_id"),
                                   out / "space.yaml")
     study.set_user_attr("parent_run_id", parent)
+    if sens is not None:
+        from autoprune.sensitivity import plot_heatmap
+
+        (out / "sensitivity.json").write_text(json.dumps(sens.to_dict(), indent=1))
+        tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
+                               out / "sensitivity.json"])
     already = done_count(study)
     progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
                                        desc=f"search {name}", file=sys.stderr)
@@ -206,7 +221,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
             from autoprune.controllers.ray_tune import run_ray
 
             run_ray(ctx, study, total, dists, recorder, space.search.keep_models,
-                    resume=resume, **(ray_options or {}))
+                    points=points, resume=resume, **(ray_options or {}))
         else:
             from autoprune.controllers import run_local
 

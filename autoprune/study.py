@@ -131,15 +131,35 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     return study
 
 
-def enqueue_baselines(study: optuna.Study, space: SpaceConfig,
-                      dists: Mapping[str, FloatDistribution]) -> None:
-    """Uniform ratios at each ``search.baselines`` level, run first (once per study)."""
-    if study.user_attrs.get("baselines_enqueued"):
+SeedPoint = tuple[dict[str, float], dict[str, Any]]  # (params, user attrs)
+SEED_ATTRS = ("baseline", "baseline_ratio", "warm_start", "warm_start_budget")
+
+
+def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
+                groups: Sequence[GroupInfo], sensitivity: Any = None) -> list[SeedPoint]:
+    """The first trials of a study: uniform ratios at each ``search.baselines`` level, then
+    (with a sensitivity scan) one sensitivity-allocated config per warm-start MACs budget."""
+    points: list[SeedPoint] = [
+        ({n: snap(level, d) for n, d in dists.items()},
+         {"baseline": True, "baseline_ratio": level}) for level in space.search.baselines]
+    if sensitivity is not None:
+        from autoprune.sensitivity import allocate
+
+        for budget in space.search.warm_start.budgets:
+            ratios = allocate(sensitivity, groups, budget, dists)
+            params = {n: snap(ratios[n], d) for n, d in dists.items()}
+            if all(params != p for p, _a in points):
+                points.append((params, {"warm_start": True, "warm_start_budget": budget}))
+    return points
+
+
+def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:
+    """Queue the seed points to run first (once per study)."""
+    if study.user_attrs.get("seeds_enqueued"):
         return
-    for level in space.search.baselines:
-        params = {n: snap(level, d) for n, d in dists.items()}
-        study.enqueue_trial(params, user_attrs={"baseline": True, "baseline_ratio": level})
-    study.set_user_attr("baselines_enqueued", True)
+    for params, attrs in points:
+        study.enqueue_trial(params, user_attrs=attrs)
+    study.set_user_attr("seeds_enqueued", True)
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -150,7 +170,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
             continue
         study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        user = {k: v for k, v in t.user_attrs.items() if k in ("baseline", "baseline_ratio")}
+        user = {k: v for k, v in t.user_attrs.items() if k in SEED_ATTRS}
         study.enqueue_trial(dict(t.params), user_attrs=user or None)
         lost.append(t.number)
     return lost

@@ -33,8 +33,8 @@ from autoprune.study import (
     directions,
     done_count,
     make_sampler,
+    SeedPoint,
     rung_history,
-    snap,
 )
 from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
 
@@ -113,13 +113,10 @@ def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -
     return TrialResult(**kw)
 
 
-def _baselines(ctx: TrialContext, dists: Mapping[str, Any]) -> list[dict[str, float]]:
-    return [{n: snap(level, d) for n, d in dists.items()} for level in ctx.space.search.baselines]
-
-
 def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             dists: dict[str, optuna.distributions.FloatDistribution], recorder: Recorder,
-            keep_model: bool, address: str | None = None, concurrency: int | None = None,
+            keep_model: bool, points: list[SeedPoint] | None = None,
+            address: str | None = None, concurrency: int | None = None,
             cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_failures: int = 2,
             resume: bool = False) -> None:
     """Run the search on Ray Tune until the study holds ``total`` finished trials.
@@ -130,6 +127,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         total: trials wanted in the study.
         dists: the ratio distributions.
         recorder: records each finished trial (Optuna study, MLflow, files).
+        points: seed points (uniform baselines, warm starts) to evaluate first.
         keep_model: unused on Ray (weights stay on the workers; export re-makes the trial
             deterministically from its seed).
         address: Ray address; None starts a local Ray.
@@ -154,8 +152,8 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         payload["book"] = book
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    baselines = _baselines(ctx, dists)
-    callback = RecordCallback(recorder, dists, baselines, total)
+    points = list(points or [])
+    callback = RecordCallback(recorder, dists, points, total)
 
     if resume and exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
@@ -168,7 +166,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             return
         done_params = [t.params for t in study.get_trials(deepcopy=False)
                        if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)]
-        todo = [b for b in baselines if b not in done_params][:remaining]
+        todo = [p for p, _a in points if p not in done_params][:remaining]
         objectives = list(space.objectives)
         searcher = OptunaSearch(
             space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
@@ -215,9 +213,9 @@ class EnoughTrials(tune.Stopper):
 class RecordCallback(tune.Callback):
     """Driver-side: add each finished Tune trial to the study and MLflow, once."""
 
-    def __init__(self, recorder: Recorder, dists: dict[str, Any],
-                 baselines: list[dict[str, float]], total: int) -> None:
-        self.recorder, self.dists, self.baselines = recorder, dists, baselines
+    def __init__(self, recorder: Recorder, dists: dict[str, Any], points: list[SeedPoint],
+                 total: int) -> None:
+        self.recorder, self.dists, self.points = recorder, dists, points
         self.total = total
         self.recorded = {t.user_attrs.get("ray_trial_id")
                          for t in recorder.study.get_trials(deepcopy=False)}
@@ -246,9 +244,10 @@ class RecordCallback(tune.Callback):
         attrs: dict[str, Any] = {"ray_trial_id": trial_id}
         if metrics and metrics.get("node_id"):
             attrs["ray_node_id"] = metrics["node_id"]
-        if ratios in self.baselines:
-            level = self.recorder.space.search.baselines[self.baselines.index(ratios)]
-            attrs |= {"baseline": True, "baseline_ratio": level}
+        for params, seed_attrs in self.points:
+            if params == ratios:
+                attrs |= seed_attrs
+                break
         self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,

@@ -1,0 +1,167 @@
+"""Per-group sensitivity: prune one group at a few ratios, recalibrate BN, evaluate.
+
+The scan is cached under ``runs/sensitivity/`` by a hash of the base checkpoint, the data and the
+pruning settings. Its curves seed the search (MetaPruner/AMC-style allocation): at each MACs
+budget, pruning goes first to the groups that lose the least accuracy per MAC removed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from optuna.distributions import FloatDistribution
+
+from autoprune.config import config_hash
+from autoprune.groups import GroupInfo
+
+if TYPE_CHECKING:
+    from autoprune.trial import TrialContext
+
+
+@dataclass
+class Sensitivity:
+    """``accuracy[i][j]``: accuracy with only ``groups[i]`` pruned at ``ratios[j]`` (after
+    adaptive BN, no fine-tuning)."""
+
+    groups: list[str]
+    ratios: list[float]
+    accuracy: list[list[float]]
+    base_accuracy: float
+
+    def curve(self, group: str) -> tuple[np.ndarray, np.ndarray]:
+        i = self.groups.index(group)
+        return (np.array([0.0, *self.ratios]),
+                np.array([self.base_accuracy, *self.accuracy[i]]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scan(ctx: TrialContext, ratios: Sequence[float]) -> Sensitivity:
+    """Prune each searchable group alone at each ratio and measure the proxy accuracy."""
+    from autoprune.base import seed_everything
+    from autoprune.finetune import adaptive_bn
+    from autoprune.measure import evaluate
+    from autoprune.prune import prune_model
+
+    space, dev = ctx.space, ctx.device
+    p = space.pruning
+    grad = list(ctx.data.calibration_batches(p.taylor_batches)) if p.importance == "taylor" \
+        else None
+    rows = []
+    for g in ctx.groups:
+        row = []
+        for r in ratios:
+            seed_everything(space.search.seed)
+            model, _rec = prune_model(ctx.base_model, ctx.example_inputs, {g.name: r},
+                                      p.importance, p.round_to, space.groups.ignore, grad)
+            model.to(dev)
+            adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
+            row.append(evaluate(model, ctx.data.val, dev, ctx.evaluate_fn))
+        rows.append(row)
+    return Sensitivity([g.name for g in ctx.groups], list(ratios), rows, ctx.base.accuracy)
+
+
+def cache_path(ctx: TrialContext, ratios: Sequence[float]) -> Path:
+    s = ctx.space
+    key = config_hash(s.model.source, s.model.kwargs, s.model.input_shape,
+                      ctx.base.checkpoint_sha256, s.data.source, s.data.kwargs, s.data.seed,
+                      s.pruning, s.groups.ignore, s.finetune.bn_calibration_batches,
+                      list(ratios), [g.name for g in ctx.groups])
+    return Path(s.runs_dir) / "sensitivity" / f"{s.name}-{key}.json"
+
+
+def cached_scan(ctx: TrialContext, ratios: Sequence[float] | None = None) -> tuple[
+        Sensitivity, bool]:
+    """The scan, from the cache when the same model, data and settings were scanned before.
+
+    Returns:
+        The sensitivity and whether it came from the cache.
+    """
+    ratios = list(ratios or ctx.space.search.warm_start.ratios)
+    path = cache_path(ctx, ratios)
+    if path.exists():
+        return Sensitivity(**json.loads(path.read_text())), True
+    sens = scan(ctx, ratios)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sens.to_dict()))
+    tmp.replace(path)
+    return sens, False
+
+
+def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]) -> float:
+    """MACs ratio predicted from each layer's MACs share: a layer keeps the product of
+    ``(1 - r)`` over the groups that prune its input or output channels."""
+    keep: dict[str, float] = {}
+    share: dict[str, float] = {}
+    for g in groups:
+        r = ratios.get(g.name, 0.0)
+        for layer, m in zip(g.members, g.member_macs):
+            keep[layer] = keep.get(layer, 1.0) * (1.0 - r)
+            share[layer] = m
+    return float(1.0 - sum(share[n] * (1.0 - keep[n]) for n in share))
+
+
+def allocate(sens: Sensitivity, groups: Sequence[GroupInfo], budget: float,
+             dists: Mapping[str, FloatDistribution]) -> dict[str, float]:
+    """Greedy allocation for a MACs budget: repeatedly raise the ratio of the group that loses
+    the least (interpolated) accuracy per MAC removed, until the estimate meets ``budget``."""
+    ratios = {n: d.low for n, d in dists.items()}
+    by_name = {g.name: g for g in groups}
+    active = [by_name[n] for n in dists if n in by_name]
+    while estimate_macs_ratio(active, ratios) > budget:
+        best, best_score = None, np.inf
+        current = estimate_macs_ratio(active, ratios)
+        for name, d in dists.items():
+            step = d.step or 0.05
+            nxt = ratios[name] + step
+            if nxt > d.high + 1e-9 or name not in sens.groups:
+                continue
+            xs, ys = sens.curve(name)
+            drop = float(np.interp(ratios[name], xs, ys) - np.interp(nxt, xs, ys))
+            # past the scanned range, assume the curve keeps falling at its last slope
+            if nxt > xs[-1]:
+                slope = (ys[-2] - ys[-1]) / max(xs[-1] - xs[-2], 1e-9)
+                drop = max(drop, slope * (nxt - max(ratios[name], xs[-1])))
+            saved = current - estimate_macs_ratio(active, {**ratios, name: nxt})
+            if saved <= 0:
+                continue
+            score = max(drop, 0.0) / saved
+            if score < best_score:
+                best, best_score = name, score
+        if best is None:
+            break
+        ratios[best] = round(ratios[best] + (dists[best].step or 0.05), 10)
+    return ratios
+
+
+def plot_heatmap(sens: Sensitivity, path: Path) -> Path:
+    """Group x ratio heatmap of the accuracy drop from the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drop = sens.base_accuracy - np.array(sens.accuracy)
+    fig, ax = plt.subplots(figsize=(3.5 + 0.9 * len(sens.ratios),
+                                    1.2 + 0.32 * len(sens.groups)))
+    im = ax.imshow(drop, aspect="auto", cmap="Reds", vmin=0)
+    ax.set_xticks(range(len(sens.ratios)), [f"{r:.2f}" for r in sens.ratios])
+    ax.set_yticks(range(len(sens.groups)), sens.groups, fontsize=7)
+    ax.set_xlabel("pruning ratio of this group alone")
+    for i in range(len(sens.groups)):
+        for j in range(len(sens.ratios)):
+            ax.text(j, i, f"{drop[i, j]:.3f}", ha="center", va="center", fontsize=6)
+    ax.set_title("accuracy drop (adaptive BN, no fine-tune)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
