@@ -1,0 +1,168 @@
+"""Search efficiency: rung promotion, pruned trials, sensitivity cache, warm start, seeding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from autoprune.config import parse_space
+from autoprune.fidelity import RungBook, rung_steps
+from autoprune.finetune import finetune
+from autoprune.search import run_search
+from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio
+from autoprune.study import distributions, load_study
+from autoprune.trial import TrialContext, run_trial
+
+
+def space_dict(runs: Path, name: str, **search: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
+                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
+        "data": {"source": "builtin:digits"},
+        "groups": {"default": {"low": 0.0, "high": 0.8, "step": 0.1}},
+        "finetune": {"steps": 9, "bn_calibration_batches": 2},
+        "objectives": ["accuracy", "macs"],
+        "latency": {"warmup": 1, "repeats": 3},
+        "search": {"trials": 6, "population_size": 4, **search},
+        "runs_dir": str(runs),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("eff") / "runs"
+
+
+@pytest.fixture(scope="module")
+def ctx(runs: Path) -> TrialContext:
+    return TrialContext.build(parse_space(space_dict(runs, "ctx")))
+
+
+def test_rung_promotion_follows_nondominated_sorting() -> None:
+    book = RungBook(eta=2, min_trials=3)
+    # fewer than min_trials results at the rung: nothing to compare with, promote
+    assert book.report("a", 1, 0.90, 0.50)
+    assert book.report("b", 1, 0.80, 0.30)
+    # (0.95, 0.25) dominates both a and b; it is on the rung's front: it goes on
+    assert book.report("c", 1, 0.95, 0.25)
+    # layers now: {c}, {a, b}. d is dominated by a: layer 2, with 3 trials in better layers,
+    # not fewer than ceil(4 / 2) = 2: stopped
+    assert not book.report("d", 1, 0.85, 0.55)
+    # f is dominated only by c (layer 1, alone: it dominates a and b): 1 < ceil(5 / 2): goes on
+    assert book.report("f", 1, 0.93, 0.28)
+    assert book.sizes() == {1: 5}
+    # another rung has its own book-keeping
+    assert book.report("d", 2, 0.85, 0.55)
+    # non-dominated at any cost is never stopped, however many trials there are
+    for i in range(10):
+        book.report(f"x{i}", 3, 0.5 + 0.01 * i, 0.9)
+    assert book.report("cheap", 3, 0.05, 0.01)
+
+
+def test_rung_steps() -> None:
+    assert rung_steps(90, (1 / 9, 1 / 3)) == [10, 30]
+    assert rung_steps(3, (1 / 9, 1 / 3)) == [1]  # distinct, at least one step, below the total
+    assert rung_steps(0, (0.5,)) == []
+
+
+def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
+    space = parse_space(space_dict(runs, "mf", trials=10, baselines=[0.2, 0.5, 0.8],
+                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0}))
+    run_search(space, quiet=True)
+    study = load_study("mf", space.storage_url)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "the rung book stopped no trial"
+    assert len([t for t in study.trials if t.state.is_finished()]) == 10
+    front = {t.number for t in study.best_trials}
+    assert not front & {t.number for t in pruned}
+    for t in pruned:
+        assert t.user_attrs["state"] == "pruned"
+        assert t.user_attrs["finetune_steps"] < 9  # stopped before the full budget
+        assert t.user_attrs["rungs"]
+    client = MlflowClient(space.tracking_uri)
+    exp = client.get_experiment_by_name("mf")
+    by_trial = {int(r.data.tags["autoprune.trial"]): r
+                for r in client.search_runs([exp.experiment_id], max_results=1000)
+                if r.data.tags.get("autoprune.role") == "trial"}
+    for t in pruned:
+        tags = by_trial[t.number].data.tags
+        assert tags["state"] == "pruned" and tags["pareto"] == "false"
+    for n in front:
+        assert by_trial[n].data.tags["state"] == "complete"
+        assert study.trials[n].user_attrs["finetune_steps"] == 9
+    parent = client.get_run(study.user_attrs["parent_run_id"])
+    assert parent.data.metrics["trials_pruned"] == len(pruned)
+    assert -1.0 <= study.user_attrs["proxy_kendall_tau"] <= 1.0
+
+
+def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext) -> None:
+    first, cached = cached_scan(ctx, [0.3, 0.6])
+    assert not cached
+    assert len(first.accuracy) == len(ctx.groups) and len(first.accuracy[0]) == 2
+    again, cached = cached_scan(ctx, [0.3, 0.6])
+    assert cached and again.accuracy == first.accuracy
+    _other, cached = cached_scan(ctx, [0.5])
+    assert not cached  # other ratios: another scan
+
+    dists = distributions(ctx.space, ctx.groups)
+    for budget in (0.3, 0.6):
+        ratios = allocate(first, ctx.groups, budget, dists)
+        est = estimate_macs_ratio(ctx.groups, ratios)
+        assert est <= budget
+        measured = run_trial(ctx, ratios, finetune_steps=0).macs_ratio
+        assert abs(measured - est) < 0.08  # the MACs estimate is close to the counted MACs
+
+    space = parse_space(space_dict(runs, "warm", trials=6,
+                                   warm_start={"sensitivity": True, "budgets": [0.3, 0.6]}))
+    run_search(space, quiet=True)
+    study = load_study("warm", space.storage_url)
+    warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
+    assert sorted(t.user_attrs["warm_start_budget"] for t in warm) == [0.3, 0.6]
+    assert all(t.number < 6 for t in warm)  # seeded first, right after the baselines
+    client = MlflowClient(space.tracking_uri)
+    names = {a.path for a in client.list_artifacts(study.user_attrs["parent_run_id"])}
+    assert "sensitivity.png" in names
+
+
+def test_seeded_trials_are_reproducible(ctx: TrialContext) -> None:
+    ratios = {g.name: 0.4 for g in ctx.groups}
+    a = run_trial(ctx, ratios, keep_model=True)
+    b = run_trial(ctx, ratios, keep_model=True)
+    assert a.state == b.state == "complete"
+    assert a.accuracy == b.accuracy and a.finetune_losses == b.finetune_losses
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)  # type: ignore
+
+
+def test_seeded_searches_are_reproducible(tmp_path: Path) -> None:
+    values = []
+    for i in range(2):
+        space = parse_space(space_dict(tmp_path / f"r{i}", "rep", trials=5))
+        run_search(space, quiet=True)
+        study = load_study("rep", space.storage_url)
+        values.append([(t.params, t.values) for t in study.trials])
+    assert values[0] == values[1]
+
+
+def test_distillation_uses_the_teacher(ctx: TrialContext) -> None:
+    from autoprune.prune import prune_model
+
+    cfg = ctx.space.finetune
+    losses = {}
+    for alpha in (0.0, 0.7):
+        torch.manual_seed(0)
+        model, _ = prune_model(ctx.base_model, ctx.example_inputs,
+                               {g.name: 0.5 for g in ctx.groups})
+        teacher_before = {k: v.clone() for k, v in ctx.base_model.state_dict().items()}
+        log = finetune(model, ctx.data.train, cfg.__class__(**{**cfg.__dict__,
+                                                               "distill_alpha": alpha}),
+                       steps=5, teacher=ctx.base_model)
+        losses[alpha] = [v for _s, v in log.losses]
+        assert all(torch.equal(teacher_before[k], v)
+                   for k, v in ctx.base_model.state_dict().items())
+    assert losses[0.0] != losses[0.7]
