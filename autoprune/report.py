@@ -67,8 +67,9 @@ def front_hypervolume(df: pd.DataFrame) -> float:
     return hypervolume_2d(ok["accuracy"].to_numpy(float), ok["macs_ratio"].to_numpy(float))
 
 
-def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Accuracy vs MACs ratio and accuracy vs latency: PNG and interactive HTML.
+def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
+               html: bool = True) -> list[Path]:
+    """Accuracy vs MACs ratio and accuracy vs latency: PNG and (``html``) interactive HTML.
 
     Every finished trial is a dot, the front is highlighted and joined, the uniform baselines
     are drawn as a line, and the base model is a star.
@@ -87,19 +88,19 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Pa
         ("latency_ms", "latency (ms, median)", base.get("latency_ms"), "pareto_accuracy_vs_latency"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        html = go.Figure()
+        page_fig = go.Figure()
         if not done.empty:
             feas = done[done["state"] == "complete"]
             infeas = done[done["state"] == "infeasible"]
             ax.scatter(feas[x], feas["accuracy"], s=18, c="#9aa5b1", label="trials")
             ax.scatter(infeas[x], infeas["accuracy"], s=18, marker="x", c="#d08770",
                        label="infeasible (proxy acc.)")
-            html.add_scatter(x=feas[x], y=feas["accuracy"], mode="markers", name="trials",
+            page_fig.add_scatter(x=feas[x], y=feas["accuracy"], mode="markers", name="trials",
                              text=[f"trial {n}" for n in feas["trial"]])
             study_front = done[done["pareto"]]
             ax.scatter(study_front[x], study_front["accuracy"], s=30, c="#bf1d2d",
                        label="on the study's front (all objectives)")
-            html.add_scatter(x=study_front[x], y=study_front["accuracy"], mode="markers",
+            page_fig.add_scatter(x=study_front[x], y=study_front["accuracy"], mode="markers",
                              name="on the study's front",
                              text=[f"trial {n}" for n in study_front["trial"]])
             if not feas.empty:  # the 2-D front of this pair of axes, as a line
@@ -107,16 +108,16 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Pa
                 front = feas[pareto_mask(pts, ["maximize", "minimize"])].sort_values(x)
                 ax.step(front[x], front["accuracy"], where="post", c="#bf1d2d",
                         label=f"front: accuracy vs {x}")
-                html.add_scatter(x=front[x], y=front["accuracy"], mode="lines",
+                page_fig.add_scatter(x=front[x], y=front["accuracy"], mode="lines",
                                  line={"shape": "hv"}, name=f"front: accuracy vs {x}")
             uni = done[done["baseline"]].sort_values(x)
             if not uni.empty:
                 ax.plot(uni[x], uni["accuracy"], "--s", c="#2e6fdb", label="uniform ratios")
-                html.add_scatter(x=uni[x], y=uni["accuracy"], mode="lines+markers",
+                page_fig.add_scatter(x=uni[x], y=uni["accuracy"], mode="lines+markers",
                                  name="uniform ratios", line={"dash": "dash"})
         if base_x is not None:
             ax.scatter([base_x], [base["accuracy"]], marker="*", s=160, c="k", label="base model")
-            html.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers", name="base model",
+            page_fig.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers", name="base model",
                              marker={"symbol": "star", "size": 14})
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
@@ -126,10 +127,13 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path) -> list[Pa
         png = out_dir / f"{stem}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        html.update_layout(xaxis_title=label, yaxis_title="accuracy", template="plotly_white")
-        page = out_dir / f"{stem}.html"
-        html.write_html(str(page), include_plotlyjs=True)
-        written += [png, page]
+        written.append(png)
+        if html:  # self-contained (plotly.js embedded: the UI may have no internet), ~5 MB
+            page_fig.update_layout(xaxis_title=label, yaxis_title="accuracy",
+                                   template="plotly_white")
+            page = out_dir / f"{stem}.html"
+            page_fig.write_html(str(page), include_plotlyjs=True)
+            written.append(page)
     return written
 
 

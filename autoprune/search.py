@@ -111,11 +111,12 @@ class Recorder:
                    if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(
                        "interrupted"))
 
-    def report(self) -> pd.DataFrame:
-        """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run."""
+    def report(self, final: bool = False) -> pd.DataFrame:
+        """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run (the
+        interactive HTML pages only at the end: they embed plotly.js, ~5 MB each)."""
         self.since_report = 0
         df, tables = write_tables(self.study, self.out)
-        plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots")
+        plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots", html=final)
         self.tracker.log_artifacts(tables)
         self.tracker.log_artifacts(plots, "plots")
         done = df[df["state"] == "complete"] if not df.empty else df
@@ -234,7 +235,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     finally:
         if progress is not None:
             progress.close()
-        df = recorder.report()
+        df = recorder.report(final=True)
         tracker.finish_parent(status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out)

@@ -53,6 +53,7 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
         self._front: set[int] = set()
+        self._run_ids: dict[int, str] = {}  # trial number -> child run id, to tag the front
 
     # -- parent run ------------------------------------------------------------------------
     def start_parent(self, space: SpaceConfig, base: BaseMetrics, resume_run_id: str | None,
@@ -64,7 +65,9 @@ class Tracker:
             run = self.client.get_run(resume_run_id)
             resumes = int(run.data.tags.get("autoprune.resumes", "0")) + 1
             self.client.set_tag(resume_run_id, "autoprune.resumes", str(resumes))
-            self._front = {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()
+            children = self.child_runs()
+            self._run_ids = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in children}
+            self._front = {int(r.data.tags[TRIAL_TAG]) for r in children
                            if r.data.tags.get("pareto") == "true"}
             return resume_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"search-{self.study}",
@@ -155,6 +158,7 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED",
                                    end_time=now)
+        self._run_ids[number] = str(run_id)
         return str(run_id)
 
     def _log_params(self, run_id: str, params: list[Param]) -> None:
@@ -166,10 +170,9 @@ class Tracker:
         changed = front ^ self._front
         if not changed:
             return
-        by_number = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in self.child_runs()}
         for n in changed:
-            if n in by_number:
-                self.client.set_tag(by_number[n], "pareto", str(n in front).lower())
+            if n in self._run_ids:
+                self.client.set_tag(self._run_ids[n], "pareto", str(n in front).lower())
         self._front = set(front)
 
 
