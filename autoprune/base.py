@@ -1,4 +1,4 @@
-"""The base model: build it, load or train its checkpoint (cached under ``runs/base/``), measure it.
+"""The base model: build it, load or train its checkpoint (cached in ``runs/base/``), measure it.
 
 A checkpoint trained here is cached by a hash of everything that defines it (model source and
 kwargs, input shape, data source and split seed, training settings), so a second search on the

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from autoprune.errors import AutopruneError
@@ -26,7 +25,8 @@ def _shape(text: str) -> tuple[int, ...]:
         ) from None
     if len(shape) < 2 or min(shape) <= 0:
         raise argparse.ArgumentTypeError(
-            f"--input-shape: got {text!r}; allowed: positive ints with a batch dim, e.g. 1,3,32,32")
+            f"--input-shape: got {text!r}; allowed: positive ints with a batch dim, "
+            "e.g. 1,3,32,32")
     return shape
 
 
@@ -243,7 +243,8 @@ def _ratios(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratios: got {text!r}; allowed: e.g. 0.25,0.5,0.75")
+        raise argparse.ArgumentTypeError(
+            f"--ratios: got {text!r}; allowed: e.g. 0.25,0.5,0.75") from None
     if not values or not all(0 < v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--ratios: got {text!r}; allowed: ratios in (0, 1)")
     return values

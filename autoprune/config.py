@@ -401,9 +401,9 @@ def _validate(space: SpaceConfig) -> None:
     if fid.eta <= 1.0:
         raise ConfigError("search.fidelity.eta", fid.eta, "a number > 1 (keep the top 1/eta)")
     _positive(fid.min_trials, "search.fidelity.min_trials")
-    for i, r in enumerate(space.search.warm_start.ratios):
-        if not 0.0 < r < 1.0:
-            raise ConfigError(f"search.warm_start.ratios[{i}]", r, "a ratio in (0, 1)")
+    for i, w in enumerate(space.search.warm_start.ratios):
+        if not 0.0 < w < 1.0:
+            raise ConfigError(f"search.warm_start.ratios[{i}]", w, "a ratio in (0, 1)")
     for i, b in enumerate(space.search.warm_start.budgets):
         if not 0.0 < b < 1.0:
             raise ConfigError(f"search.warm_start.budgets[{i}]", b, "a MACs ratio in (0, 1)")

@@ -96,8 +96,8 @@ def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     diff = float(np.abs(out - ref).max())
     if diff > ONNX_ATOL:
-        raise AutopruneError(f"verification: ONNX Runtime output differs from PyTorch by {diff:.2e}"
-                             f" (> {ONNX_ATOL})")
+        raise AutopruneError(f"verification: ONNX Runtime output differs from PyTorch by "
+                             f"{diff:.2e} (> {ONNX_ATOL})")
     return {"accuracy": acc, "macs": macs, "onnx_max_abs_diff": diff,
             "onnx_batch": int(x.shape[0]), "accuracy_tolerance": ACCURACY_TOLERANCE,
             "onnx_atol": ONNX_ATOL}
@@ -137,7 +137,8 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
 
 
 def _cost_column(objectives: list[str]) -> str:
-    for obj, col in (("macs", "macs_ratio"), ("latency", "latency_ms"), ("params", "params_ratio")):
+    for obj, col in (("macs", "macs_ratio"), ("latency", "latency_ms"),
+                     ("params", "params_ratio")):
         if obj in objectives:
             return col
     return "macs_ratio"

@@ -173,7 +173,7 @@ def adaptive_bn(model: nn.Module, loader: Any, batches: int,
     for batch in _batches(loader, batches):
         model(batch[0].to(device))
         used += 1
-    for bn, m in zip(bns, momenta):
+    for bn, m in zip(bns, momenta, strict=True):
         bn.momentum = m
     model.eval()
     return used

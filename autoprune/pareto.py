@@ -61,7 +61,7 @@ def hypervolume_2d(accuracy: np.ndarray, cost: np.ndarray, ref_accuracy: float =
     area, best = 0.0, ref_accuracy
     # Sweep from cheapest to most costly: each point adds the accuracy it gains over the best
     # cheaper point, for the cost range from it up to the reference.
-    for a, x in zip(acc_s, c_s):
+    for a, x in zip(acc_s, c_s, strict=True):
         if a > best:
             area += (a - best) * (ref_cost - x)
             best = a
@@ -104,7 +104,8 @@ def accuracy_at_cost(accuracy: np.ndarray, cost: np.ndarray, budget: float) -> f
 # ----------------------------------------------------------------------------------------------
 # Pick rules: which point of a front to export.
 
-_BUDGET = re.compile(r"^\s*(accuracy|macs|latency_ms|latency|params)\s*(<=|>=)\s*([0-9.eE+-]+)\s*$")
+_BUDGET = re.compile(
+    r"^\s*(accuracy|macs|latency_ms|latency|params)\s*(<=|>=)\s*([0-9.eE+-]+)\s*$")
 _COLUMN = {"macs": "macs_ratio", "params": "params_ratio", "latency": "latency_ms",
            "latency_ms": "latency_ms", "accuracy": "accuracy"}
 PICK_RULES = ("knee", "max-accuracy", "macs<=R", "params<=R", "latency_ms<=MS", "accuracy>=A",

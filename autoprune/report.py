@@ -85,7 +85,8 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
     written: list[Path] = []
     for x, label, base_x, stem in (
         ("macs_ratio", "MACs ratio (pruned / base)", 1.0, "pareto_accuracy_vs_macs"),
-        ("latency_ms", "latency (ms, median)", base.get("latency_ms"), "pareto_accuracy_vs_latency"),
+        ("latency_ms", "latency (ms, median)", base.get("latency_ms"),
+         "pareto_accuracy_vs_latency"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         page_fig = go.Figure()
@@ -117,7 +118,8 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
                                  name="uniform ratios", line={"dash": "dash"})
         if base_x is not None:
             ax.scatter([base_x], [base["accuracy"]], marker="*", s=160, c="k", label="base model")
-            page_fig.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers", name="base model",
+            page_fig.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers",
+                                 name="base model",
                              marker={"symbol": "star", "size": 14})
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")

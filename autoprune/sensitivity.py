@@ -102,7 +102,7 @@ def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]
     share: dict[str, float] = {}
     for g in groups:
         r = ratios.get(g.name, 0.0)
-        for layer, m in zip(g.members, g.member_macs):
+        for layer, m in zip(g.members, g.member_macs, strict=False):
             keep[layer] = keep.get(layer, 1.0) * (1.0 - r)
             share[layer] = m
     return float(1.0 - sum(share[n] * (1.0 - keep[n]) for n in share))

@@ -28,7 +28,8 @@ def starter_space(source: str, input_shape: Sequence[int], groups: Sequence[Grou
                     "repeats": 50},
         "search": {"trials": 60, "sampler": "nsga2", "seed": 0},
     }
-    header = (f"# Starter search space for {source}, written by `autoprune layers --write-space`.\n"
+    header = (f"# Starter search space for {source}, "
+              "written by `autoprune layers --write-space`.\n"
               f"# {len(groups)} groups: " + ", ".join(g.name for g in groups[:8])
               + (" ..." if len(groups) > 8 else "") + "\n# Set data.source to your data.\n")
     return header + yaml.safe_dump(space, sort_keys=False)

@@ -13,7 +13,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -28,10 +28,11 @@ from autoprune.trial import OBJECTIVES, TrialResult
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-INTERRUPTED = "interrupted"  # user attr of trials whose process died mid-trial (resume re-runs them)
+# user attr of trials whose process died mid-trial (resume re-runs them)
+INTERRUPTED = "interrupted"
 
 
-def directions(objectives: Sequence[str]) -> list[str]:
+def directions(objectives: Sequence[str]) -> list[Literal["minimize", "maximize"]]:
     return [OBJECTIVES[o][0] for o in objectives]
 
 
@@ -183,7 +184,8 @@ def done_count(study: optuna.Study) -> int:
                and not t.user_attrs.get(INTERRUPTED))
 
 
-def suggest_ratios(trial: optuna.Trial, dists: Mapping[str, FloatDistribution]) -> dict[str, float]:
+def suggest_ratios(trial: optuna.Trial,
+                   dists: Mapping[str, FloatDistribution]) -> dict[str, float]:
     return {n: trial.suggest_float(n, d.low, d.high, step=d.step) for n, d in dists.items()}
 
 
@@ -236,12 +238,13 @@ def _jsonable(value: Any) -> Any:
 
 def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]]]]:
     """Rung results of finished trials, to refill a :class:`~autoprune.fidelity.RungBook`."""
-    out = []
+    out: list[tuple[str, list[tuple[int, float, float]]]] = []
     for t in study.get_trials(deepcopy=False):
         if t.state.is_finished() and t.user_attrs.get("rungs"):
             key = t.user_attrs.get("ray_trial_id") or f"t{t.number}"
-            out.append((str(key), [tuple(r) for r in t.user_attrs["rungs"]]))
-    return out  # type: ignore[return-value]
+            out.append((str(key), [(int(r), float(a), float(c))
+                                   for r, a, c in t.user_attrs["rungs"]]))
+    return out
 
 
 def front_numbers(study: optuna.Study) -> set[int]:

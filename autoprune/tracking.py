@@ -107,7 +107,8 @@ class Tracker:
 
     # -- child runs ------------------------------------------------------------------------
     def child_runs(self) -> list[Any]:
-        runs, token = [], None
+        runs: list[Any] = []
+        token = None
         while True:
             page = self.client.search_runs(
                 [self.experiment_id],

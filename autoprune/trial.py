@@ -35,7 +35,7 @@ from autoprune.sources._models import load_state_dict_strict
 TrialState = Literal["complete", "infeasible", "pruned", "failed"]
 
 # Optuna study directions for each objective, and the TrialResult field that holds its value.
-OBJECTIVES: dict[str, tuple[str, str]] = {
+OBJECTIVES: dict[str, tuple[Literal["minimize", "maximize"], str]] = {
     "accuracy": ("maximize", "accuracy"),
     "macs": ("minimize", "macs_ratio"),
     "latency": ("minimize", "latency_ms"),

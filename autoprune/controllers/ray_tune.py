@@ -30,10 +30,10 @@ from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, promoter
 from autoprune.study import (
     INTERRUPTED,
+    SeedPoint,
     directions,
     done_count,
     make_sampler,
-    SeedPoint,
     rung_history,
 )
 from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
@@ -147,7 +147,8 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
                "device": "cuda" if gpus_per_trial > 0 else "cpu"}
     fid = space.search.fidelity
     if fid.enabled:  # the rung book lives in an actor on the cluster, refilled from the study
-        book = ray.remote(RungBook).options(num_cpus=0).remote(fid.eta, fid.min_trials)
+        actor: Any = ray.remote(RungBook)
+        book = actor.options(num_cpus=0).remote(fid.eta, fid.min_trials)
         ray.get(book.load.remote(rung_history(study)))
         payload["book"] = book
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
@@ -159,6 +160,9 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
                                    resume_errored=True)
         # callbacks are not part of the saved state: re-attach the recorder
+        if tuner._local_tuner is None:
+            raise AutopruneError("--resume on Ray needs a driver on the cluster (use `ray job "
+                                 "submit` / `autoprune submit`), not a ray:// client")
         tuner._local_tuner._run_config.callbacks = [callback]
     else:
         remaining = total - done_count(study)

@@ -1,4 +1,4 @@
-"""Model and data sources: ``builtin:``, ``torchvision:``, ``imagefolder:`` and ``module:function``."""
+"""Model and data sources: builtin, torchvision, imagefolder and module:function."""
 
 from autoprune.sources._data import DataBundle, build_data
 from autoprune.sources._imports import import_object

@@ -107,7 +107,8 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
     root = Path(path)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise SourceError(f"data.source: 'imagefolder:{path}' has no {split}/ folder; allowed: "
+            raise SourceError(f"data.source: 'imagefolder:{path}' has no {split}/ folder; "
+                              "allowed: "
                               "a folder with train/<class>/ and val/<class>/ image folders")
     c, h, w = input_shape[1], input_shape[2], input_shape[3]
     mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if c == 3 else ([0.5] * c,
