@@ -4,6 +4,10 @@ Torch-Pruning couples layers that must keep the same channel count (residual add
 concatenations, depthwise convs). A ratio for one layer inside such a group would silently be
 replaced by the group's ratio, so autoprune keys every ratio by *group*, named after the group's
 root module (its qualified name in the model, e.g. ``layer1.0.conv1``).
+
+Some channels cannot shrink, and no group holding them is offered: channels that pass a
+reshape no channel axis survives (ShuffleNet's channel shuffle) and the widths around an
+attention module that derives its head size from its input width (Swin's window attention).
 """
 
 from __future__ import annotations
@@ -226,6 +230,27 @@ def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iter
         if not any(getattr(dep.target, "opaque", None) or dep.target.module in fixed
                    for dep, _ in group):
             yield group
+
+
+def channel_groups(graph: tp.DependencyGraph, group: Any,
+                   heads: Mapping[nn.Module, int]) -> int:
+    """Blocks a group's channels come in (grouped convs, GroupNorm, attention ``heads``).
+
+    Torch-Pruning removes the same offsets from every block, so the group keeps a multiple of
+    this; a depthwise conv keeps each channel on its own and does not count.
+    """
+    blocks = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        pruner = graph.get_pruner_of_module(m)
+        if pruner is None or (isinstance(m, nn.modules.conv._ConvNd)
+                              and m.groups == m.out_channels):
+            continue
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            blocks += [pruner.get_out_channel_groups(m), heads.get(m, 1)]
+        else:
+            blocks.append(pruner.get_in_channel_groups(m))
+    return max(blocks)
 
 
 def root_module(group: Any) -> nn.Module:

@@ -3,6 +3,8 @@
 Rounding: a group with ``C`` channels and ratio ``r`` keeps ``C * (1 - r)`` channels rounded to
 the nearest multiple of ``round_to``, never fewer than ``round_to`` (or 1 when ``C < round_to``)
 and never more than ``C``. So with ``round_to: 8`` a 64-channel group at ratio 0.3 keeps 48.
+A group whose channels come in ``g`` blocks (grouped convs, GroupNorm, attention heads) then
+rounds down to a multiple of ``g``, never below ``g``: every block loses the same channels.
 
 The :class:`PruneRecord` (ratios, settings and Torch-Pruning's pruning history: which channel
 indices left which layer) rebuilds the same architecture from the same base model with
@@ -15,7 +17,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch_pruning as tp
@@ -26,6 +28,7 @@ from autoprune.groups import (
     ROOT_TYPES,
     attention_heads,
     build_graph,
+    channel_groups,
     check_ratios,
     ignored_modules,
     iter_groups,
@@ -65,22 +68,26 @@ class PruneRecord:
         return cls(**d)
 
 
-def kept_after_rounding(channels: int, ratio: float, round_to: int) -> int:
+def kept_after_rounding(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
     """Channels a group keeps at ``ratio`` (see the module docstring for the rule)."""
     if ratio <= 0.0:
         return channels  # ratio 0 never prunes, whatever the rounding
     kept = channels * (1.0 - ratio)
     if round_to > 1 and channels >= round_to:
         kept = max(round_to, math.floor(kept / round_to + 0.5) * round_to)  # half rounds up
-    return int(min(channels, max(1, math.floor(kept + 0.5))))
+    kept = int(min(channels, max(1, math.floor(kept + 0.5))))
+    if blocks > 1 and channels % blocks == 0:
+        kept = max(blocks, kept // blocks * blocks)
+    return kept
 
 
 def _sync_attributes(model: nn.Module) -> None:
     """Update attributes that models read in ``forward`` and pruning cannot know about."""
     for m in model.modules():
         # torchvision's VisionTransformer reshapes with self.hidden_dim.
-        if hasattr(m, "hidden_dim") and hasattr(m, "conv_proj"):
-            m.hidden_dim = m.conv_proj.out_channels
+        proj = getattr(m, "conv_proj", None)
+        if hasattr(m, "hidden_dim") and isinstance(proj, nn.Conv2d):
+            cast(Any, m).hidden_dim = proj.out_channels
 
 
 def _accumulate_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -135,12 +142,14 @@ def prune_model(
 
     ignored = ignored_modules(pruned, example_inputs, ignore)
     graph = build_graph(pruned, example_inputs)
-    names = {root_module(g): graph._module2name[root_module(g)]
-             for g in iter_groups(graph, ignored)}
+    heads = attention_heads(pruned)
+    groups = {root_module(g): g for g in iter_groups(graph, ignored)}
+    names = {m: graph._module2name[m] for m in groups}
     check_ratios(ratios, list(names.values()))
     by_name = {n: m for m, n in names.items()}
     base_channels = {n: int(graph.get_out_channels(m)) for m, n in names.items()}
-    kept = {n: kept_after_rounding(base_channels[n], float(r), round_to)
+    kept = {n: kept_after_rounding(base_channels[n], float(r), round_to,
+                                   channel_groups(graph, groups[by_name[n]], heads))
             for n, r in ratios.items()}
     # MetaPruner keeps int(C * (1 - r)) channels; +0.5 makes that exactly our rounded count.
     effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / base_channels[n]
@@ -150,10 +159,12 @@ def prune_model(
             pruner = tp.pruner.MetaPruner(
                 pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
                 pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
-                num_heads=attention_heads(pruned), root_module_types=list(ROOT_TYPES),
-                # Fresh dicts: MetaPruner fills these in place, and its defaults are shared
-                # between calls (every pruned model would stay referenced from there).
-                in_channel_groups={}, out_channel_groups={},
+                root_module_types=list(ROOT_TYPES),
+                # Heads as channel groups (every head keeps the same dims), not num_heads: with
+                # that, MetaPruner skips a width group whose attention it reaches from the
+                # input side first (ViT's hidden dim), silently. Fresh dicts: MetaPruner fills
+                # them in place and its defaults are shared between calls.
+                in_channel_groups={}, out_channel_groups=dict(heads),
             )
         if effective:
             pruner.step()
@@ -167,6 +178,12 @@ def prune_model(
     _check_output(ref_out, out)
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in pruner.pruning_history()]
     actual = {n: int(pruner.DG.get_out_channels(m)) for m, n in names.items()}
+    # Torch-Pruning skips a group it cannot prune without a word; never return such a model.
+    missed = {n: (kept[n], actual[n], base_channels[n]) for n in ratios
+              if actual[n] != kept[n]}
+    if missed:
+        raise PruningError(f"Torch-Pruning did not prune these groups as asked, the model was "
+                           f"left untouched; group: (asked, got, base) channels: {missed}")
     record = PruneRecord(
         ratios={n: float(r) for n, r in ratios.items()}, kept_channels=actual,
         base_channels=base_channels, importance=importance, round_to=round_to,
