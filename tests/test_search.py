@@ -224,3 +224,15 @@ def test_bad_space_values_name_the_key(runs: Path) -> None:
         parse_space(tiny_space(runs, "x", **{"groups.default": {"low": 0.0, "high": 1.2}}))
     with pytest.raises(ConfigError, match=r"objectives\[0\]"):
         parse_space(tiny_space(runs, "x", **{"objectives": ["acc"]}))
+
+
+def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
+    space = parse_space(tiny_space(runs, "jobs2", **{"search.trials": 5, "search.jobs": 2}))
+    summary = run_search(space, quiet=True)
+    study = load_study("jobs2", space.storage_url)
+    assert summary.trials == 5
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    numbers = sorted(int(r.data.tags["autoprune.trial"]) for r in child_runs(runs, "jobs2"))
+    assert numbers == [0, 1, 2, 3, 4]
+    # the worker processes ran the same trial function: same metrics as in-process
+    assert all(t.user_attrs["finetune_steps"] == 4 for t in study.trials)
