@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from _helpers import tiny_space
 from mlflow import MlflowClient
 
 from autoprune.config import parse_space
@@ -20,18 +21,10 @@ from autoprune.trial import TrialContext, run_trial
 
 
 def space_dict(runs: Path, name: str, **search: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
-                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
-        "data": {"source": "builtin:digits"},
-        "groups": {"default": {"low": 0.0, "high": 0.8, "step": 0.1}},
-        "finetune": {"steps": 9, "bn_calibration_batches": 2},
-        "objectives": ["accuracy", "macs"],
-        "latency": {"warmup": 1, "repeats": 3},
-        "search": {"trials": 6, "population_size": 4, **search},
-        "runs_dir": str(runs),
-    }
+    return tiny_space(runs, name, objectives=["accuracy", "macs"],
+                      groups={"default": {"low": 0.0, "high": 0.8, "step": 0.1}},
+                      **{"finetune.steps": 9, "latency.warmup": 1, "latency.repeats": 3,
+                         "search.trials": 6, **{f"search.{k}": v for k, v in search.items()}})
 
 
 @pytest.fixture(scope="module")

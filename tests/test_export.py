@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from _helpers import tiny_space
 
 import autoprune
 from autoprune.cli import main as cli
@@ -33,19 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def space_dict(runs: Path, name: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
-                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
-        "data": {"source": "builtin:digits"},
-        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
-        "finetune": {"steps": 6, "bn_calibration_batches": 2},
-        "objectives": ["accuracy", "macs"],
-        "latency": {"warmup": 2, "repeats": 5},
-        "search": {"trials": 5, "population_size": 4},
-        "tracking": {"uri": tracking_uri},
-        "runs_dir": str(runs),
-    }
+    return tiny_space(runs, name, objectives=["accuracy", "macs"], tracking={"uri": tracking_uri},
+                      **{"finetune.steps": 6, "search.baselines": [0.25, 0.5, 0.75]})
 
 
 @pytest.fixture(scope="module")

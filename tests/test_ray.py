@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import ray
 import yaml
+from _helpers import kill_when_finished, tiny_space
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
@@ -24,18 +24,8 @@ from autoprune.search import run_search
 from autoprune.study import load_study
 
 
-def tiny_space(runs: Path, name: str, trials: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
-                  "kwargs": {"width": 8}, "train": {"epochs": 3}},
-        "data": {"source": "builtin:digits"},
-        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
-        "finetune": {"steps": 6, "bn_calibration_batches": 2},
-        "latency": {"warmup": 2, "repeats": 5},
-        "search": {"trials": trials, "population_size": 4, "seed": 0},
-        "runs_dir": str(runs),
-    }
+def ray_space(runs: Path, name: str, trials: int) -> dict[str, Any]:
+    return tiny_space(runs, name, **{"search.trials": trials, "finetune.steps": 6})
 
 
 @pytest.fixture
@@ -65,7 +55,7 @@ def trial_runs(space: Any, name: str) -> list[Any]:
 
 
 def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
-    space = parse_space(tiny_space(tmp_path / "runs", "ray2", trials=6))
+    space = parse_space(ray_space(tmp_path / "runs", "ray2", trials=6))
     run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
 
     study = load_study("ray2", space.storage_url)
@@ -86,7 +76,7 @@ def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_losing_a_worker_node_mid_search(cluster: Cluster, tmp_path: Path) -> None:
-    space = parse_space(tiny_space(tmp_path / "runs", "raykill", trials=8))
+    space = parse_space(ray_space(tmp_path / "runs", "raykill", trials=8))
     worker = [n for n in cluster.list_all_nodes() if not n.head][0]
     storage = space.storage_url
 
@@ -117,34 +107,15 @@ def test_losing_a_worker_node_mid_search(cluster: Cluster, tmp_path: Path) -> No
 
 def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    spec = tiny_space(runs, "raydrv", trials=7)
+    spec = ray_space(runs, "raydrv", trials=7)
     space_file = tmp_path / "raydrv.yaml"
     space_file.write_text(yaml.safe_dump(spec))
     space = parse_space(spec)
     # train the base model before, so the driver reaches its trials quickly
-    run_search(parse_space(tiny_space(runs, "raydrv-warm", trials=1)), quiet=True)
+    run_search(parse_space(ray_space(runs, "raydrv-warm", trials=1)), quiet=True)
     cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet",
            "--backend", "ray", "--address", cluster.address, "--concurrency", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        done = 0
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                done = sum(t.state.is_finished()
-                           for t in load_study("raydrv", space.storage_url).trials)
-            except AutopruneError:
-                continue
-            if done >= 2:
-                break
-        assert proc.poll() is None and done >= 2
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_finished(cmd, "raydrv", space.storage_url, finished=2)
 
     run_search(space, resume=True, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True)
     study = load_study("raydrv", space.storage_url)
@@ -167,7 +138,7 @@ def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
         space_file = Path("search_spaces") / f"_test_submit_{os.getpid()}.yaml"
-        spec = tiny_space(tmp_path / "runs", "submitted", trials=3)
+        spec = ray_space(tmp_path / "runs", "submitted", trials=3)
         spec["search"]["baselines"] = [0.25, 0.5]
         space_file.write_text(yaml.safe_dump(spec))
         runtime_env = tmp_path / "runtime_env.yaml"
@@ -197,7 +168,7 @@ def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(tmp_path
 
     volumes = {}
     for backend in ("local", "ray"):
-        spec = tiny_space(tmp_path / backend, f"same-{backend}", trials=8)
+        spec = ray_space(tmp_path / backend, f"same-{backend}", trials=8)
         spec["objectives"] = ["accuracy", "macs"]
         space = parse_space(spec)
         run_search(space, backend=backend, quiet=True,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+from _helpers import kill_when_finished, tiny_space
 from mlflow import MlflowClient
 
 from autoprune.config import parse_space
@@ -44,27 +41,6 @@ class Fragile(nn.Module):
 def build():
     return Fragile()
 '''
-
-
-def tiny_space(runs: Path, name: str, **changes: Any) -> dict[str, Any]:
-    space: dict[str, Any] = {
-        "name": name,
-        "model": {"source": "builtin:resnet_tiny", "input_shape": [1, 1, 8, 8],
-                  "kwargs": {"width": 8}, "train": {"epochs": 3, "lr": 0.05}},
-        "data": {"source": "builtin:digits", "batch_size": 64},
-        "groups": {"default": {"low": 0.0, "high": 0.7, "step": 0.1}},
-        "finetune": {"steps": 4, "bn_calibration_batches": 2},
-        "latency": {"runtime": "onnxruntime", "warmup": 2, "repeats": 5},
-        "search": {"trials": 5, "population_size": 4, "baselines": [0.25, 0.5, 0.75]},
-        "runs_dir": str(runs),
-    }
-    for key, value in changes.items():
-        node = space
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return space
 
 
 @pytest.fixture(scope="module")
@@ -159,27 +135,7 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     # warm the base checkpoint cache so the subprocess starts trials quickly
     run_search(parse_space(tiny_space(runs, "resume-warm", **{"search.trials": 1})), quiet=True)
     cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        done = 0
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1.0)
-            try:
-                study = load_study("resume", space.storage_url)
-            except AutopruneError:
-                continue
-            done = sum(t.state.is_finished() for t in study.trials)
-            if done >= 2:
-                break
-        assert proc.poll() is None, "the search ended before it could be killed"
-        assert done >= 2
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_finished(cmd, "resume", space.storage_url, finished=2, timeout=240)
 
     study = load_study("resume", space.storage_url)
     before = {t.number for t in study.trials if t.state.is_finished()}
