@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SPACE  ?= search_spaces/digits_resnet.yaml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=   # e.g. --quick, or -k latency
 
 .PHONY: install test demo lint bench ui cluster-search clean
 
@@ -28,7 +29,7 @@ lint: install
 	$(VENV)/bin/mypy autoprune
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 ui: install
 	$(VENV)/bin/autoprune ui
