@@ -76,10 +76,37 @@ def snap(value: float, dist: FloatDistribution) -> float:
     return float(round(min(v, dist.high), 10))
 
 
+class FidelityNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II whose generations also count trials stopped at a rung (PRUNED).
+
+    Optuna's NSGA-II fills a generation with COMPLETE trials only; with multi-fidelity most
+    trials end PRUNED, so the search would stay in generation 0 (random sampling) for good.
+    Parents are still drawn from complete trials only.
+    """
+
+    def get_trial_generation(self, study: optuna.Study, trial: FrozenTrial) -> int:
+        key = self._get_generation_key()
+        generation = trial.system_attrs.get(key)
+        if generation is not None:
+            return int(generation)
+        counts: dict[int, int] = {}
+        for t in study._get_trials(deepcopy=False, states=[TrialState.COMPLETE,
+                                                           TrialState.PRUNED], use_cache=True):
+            g = t.system_attrs.get(key, -1)
+            counts[g] = counts.get(g, 0) + 1
+        newest = max(counts, default=0)
+        newest = max(newest, 0)
+        size = self._population_size or 1
+        generation = newest + 1 if counts.get(newest, 0) >= size else newest
+        study._storage.set_trial_system_attr(trial._trial_id, key, generation)
+        return generation
+
+
 def make_sampler(space: SpaceConfig, seed: int) -> optuna.samplers.BaseSampler:
     s = space.search
     if s.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
+        cls = FidelityNSGAIISampler if s.fidelity.enabled else optuna.samplers.NSGAIISampler
+        return cls(population_size=s.population_size, seed=seed)
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(multivariate=True, seed=seed,
                                           n_startup_trials=max(len(s.baselines) + 2, 8))
@@ -182,6 +209,16 @@ def done_count(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False)
                if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
                and not t.user_attrs.get(INTERRUPTED))
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, and give a queued trial (a seed point) its NSGA-II generation: Optuna
+    only assigns one when it samples, so seed points would never become parents."""
+    trial = study.ask()
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.NSGAIISampler):
+        sampler.get_trial_generation(study, study._storage.get_trial(trial._trial_id))
+    return trial
 
 
 def suggest_ratios(trial: optuna.Trial,

@@ -237,7 +237,10 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
                         copy.deepcopy(teacher) if teacher is not None else None)
     for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if judge else [], start=1):
         _log(result, trainer.advance(step))
-        acc = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
+        # An evaluation draws from torch's global generator (a DataLoader's base seed): keep
+        # it out of the training's random stream, so rungs never change the fine-tuned model.
+        with torch.random.fork_rng(devices=[]):
+            acc = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
         if not _judged(result, judge, i, acc, ctx):  # type: ignore[arg-type]
             return
     _log(result, trainer.advance(trainer.total))

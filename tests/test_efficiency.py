@@ -159,3 +159,32 @@ def test_distillation_uses_the_teacher(ctx: TrialContext) -> None:
         assert all(torch.equal(teacher_before[k], v)
                    for k, v in ctx.base_model.state_dict().items())
     assert losses[0.0] != losses[0.7]
+
+
+def test_rungs_do_not_change_the_fine_tuned_model(ctx: TrialContext) -> None:
+    """Judging a trial at its rungs (all promoted) gives the very model of an unjudged run."""
+    import dataclasses
+
+    from autoprune.config import FidelityConfig
+
+    fid = FidelityConfig(enabled=True, rungs=(0.2, 0.5), min_trials=1)
+    judged_ctx = dataclasses.replace(ctx, space=ctx.space.replace(
+        search=dataclasses.replace(ctx.space.search, fidelity=fid)))
+    ratios = {g.name: 0.3 for g in ctx.groups}
+    plain = run_trial(ctx, ratios, keep_model=True)
+    judged = run_trial(judged_ctx, ratios, keep_model=True, promote=lambda r, a, c: True)
+    assert [r for r, _a, _c in judged.rungs] == [0, 1, 2]
+    assert judged.accuracy == plain.accuracy
+    assert all(torch.equal(judged.state_dict[k], plain.state_dict[k])  # type: ignore[index]
+               for k in plain.state_dict)  # type: ignore[union-attr]
+
+
+def test_nsga2_generations_advance_with_pruned_trials(runs: Path) -> None:
+    space = parse_space(space_dict(runs, "gens", trials=12, population_size=4,
+                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0}))
+    run_search(space, quiet=True)
+    study = load_study("gens", space.storage_url)
+    key = "FidelityNSGAIISampler:generation"
+    generations = [t.system_attrs.get(key) for t in study.trials]
+    assert None not in generations  # seed points get a generation too
+    assert max(generations) >= 1  # with pruned trials counted, the search moves on

@@ -17,7 +17,7 @@ import optuna
 
 from autoprune.controllers import _worker
 from autoprune.fidelity import RungBook, promoter
-from autoprune.study import done_count, rung_history, suggest_ratios
+from autoprune.study import ask, done_count, rung_history, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
@@ -43,7 +43,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
-            trial = study.ask()
+            trial = ask(study)
             promote = promoter(book, f"t{trial.number}") if book is not None else None
             on_result(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
                                        promote=promote))
@@ -61,7 +61,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     try:
         while done_count(study) + len(pending) < total or pending:
             while len(pending) < jobs and done_count(study) + len(pending) < total:
-                trial = study.ask()
+                trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
                 fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}")
                 pending[fut] = (trial, ratios)
