@@ -250,6 +250,16 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that find a study: its name and its storage (given, from a space, or the
+    default under ``--runs-dir``)."""
+    p.add_argument("--study", required=True)
+    p.add_argument("--space", help="read the storage from this space file")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
+    p.add_argument("--runs-dir", default="runs")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,25 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("--json", action="store_true")
     sn.set_defaults(fn=cmd_sensitivity)
 
-    pa = sub.add_parser("pareto", help="print a study's current Pareto front")
-    pa.add_argument("--study", required=True)
-    pa.add_argument("--space", help="read the storage from this space file")
-    pa.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
-    pa.add_argument("--runs-dir", default="runs")
+    pa = _study_args(sub.add_parser("pareto", help="print a study's current Pareto front"))
     pa.add_argument("--json", action="store_true")
     pa.set_defaults(fn=cmd_pareto)
 
-    ex = sub.add_parser("export", help="export a point of the front for deployment")
-    ex.add_argument("--study", required=True)
+    ex = _study_args(sub.add_parser("export", help="export a point of the front for deployment"))
     ex.add_argument("--pick", default="knee",
                     help="knee | max-accuracy | macs<=R | params<=R | latency_ms<=MS | "
                          "accuracy>=A | trial:N")
     ex.add_argument("--out", required=True)
     ex.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow registry")
     ex.add_argument("--alias", default="champion")
-    ex.add_argument("--space", help="read the storage from this space file")
-    ex.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
-    ex.add_argument("--runs-dir", default="runs")
     ex.set_defaults(fn=cmd_export)
 
     ap = sub.add_parser("apply", help="rebuild a pruned model from prune_config.json")
@@ -351,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `autoprune pareto | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
