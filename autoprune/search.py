@@ -20,7 +20,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, dump_space
-from autoprune.report import plot_front, summary_columns, write_tables
+from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
     add_result,
     check_patterns,
@@ -121,8 +121,6 @@ class Recorder:
         self.tracker.log_artifacts(plots, "plots")
         done = df[df["state"] == "complete"] if not df.empty else df
         if not done.empty:
-            from autoprune.report import front_hypervolume
-
             metrics = {"front_size": float(df["pareto"].sum()),
                        "hypervolume_acc_macs": front_hypervolume(df),
                        "best_accuracy": float(done["accuracy"].max()),
@@ -221,8 +219,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         if backend == "ray":
             from autoprune.controllers.ray_tune import run_ray
 
-            run_ray(ctx, study, total, dists, recorder, space.search.keep_models,
-                    points=points, resume=resume, **(ray_options or {}))
+            run_ray(ctx, study, total, dists, recorder, points=points, resume=resume,
+                    **(ray_options or {}))
         else:
             from autoprune.controllers import run_local
 

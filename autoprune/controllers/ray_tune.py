@@ -115,11 +115,13 @@ def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -
 
 def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             dists: dict[str, optuna.distributions.FloatDistribution], recorder: Recorder,
-            keep_model: bool, points: list[SeedPoint] | None = None,
+            points: list[SeedPoint] | None = None,
             address: str | None = None, concurrency: int | None = None,
             cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_failures: int = 2,
             resume: bool = False) -> None:
     """Run the search on Ray Tune until the study holds ``total`` finished trials.
+
+    Fine-tuned weights stay on the workers; export re-makes a Ray trial from its seed.
 
     Args:
         ctx: the trial context built by the driver (base model trained and measured).
@@ -128,8 +130,6 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         dists: the ratio distributions.
         recorder: records each finished trial (Optuna study, MLflow, files).
         points: seed points (uniform baselines, warm starts) to evaluate first.
-        keep_model: unused on Ray (weights stay on the workers; export re-makes the trial
-            deterministically from its seed).
         address: Ray address; None starts a local Ray.
         concurrency: trials at once (``max_concurrent_trials``).
         cpus_per_trial: CPUs per trial; the trial's torch threads follow it.
