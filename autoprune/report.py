@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.pareto import hypervolume_2d, pareto_mask
+from autoprune.study import front_numbers
 
 METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
                   "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
@@ -18,7 +19,7 @@ METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "l
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, baseline, ratio summary, metrics, per-group ratios."""
-    front = {t.number for t in study.best_trials} if _has_complete(study) else set()
+    front = front_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -28,6 +29,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "trial": t.number,
             "state": t.user_attrs.get("state", t.state.name.lower()),
             "baseline": bool(t.user_attrs.get("baseline", False)),
+            "duplicate_of": t.user_attrs.get("duplicate_of"),
             "pareto": t.number in front,
             "mean_ratio": float(np.mean(ratios)) if ratios else 0.0,
             "min_ratio": float(np.min(ratios)) if ratios else 0.0,
@@ -39,10 +41,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({f"ratio.{k}": v for k, v in t.params.items()})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _has_complete(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:

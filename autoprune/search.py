@@ -75,10 +75,11 @@ class Recorder:
         self._after(tell(self.study, trial, result, self.space.objectives), result, start)
 
     def add(self, result: TrialResult, user_attrs: dict[str, Any],
-            dists: dict[str, Any], start: float | None = None) -> None:
+            dists: dict[str, Any], start: float | None = None) -> FrozenTrial:
         """Record a trial that another searcher proposed (Ray Tune's OptunaSearch)."""
         frozen = add_result(self.study, result, self.space.objectives, dists, user_attrs)
         self._after(frozen, result, start)
+        return frozen
 
     def _after(self, frozen: FrozenTrial, result: TrialResult, start: float | None) -> None:
         artifacts = self._keep(frozen.number, result)

@@ -285,5 +285,8 @@ def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, 
 
 
 def front_numbers(study: optuna.Study) -> set[int]:
-    """Trial numbers on the current front (feasible trials only when constraints are used)."""
-    return {t.number for t in study.best_trials}
+    """Trial numbers on the current front (feasible trials only when constraints are used);
+    a config that ran twice is on it once, as the trial that ran it."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return set()
+    return {t.number for t in study.best_trials if t.user_attrs.get("duplicate_of") is None}

@@ -135,6 +135,8 @@ class Tracker:
                 "baseline": str(bool(attrs.get("baseline", False))).lower(), "pareto": "false"}
         if attrs.get("error"):
             tags["error"] = str(attrs["error"])[:5000]
+        if attrs.get("duplicate_of") is not None:  # the same config ran before: reused
+            tags["duplicate_of"] = str(attrs["duplicate_of"])
         run = self.client.create_run(self.experiment_id, start_time=_ms(start),
                                      tags=tags, run_name=f"trial-{number}")
         run_id = run.info.run_id

@@ -112,6 +112,7 @@ class TrialResult:
     rungs: list[tuple[int, float, float]] = field(default_factory=list)
     duration_s: float = 0.0
     error: str | None = None
+    duplicate_of: int | None = None  # a config that already ran: its result, reused
     record: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
 

@@ -16,7 +16,7 @@ from autoprune.fidelity import RungBook, rung_steps
 from autoprune.finetune import finetune
 from autoprune.search import run_search
 from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio
-from autoprune.study import distributions, load_study
+from autoprune.study import distributions, front_numbers, load_study
 from autoprune.trial import TrialContext, run_trial
 
 
@@ -72,7 +72,7 @@ def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, "the rung book stopped no trial"
     assert len([t for t in study.trials if t.state.is_finished()]) == 10
-    front = {t.number for t in study.best_trials}
+    front = front_numbers(study)
     assert not front & {t.number for t in pruned}
     for t in pruned:
         assert t.user_attrs["state"] == "pruned"
@@ -188,3 +188,49 @@ def test_nsga2_generations_advance_with_pruned_trials(runs: Path) -> None:
     generations = [t.system_attrs.get(key) for t in study.trials]
     assert None not in generations  # seed points get a generation too
     assert max(generations) >= 1  # with pruned trials counted, the search moves on
+
+
+def assert_reused(space: Any, name: str, trials: int) -> None:
+    """Every trial proposed the one config the space allows: the first ran, the rest reuse it."""
+    study = load_study(name, space.storage_url)
+    done = sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.number)
+    assert len(done) == trials
+    first, *again = done
+    assert first.user_attrs["finetune_steps"] == 9 and first.user_attrs.get("duplicate_of") is None
+    for t in again:
+        assert t.params == first.params
+        assert t.user_attrs["duplicate_of"] == first.number
+        assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["rungs"] == []
+        assert t.values == first.values
+        for key in ("accuracy", "proxy_accuracy", "macs_ratio", "latency_ms", "state"):
+            assert t.user_attrs[key] == first.user_attrs[key]
+    assert front_numbers(study) == {first.number}
+    client = MlflowClient(space.tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    tags = {int(r.data.tags["autoprune.trial"]): r.data.tags
+            for r in client.search_runs([exp.experiment_id], max_results=100)
+            if r.data.tags.get("autoprune.role") == "trial"}
+    assert sorted(tags) == [t.number for t in done]
+    assert [tags[t.number].get("duplicate_of") for t in again] == [str(first.number)] * len(again)
+    assert tags[first.number]["pareto"] == "true"
+    assert all(tags[t.number]["pareto"] == "false" for t in again)
+
+
+def test_a_config_proposed_again_reuses_its_result(runs: Path) -> None:
+    # one value per group: every proposal is the same config
+    spec = space_dict(runs, "dup", trials=3, baselines=[])
+    spec["groups"] = {"default": {"low": 0.3, "high": 0.3}}
+    space = parse_space(spec)
+    run_search(space, quiet=True)
+    assert_reused(space, "dup", 3)
+    # a resumed search knows what ran before
+    run_search(space, trials=4, resume=True, quiet=True)
+    assert_reused(space, "dup", 4)
+
+
+def test_the_ray_controller_reuses_results_too(runs: Path) -> None:
+    spec = space_dict(runs, "dup-ray", trials=3, baselines=[])
+    spec["groups"] = {"default": {"low": 0.3, "high": 0.3}}
+    space = parse_space(spec)
+    run_search(space, backend="ray", ray_options={"concurrency": 1}, quiet=True)
+    assert_reused(space, "dup-ray", 3)

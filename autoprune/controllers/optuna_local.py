@@ -16,6 +16,7 @@ from multiprocessing.managers import BaseManager
 import optuna
 
 from autoprune.controllers import _worker
+from autoprune.dedup import SeenConfigs, duplicate_result, result_fields, study_entries
 from autoprune.fidelity import RungBook, promoter
 from autoprune.study import ask, done_count, rung_history, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
@@ -38,15 +39,30 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         keep_model: ask trials to return their fine-tuned weights.
     """
     fid = ctx.space.search.fidelity
+    seen = SeenConfigs()
+    seen.load(study_entries(study))
+
+    def record(trial: optuna.Trial, result: TrialResult) -> None:
+        on_result(trial, result)
+        seen.put(result.ratios, trial.number, result_fields(result))
+
+    def reuse(trial: optuna.Trial, ratios: dict[str, float]) -> bool:
+        hit = seen.get(ratios)
+        if hit is not None:
+            on_result(trial, duplicate_result(ratios, hit[0], hit[1]))
+        return hit is not None
+
     if jobs <= 1:
         book = RungBook(fid.eta, fid.min_trials) if fid.enabled else None
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
             trial = ask(study)
+            ratios = suggest_ratios(trial, dists)
+            if reuse(trial, ratios):
+                continue
             promote = promoter(book, f"t{trial.number}") if book is not None else None
-            on_result(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
-                                       promote=promote))
+            record(trial, run_trial(ctx, ratios, keep_model=keep_model, promote=promote))
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     manager = None
@@ -63,6 +79,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             while len(pending) < jobs and done_count(study) + len(pending) < total:
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
+                if reuse(trial, ratios):
+                    continue
                 fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}")
                 pending[fut] = (trial, ratios)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -75,7 +93,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     broken = True
                     result = TrialResult(ratios=ratios, state="failed", seed=ctx.space.search.seed,
                                          error=f"worker process died: {e}")
-                on_result(trial, result)
+                record(trial, result)
             if broken:
                 for fut, (trial, ratios) in list(pending.items()):
                     pending.pop(fut)

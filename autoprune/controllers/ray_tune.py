@@ -26,6 +26,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from autoprune.dedup import SeenConfigs, duplicate_result, result_fields, study_entries
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, promoter
 from autoprune.study import (
@@ -84,9 +85,15 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
         _CTX = TrialContext.build(parse_space(payload["space"]),
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
-    book = payload.get("book")
-    promote = promoter(book, tune.get_context().get_trial_id()) if book is not None else None
-    result = run_trial(_CTX, dict(config), promote=promote)
+    ratios = {k: float(v) for k, v in config.items()}
+    hit = ray.get(payload["seen"].get.remote(ratios))
+    if hit is not None:  # this config already ran: report its result again, at no cost
+        result = duplicate_result(ratios, hit[0], hit[1])
+    else:
+        book = payload.get("book")
+        promote = promoter(book, tune.get_context().get_trial_id()) if book is not None \
+            else None
+        result = run_trial(_CTX, ratios, promote=promote)
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
@@ -96,7 +103,8 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
 def result_to_metrics(result: TrialResult) -> dict[str, Any]:
     """A flat, picklable result for Tune (failed trials report NaN objectives)."""
     d = result.to_dict()
-    for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios", "rungs"):
+    for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios", "rungs",
+                "duplicate_of"):
         d[key] = json.dumps(d[key])
     return d
 
@@ -104,7 +112,8 @@ def result_to_metrics(result: TrialResult) -> dict[str, Any]:
 def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -> TrialResult:
     fields = TrialResult.__dataclass_fields__
     kw = {k: v for k, v in metrics.items() if k in fields and k != "state_dict"}
-    for key in ("record", "kept_channels", "constraints", "finetune_losses", "rungs"):
+    for key in ("record", "kept_channels", "constraints", "finetune_losses", "rungs",
+                "duplicate_of"):
         if isinstance(kw.get(key), str):
             kw[key] = json.loads(kw[key])
     kw["finetune_losses"] = [tuple(x) for x in kw.get("finetune_losses", [])]
@@ -151,10 +160,15 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         book = actor.options(num_cpus=0).remote(fid.eta, fid.min_trials)
         ray.get(book.load.remote(rung_history(study)))
         payload["book"] = book
+    # finished configs, so a config proposed again reuses its result (see autoprune.dedup)
+    seen_actor: Any = ray.remote(SeenConfigs)
+    seen = seen_actor.options(num_cpus=0).remote()
+    ray.get(seen.load.remote(study_entries(study)))
+    payload["seen"] = seen
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     points = list(points or [])
-    callback = RecordCallback(recorder, dists, points, total)
+    callback = RecordCallback(recorder, dists, points, total, seen)
 
     if resume and exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
@@ -218,9 +232,9 @@ class RecordCallback(tune.Callback):
     """Driver-side: add each finished Tune trial to the study and MLflow, once."""
 
     def __init__(self, recorder: Recorder, dists: dict[str, Any], points: list[SeedPoint],
-                 total: int) -> None:
+                 total: int, seen: Any = None) -> None:
         self.recorder, self.dists, self.points = recorder, dists, points
-        self.total = total
+        self.total, self.seen = total, seen
         self.recorded = {t.user_attrs.get("ray_trial_id")
                          for t in recorder.study.get_trials(deepcopy=False)}
 
@@ -252,7 +266,9 @@ class RecordCallback(tune.Callback):
             if params == ratios:
                 attrs |= seed_attrs
                 break
-        self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
+        frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
+        if self.seen is not None and result.duplicate_of is None:
+            self.seen.put.remote(ratios, frozen.number, result_fields(result))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
