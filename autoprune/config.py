@@ -136,10 +136,14 @@ class FidelityConfig:
     each fraction in ``rungs`` of its fine-tune budget. It goes on only if fewer than
     ``ceil(n / eta)`` of the ``n`` trials at that rung lie in better non-dominated layers on
     (accuracy at the rung, cost). Stopped trials are ``pruned``.
+
+    One rung at a third of the budget by default: with BN recalibrated before each rung, the
+    accuracy at 1/3 ranked resnet8/mnist5k configs like the final accuracy (Kendall tau 0.83,
+    12 random configs), while at 1/9 it ranked them worse (0.57) than the proxy did (0.79).
     """
 
     enabled: bool = False
-    rungs: tuple[float, ...] = (1 / 9, 1 / 3)
+    rungs: tuple[float, ...] = (1 / 3,)
     eta: float = 3.0
     min_trials: int = 4
     proxy_rung: bool = True
@@ -148,11 +152,15 @@ class FidelityConfig:
 @dataclass(frozen=True)
 class WarmStartConfig:
     """Sensitivity warm start: scan each group alone, then seed the search with configs that
-    spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``."""
+    spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``.
+
+    The default budgets fill the MACs ranges between the default uniform baselines (0.25, 0.5,
+    0.75 keep about 0.57, 0.26 and 0.07 of a CNN's MACs), most where accuracy falls fastest;
+    two scan ratios keep the scan at groups x 2 calibrations."""
 
     sensitivity: bool = False
-    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    budgets: tuple[float, ...] = (0.3, 0.5, 0.7)
+    ratios: tuple[float, ...] = (0.4, 0.8)
+    budgets: tuple[float, ...] = (0.12, 0.19, 0.4)
 
 
 @dataclass(frozen=True)
