@@ -234,3 +234,28 @@ def test_the_ray_controller_reuses_results_too(runs: Path) -> None:
     space = parse_space(spec)
     run_search(space, backend="ray", ray_options={"concurrency": 1}, quiet=True)
     assert_reused(space, "dup-ray", 3)
+
+
+def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_generation(
+        ) -> None:
+    from autoprune.controllers.ray_tune import AutopruneSearch
+    from autoprune.study import FidelityNSGAIISampler
+
+    dists = {"a": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.1),
+             "b": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.1)}
+    searcher = AutopruneSearch(space=dists, metric=["accuracy", "macs_ratio"],
+                               mode=["max", "min"], points_to_evaluate=[{"a": 0.5, "b": 0.5}],
+                               sampler=FidelityNSGAIISampler(population_size=2, seed=0))
+    assert searcher.suggest("t0") == {"a": 0.5, "b": 0.5}
+    for i in range(1, 6):
+        searcher.suggest(f"t{i}")
+    searcher.on_trial_complete("t0", {"state": "complete", "accuracy": 0.9, "macs_ratio": 0.3})
+    searcher.on_trial_complete("t1", {"state": "pruned", "accuracy": 0.2, "macs_ratio": 0.5})
+    searcher.on_trial_complete("t2", {"state": "failed", "accuracy": None, "macs_ratio": None})
+    study = searcher._ot_study
+    states = [t.state for t in study.trials]
+    assert states[:3] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                          optuna.trial.TrialState.FAIL]
+    key = "FidelityNSGAIISampler:generation"
+    assert study.trials[0].system_attrs.get(key) == 0  # the seed point has its generation
+    assert all(t.system_attrs.get(key) is not None for t in study.trials)

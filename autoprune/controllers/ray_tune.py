@@ -186,7 +186,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
                        if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)]
         todo = [p for p, _a in points if p not in done_params][:remaining]
         objectives = list(space.objectives)
-        searcher = OptunaSearch(
+        searcher = AutopruneSearch(
             space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
             mode=[d[:3] for d in directions(objectives)], points_to_evaluate=todo or None,
             sampler=make_sampler(space, space.search.seed))
@@ -206,6 +206,38 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
     finally:
         if address in (None, "", "local"):
             ray.shutdown()
+
+
+class AutopruneSearch(OptunaSearch):
+    """``OptunaSearch`` that tells its study what the local controller tells it.
+
+    A trial stopped at a rung is told PRUNED, not COMPLETE with its under-trained accuracy
+    (which would make it a parent), and a failed one FAIL; a seed point from
+    ``points_to_evaluate`` gets its NSGA-II generation, which Optuna only assigns when it
+    samples (see :func:`autoprune.study.ask`), so it can become a parent.
+    """
+
+    def suggest(self, trial_id: str) -> Any:
+        params = super().suggest(trial_id)
+        study: optuna.Study = self._ot_study  # type: ignore[assignment]
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and isinstance(study.sampler, optuna.samplers.NSGAIISampler):
+            study.sampler.get_trial_generation(study,
+                                               study._storage.get_trial(ot_trial._trial_id))
+        return params
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        state = (result or {}).get("state")
+        if state in ("pruned", "failed") and trial_id in self._ot_trials \
+                and trial_id not in self._completed_trials:
+            study: optuna.Study = self._ot_study  # type: ignore[assignment]
+            study.tell(self._ot_trials[trial_id],
+                                state=optuna.trial.TrialState.PRUNED if state == "pruned"
+                                else optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
 
 class EnoughTrials(tune.Stopper):
