@@ -1,22 +1,24 @@
-"""The same config is never fine-tuned twice.
+"""The same pruned model is never fine-tuned twice.
 
 NSGA-II on a stepped grid proposes configs it has already tried (crossover of two identical
-parents, a mutation that lands back on a parent), more so once the population converges. A
-trial is seeded by ``search.seed``, so re-running a config would only repeat the same result at
-full cost. Instead the earlier result is reused: the new trial is recorded with the same
-measurements, ``duplicate_of`` the trial that ran, no fine-tune steps and no rungs, and it
-never appears on the front twice.
+parents, a mutation that lands back on a parent), more so once the population converges; and
+with ``round_to``, nearby ratios often keep exactly the same channels (a 16-channel layer with
+``round_to: 4`` has five widths for seventeen ratios). Two trials that keep the same channels
+with the same seed build the same model and would repeat the same result at full cost. So after
+pruning, a trial whose structure already ran reuses that result: it is recorded with the same
+measurements, ``duplicate_of`` the trial that ran, its own ratios and pruning record, no
+fine-tune steps and no rungs, and the front lists the model once.
 
 Failed trials are not reused (a failure may be transient). :class:`SeenConfigs` is held
-in-process by the local controller and as an actor by the Ray controller, filled from the study
-on resume.
+in-process by the local controller, through a manager for its worker processes, and as an actor
+by the Ray controller; it is refilled from the study on resume.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import optuna
@@ -28,28 +30,32 @@ DUPLICATE_OF = "duplicate_of"
 _FIELDS = TrialResult.__dataclass_fields__
 _FLOAT_FIELDS = {k for k, f in _FIELDS.items() if f.type == "float"}
 
+Hit = tuple[int, dict[str, Any]]  # (trial number that ran it, its result fields)
+Reuse = Callable[[str], "Hit | None"]
 
-def config_key(ratios: Mapping[str, float]) -> str:
-    return json.dumps(sorted((k, round(float(v), 9)) for k, v in ratios.items()))
+
+def structure_key(kept_channels: Mapping[str, int], seed: int) -> str:
+    """What determines a trial's model and fine-tune: the channels each group keeps, the seed."""
+    return json.dumps([seed, sorted((k, int(v)) for k, v in kept_channels.items())])
 
 
 class SeenConfigs:
-    """Finished results by config: ``{key: (trial label, result fields)}``."""
+    """Finished results by structure key."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._seen: dict[str, Hit] = {}
 
-    def put(self, ratios: Mapping[str, float], label: Any, fields: Mapping[str, Any]) -> None:
-        if fields.get("state") in (None, "failed"):
+    def put(self, key: str, label: int, fields: Mapping[str, Any]) -> None:
+        if fields.get("state") in (None, "failed") or fields.get(DUPLICATE_OF) is not None:
             return
-        self._seen.setdefault(config_key(ratios), (label, dict(fields)))
+        self._seen.setdefault(key, (label, dict(fields)))
 
-    def get(self, ratios: Mapping[str, float]) -> tuple[Any, dict[str, Any]] | None:
-        return self._seen.get(config_key(ratios))
+    def get(self, key: str) -> Hit | None:
+        return self._seen.get(key)
 
-    def load(self, entries: Iterable[tuple[Mapping[str, float], Any, Mapping[str, Any]]]) -> None:
-        for ratios, label, fields in entries:
-            self.put(ratios, label, fields)
+    def load(self, entries: Iterable[tuple[str, int, Mapping[str, Any]]]) -> None:
+        for key, label, fields in entries:
+            self.put(key, label, fields)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -63,24 +69,47 @@ def result_fields(result: TrialResult) -> dict[str, Any]:
     return d
 
 
-def study_entries(study: optuna.Study) -> list[tuple[dict[str, float], int, dict[str, Any]]]:
-    """Finished, reusable trials of a study (originals only) as ``(ratios, number, fields)``."""
+def remember(seen: Any, result: TrialResult, number: int) -> None:
+    """Add a finished trial to ``seen`` (in-process, manager proxy or Ray actor)."""
+    if result.state == "failed" or result.duplicate_of is not None or not result.kept_channels:
+        return
+    key = structure_key(result.kept_channels, result.seed)
+    if hasattr(seen, "put") and hasattr(seen.put, "remote"):
+        seen.put.remote(key, number, result_fields(result))
+    else:
+        seen.put(key, number, result_fields(result))
+
+
+def reuser(seen: Any) -> Reuse:
+    """A ``reuse(key)`` callable for :func:`autoprune.trial.run_trial`, whatever holds ``seen``."""
+    if hasattr(seen, "get") and hasattr(seen.get, "remote"):  # a Ray actor handle
+        import ray
+
+        return lambda key: ray.get(seen.get.remote(key))
+    return lambda key: seen.get(key)
+
+
+def study_entries(study: optuna.Study) -> list[tuple[str, int, dict[str, Any]]]:
+    """Finished, reusable trials of a study (originals only) as ``(key, number, fields)``."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         attrs = t.user_attrs
-        if attrs.get(DUPLICATE_OF) is not None or attrs.get("state") in (None, "failed"):
+        if attrs.get(DUPLICATE_OF) is not None or attrs.get("state") in (None, "failed") \
+                or not attrs.get("kept_channels") or attrs.get("seed") is None:
             continue
         fields = {k: v for k, v in attrs.items() if k in _FIELDS}
-        out.append((dict(t.params), t.number, fields))
+        out.append((structure_key(attrs["kept_channels"], int(attrs["seed"])), t.number, fields))
     return out
 
 
-def duplicate_result(ratios: Mapping[str, float], of: int,
-                     fields: Mapping[str, Any]) -> TrialResult:
-    """A result for a config that already ran: the same measurements, none of the cost."""
-    kw = {k: v for k, v in fields.items() if k in _FIELDS}
-    for k in _FLOAT_FIELDS & kw.keys():  # the study stores NaN as null
-        kw[k] = math.nan if kw[k] is None else float(kw[k])
-    kw.update(ratios=dict(ratios), duplicate_of=of, finetune_steps=0, finetune_losses=[], rungs=[],
-              duration_s=0.0, record={}, state_dict=None, error=None)
-    return TrialResult(**kw)
+def reuse_into(result: TrialResult, hit: Hit) -> None:
+    """Fill ``result`` (pruned, not yet measured) with the measurements of the trial that built
+    the same model: none of the cost is paid again."""
+    number, fields = hit
+    keep = {"ratios", "seed", "kept_channels", "record", "state_dict"}
+    for k, v in fields.items():
+        if k in _FIELDS and k not in keep:
+            setattr(result, k, math.nan if v is None and k in _FLOAT_FIELDS else v)
+    result.duplicate_of = number
+    result.finetune_steps, result.finetune_losses, result.rungs = 0, [], []
+    result.error = None

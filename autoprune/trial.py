@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from autoprune.measure import count_cost, evaluate, measure_latency
 from autoprune.prune import prune_model
 from autoprune.sources import DataBundle, load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
+
+if TYPE_CHECKING:
+    from autoprune.dedup import Reuse
 
 TrialState = Literal["complete", "infeasible", "pruned", "failed"]
 
@@ -155,7 +158,7 @@ def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, floa
 
 def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
               keep_model: bool = False, finetune_steps: int | None = None,
-              promote: Promote | None = None) -> TrialResult:
+              promote: Promote | None = None, reuse: Reuse | None = None) -> TrialResult:
     """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
 
     Never raises for a failure inside the trial: the result has ``state="failed"`` and the
@@ -170,13 +173,16 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         finetune_steps: override the fine-tune budget (steps).
         promote: multi-fidelity: ``promote(rung, accuracy, cost)`` decides at each rung
             whether the trial goes on; a stopped trial ends ``pruned``.
+        reuse: ``reuse(structure key)`` returns the result of an earlier trial that kept the
+            same channels with the same seed (see :mod:`autoprune.dedup`); the trial then
+            reuses it instead of measuring and fine-tuning the same model again.
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
     result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
     t0 = time.perf_counter()
     try:
-        _run(ctx, result, keep_model, finetune_steps, promote)
+        _run(ctx, result, keep_model, finetune_steps, promote, reuse)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
         result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
@@ -193,7 +199,7 @@ def _cost(ctx: TrialContext, result: TrialResult) -> float:
 
 
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
-         finetune_steps: int | None, promote: Promote | None) -> None:
+         finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None) -> None:
     space, dev = ctx.space, ctx.device
     seed_everything(result.seed)
     p = space.pruning
@@ -203,6 +209,13 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
                                 p.importance, p.round_to, space.groups.ignore, grad_batches)
     result.record = record.to_dict()
     result.kept_channels = dict(record.kept_channels)
+    if reuse is not None and finetune_steps is None:
+        from autoprune.dedup import reuse_into, structure_key
+
+        hit = reuse(structure_key(result.kept_channels, result.seed))
+        if hit is not None:
+            reuse_into(result, hit)
+            return
 
     cost = count_cost(model, space.model.input_shape)
     lat = space.latency

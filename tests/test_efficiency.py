@@ -191,14 +191,14 @@ def test_nsga2_generations_advance_with_pruned_trials(runs: Path) -> None:
 
 
 def assert_reused(space: Any, name: str, trials: int) -> None:
-    """Every trial proposed the one config the space allows: the first ran, the rest reuse it."""
+    """Every trial kept the same channels: the first ran, the rest reuse its result."""
     study = load_study(name, space.storage_url)
     done = sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.number)
     assert len(done) == trials
     first, *again = done
     assert first.user_attrs["finetune_steps"] == 9 and first.user_attrs.get("duplicate_of") is None
     for t in again:
-        assert t.params == first.params
+        assert t.user_attrs["kept_channels"] == first.user_attrs["kept_channels"]
         assert t.user_attrs["duplicate_of"] == first.number
         assert t.user_attrs["finetune_steps"] == 0 and t.user_attrs["rungs"] == []
         assert t.values == first.values
@@ -216,13 +216,20 @@ def assert_reused(space: Any, name: str, trials: int) -> None:
     assert all(tags[t.number]["pareto"] == "false" for t in again)
 
 
-def test_a_config_proposed_again_reuses_its_result(runs: Path) -> None:
-    # one value per group: every proposal is the same config
+# width 8, round_to 4: ratios 0.3 and 0.35 both keep 4 of 8 channels (the 32-channel group is
+# held at one ratio)
+SAME_MODEL = {"default": {"low": 0.3, "high": 0.35, "step": 0.05},
+              "layer3.*": {"low": 0.3, "high": 0.3}}
+
+
+def test_a_model_built_again_reuses_its_result(runs: Path) -> None:
     spec = space_dict(runs, "dup", trials=3, baselines=[])
-    spec["groups"] = {"default": {"low": 0.3, "high": 0.3}}
+    spec["groups"], spec["pruning"] = SAME_MODEL, {"round_to": 4}
     space = parse_space(spec)
     run_search(space, quiet=True)
     assert_reused(space, "dup", 3)
+    study = load_study("dup", space.storage_url)
+    assert len({tuple(t.params.values()) for t in study.trials}) > 1  # other ratios, same model
     # a resumed search knows what ran before
     run_search(space, trials=4, resume=True, quiet=True)
     assert_reused(space, "dup", 4)
@@ -230,7 +237,7 @@ def test_a_config_proposed_again_reuses_its_result(runs: Path) -> None:
 
 def test_the_ray_controller_reuses_results_too(runs: Path) -> None:
     spec = space_dict(runs, "dup-ray", trials=3, baselines=[])
-    spec["groups"] = {"default": {"low": 0.3, "high": 0.3}}
+    spec["groups"], spec["pruning"] = SAME_MODEL, {"round_to": 4}
     space = parse_space(spec)
     run_search(space, backend="ray", ray_options={"concurrency": 1}, quiet=True)
     assert_reused(space, "dup-ray", 3)

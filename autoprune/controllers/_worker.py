@@ -9,6 +9,7 @@ import torch
 
 from autoprune.base import BaseMetrics
 from autoprune.config import parse_space
+from autoprune.dedup import reuser
 from autoprune.fidelity import promoter
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
@@ -22,7 +23,8 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
 
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
-         key: str = "") -> TrialResult:
+         key: str = "", seen: Any = None) -> TrialResult:
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
     promote = promoter(book, key) if book is not None else None
-    return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote)
+    return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
+                     reuse=reuser(seen) if seen is not None else None)

@@ -16,7 +16,7 @@ from multiprocessing.managers import BaseManager
 import optuna
 
 from autoprune.controllers import _worker
-from autoprune.dedup import SeenConfigs, duplicate_result, result_fields, study_entries
+from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, promoter
 from autoprune.study import ask, done_count, rung_history, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
@@ -39,37 +39,31 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         keep_model: ask trials to return their fine-tuned weights.
     """
     fid = ctx.space.search.fidelity
-    seen = SeenConfigs()
-    seen.load(study_entries(study))
 
     def record(trial: optuna.Trial, result: TrialResult) -> None:
         on_result(trial, result)
-        seen.put(result.ratios, trial.number, result_fields(result))
-
-    def reuse(trial: optuna.Trial, ratios: dict[str, float]) -> bool:
-        hit = seen.get(ratios)
-        if hit is not None:
-            on_result(trial, duplicate_result(ratios, hit[0], hit[1]))
-        return hit is not None
+        remember(seen, result, trial.number)
 
     if jobs <= 1:
+        seen = SeenConfigs()
+        seen.load(study_entries(study))
         book = RungBook(fid.eta, fid.min_trials) if fid.enabled else None
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
             trial = ask(study)
-            ratios = suggest_ratios(trial, dists)
-            if reuse(trial, ratios):
-                continue
             promote = promoter(book, f"t{trial.number}") if book is not None else None
-            record(trial, run_trial(ctx, ratios, keep_model=keep_model, promote=promote))
+            record(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
+                                    promote=promote, reuse=reuser(seen)))
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    manager = None
+    # The rung book and the results seen are shared by all worker processes through a manager.
+    manager = _BookManager()
+    manager.start()
+    seen = manager.SeenConfigs()  # type: ignore[attr-defined]
+    seen.load(study_entries(study))
     shared = None
-    if fid.enabled:  # one rung book for all worker processes, served by a manager process
-        manager = _BookManager()
-        manager.start()
+    if fid.enabled:
         shared = manager.RungBook(fid.eta, fid.min_trials)  # type: ignore[attr-defined]
         shared.load(rung_history(study))
     pool = _pool(ctx, jobs, threads)
@@ -79,9 +73,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             while len(pending) < jobs and done_count(study) + len(pending) < total:
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
-                if reuse(trial, ratios):
-                    continue
-                fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}")
+                fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}",
+                                  seen)
                 pending[fut] = (trial, ratios)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
@@ -104,8 +97,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 pool = _pool(ctx, jobs, threads)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        if manager is not None:
-            manager.shutdown()
+        manager.shutdown()
 
 
 class _BookManager(BaseManager):
@@ -113,6 +105,7 @@ class _BookManager(BaseManager):
 
 
 _BookManager.register("RungBook", RungBook)
+_BookManager.register("SeenConfigs", SeenConfigs)
 
 
 def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:

@@ -26,7 +26,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from autoprune.dedup import SeenConfigs, duplicate_result, result_fields, study_entries
+from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, promoter
 from autoprune.study import (
@@ -85,15 +85,9 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
         _CTX = TrialContext.build(parse_space(payload["space"]),
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
-    ratios = {k: float(v) for k, v in config.items()}
-    hit = ray.get(payload["seen"].get.remote(ratios))
-    if hit is not None:  # this config already ran: report its result again, at no cost
-        result = duplicate_result(ratios, hit[0], hit[1])
-    else:
-        book = payload.get("book")
-        promote = promoter(book, tune.get_context().get_trial_id()) if book is not None \
-            else None
-        result = run_trial(_CTX, ratios, promote=promote)
+    book = payload.get("book")
+    promote = promoter(book, tune.get_context().get_trial_id()) if book is not None else None
+    result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]))
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
@@ -299,8 +293,8 @@ class RecordCallback(tune.Callback):
                 attrs |= seed_attrs
                 break
         frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
-        if self.seen is not None and result.duplicate_of is None:
-            self.seen.put.remote(ratios, frozen.number, result_fields(result))
+        if self.seen is not None:
+            remember(self.seen, result, frozen.number)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
