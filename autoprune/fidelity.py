@@ -8,6 +8,15 @@ own. The first layer (the rung's own front) always goes on.
 Until ``min_trials`` trials reached a rung, everything is promoted (there is nothing to compare
 with, and a stopped trial cannot be resumed later).
 
+A rung stops trials only once it has shown that it predicts the next rung beyond what the cost
+already says: over the first ``trust_min`` trials seen at both rungs (all of them promoted, so
+an unbiased sample), the partial Spearman correlation of (accuracy here, accuracy at the next
+rung | cost) must reach ``trust_threshold``. Until then, and if it does not, the rung promotes
+everything. The last rung is trusted (what follows it is the full budget). Measured on
+resnet8/mnist5k (20 random configs): the adaptive-BN proxy had a partial correlation of -0.08
+with the final accuracy (no information beyond MACs: it sat near chance for heavy pruning),
+the BN-recalibrated accuracy after 1/9 of the budget 0.67, after 1/3 0.72.
+
 The same :class:`RungBook` serves both controllers: in-process for the local controller, through
 a ``multiprocessing`` manager for its worker processes, as a Ray actor on a cluster.
 """
@@ -35,8 +44,11 @@ class RungBook:
         min_trials: below this many results at a rung, promote.
     """
 
-    def __init__(self, eta: float = 3.0, min_trials: int = 4) -> None:
+    def __init__(self, eta: float = 3.0, min_trials: int = 4, trust_min: int = 8,
+                 trust_threshold: float = 0.3, last_rung: int | None = None) -> None:
         self.eta, self.min_trials = eta, min_trials
+        self.trust_min, self.trust_threshold, self.last_rung = trust_min, trust_threshold, \
+            last_rung
         self.rungs: dict[int, dict[str, tuple[float, float]]] = {}
 
     def report(self, key: str, rung: int, accuracy: float, cost: float) -> bool:
@@ -45,10 +57,26 @@ class RungBook:
         entries[key] = (float(accuracy), float(cost))
         return self.promotable(key, rung)
 
+    def trust(self, rung: int) -> float | None:
+        """Partial Spearman correlation of (accuracy at ``rung``, at ``rung + 1`` | cost) over
+        the first ``trust_min`` trials seen at both; None until there are that many."""
+        here, after = self.rungs.get(int(rung), {}), self.rungs.get(int(rung) + 1, {})
+        keys = [k for k in here if k in after][:self.trust_min]
+        if len(keys) < max(self.trust_min, 3):
+            return None
+        return partial_spearman([here[k][0] for k in keys], [after[k][0] for k in keys],
+                                [here[k][1] for k in keys])
+
+    def trusted(self, rung: int) -> bool:
+        if self.last_rung is None or rung >= self.last_rung or self.trust_threshold <= -1:
+            return True
+        rho = self.trust(rung)
+        return rho is not None and rho >= self.trust_threshold
+
     def promotable(self, key: str, rung: int) -> bool:
         entries = self.rungs.get(int(rung), {})
         n = len(entries)
-        if n < self.min_trials:
+        if n < self.min_trials or not self.trusted(rung):
             return True
         keys = list(entries)
         ranks = nondominated_ranks(np.array([entries[k] for k in keys]), DIRECTIONS)
@@ -65,6 +93,26 @@ class RungBook:
 
     def sizes(self) -> dict[int, int]:
         return {r: len(e) for r, e in sorted(self.rungs.items())}
+
+
+def book_args(fid: Any) -> tuple[float, int, int, float, int]:
+    """:class:`RungBook` arguments for a space's ``search.fidelity`` (rung 0 is the proxy;
+    the last rung is the last fraction of the budget)."""
+    return fid.eta, fid.min_trials, fid.trust_min, fid.trust_threshold, len(fid.rungs)
+
+
+def partial_spearman(x: Iterable[float], y: Iterable[float], z: Iterable[float]) -> float:
+    """Spearman correlation of ``x`` and ``y`` with ``z`` partialled out (0 when undefined,
+    e.g. a constant column)."""
+    from scipy.stats import spearmanr
+
+    xs, ys, zs = (np.asarray(list(v), dtype=float) for v in (x, y, z))
+    r = {}
+    for name, (a, b) in {"xy": (xs, ys), "xz": (xs, zs), "yz": (ys, zs)}.items():
+        rho = spearmanr(a, b).statistic if a.std() > 0 and b.std() > 0 else 0.0
+        r[name] = float(rho) if np.isfinite(rho) else 0.0
+    den = math.sqrt(max((1 - r["xz"] ** 2) * (1 - r["yz"] ** 2), 0.0))
+    return (r["xy"] - r["xz"] * r["yz"]) / den if den > 1e-9 else 0.0
 
 
 def promoter(book: Any, key: str) -> Promote:

@@ -132,6 +132,10 @@ class Recorder:
             if tau is not None:
                 metrics["proxy_kendall_tau"] = tau
                 self.study.set_user_attr("proxy_kendall_tau", tau)
+            rho = proxy_partial_rho(df)
+            if rho is not None:
+                metrics["proxy_partial_rho"] = rho
+                self.study.set_user_attr("proxy_partial_rho", rho)
             self.tracker.log_parent_metrics(metrics, step=done_count(self.study))
         return df
 
@@ -249,6 +253,17 @@ def proxy_kendall_tau(df: pd.DataFrame) -> float | None:
     if len(done) < 3 or done["proxy_accuracy"].nunique() < 2 or done["accuracy"].nunique() < 2:
         return None
     return float(kendalltau(done["proxy_accuracy"], done["accuracy"]).statistic)
+
+
+def proxy_partial_rho(df: pd.DataFrame) -> float | None:
+    """What the proxy knows beyond the MACs: partial Spearman correlation of (proxy, final
+    accuracy | MACs ratio) over complete trials (near 0: it only repeats the cost)."""
+    from autoprune.fidelity import partial_spearman
+
+    done = df[df["state"] == "complete"][["proxy_accuracy", "accuracy", "macs_ratio"]].dropna()
+    if len(done) < 4:
+        return None
+    return partial_spearman(done["proxy_accuracy"], done["accuracy"], done["macs_ratio"])
 
 
 def _replace(obj: Any, **changes: Any) -> Any:

@@ -58,6 +58,31 @@ def test_rung_promotion_follows_nondominated_sorting() -> None:
     assert book.report("cheap", 3, 0.05, 0.01)
 
 
+def test_a_rung_stops_trials_only_once_it_predicts_the_next_rung() -> None:
+    def book_after(proxy: list[float]) -> RungBook:
+        """Rung 0 (the proxy) and rung 1 of 6 trials; rung 1's accuracy falls with cost, and
+        beyond that rises with k; ``proxy`` is rung 0's accuracy of trial k."""
+        book = RungBook(eta=3, min_trials=2, trust_min=6, trust_threshold=0.3, last_rung=2)
+        for k, acc0 in enumerate(proxy):
+            cost = 0.2 + 0.1 * (k % 3)
+            assert book.report(f"t{k}", 0, acc0, cost)  # not trusted yet: everything goes on
+            book.report(f"t{k}", 1, 0.9 - cost / 10 + 0.01 * k, cost)
+        return book
+
+    # a proxy that ranks like rung 1 at equal cost: trusted, and a dominated trial stops
+    informative = book_after([0.5 - c + 0.01 * k for k, c in
+                              enumerate(0.2 + 0.1 * (k % 3) for k in range(6))])
+    assert informative.trust(0) == pytest.approx(1.0)
+    assert not informative.report("bad", 0, 0.0, 0.45)
+    # a proxy that only repeats the cost (constant within a cost level, ranked against rung 1
+    # there): not trusted, so it stops nothing
+    blind = book_after([0.5 - (0.2 + 0.1 * (k % 3)) - 0.01 * k for k in range(6)])
+    assert blind.trust(0) is not None and blind.trust(0) < 0.3
+    assert blind.report("bad", 0, 0.0, 0.45)
+    # the last rung needs no trust
+    assert not blind.trusted(0) and blind.trusted(2)
+
+
 def test_rung_steps() -> None:
     assert rung_steps(90, (1 / 9, 1 / 3)) == [10, 30]
     assert rung_steps(3, (1 / 9, 1 / 3)) == [1]  # distinct, at least one step, below the total
@@ -66,7 +91,8 @@ def test_rung_steps() -> None:
 
 def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
     space = parse_space(space_dict(runs, "mf", trials=10, baselines=[0.2, 0.5, 0.8],
-                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0}))
+                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0,
+                                             "trust_threshold": -1.0}))
     run_search(space, quiet=True)
     study = load_study("mf", space.storage_url)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -92,6 +118,8 @@ def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
     parent = client.get_run(study.user_attrs["parent_run_id"])
     assert parent.data.metrics["trials_pruned"] == len(pruned)
     assert -1.0 <= study.user_attrs["proxy_kendall_tau"] <= 1.0
+    assert -1.0 <= study.user_attrs["proxy_partial_rho"] <= 1.0
+    assert parent.data.metrics["proxy_partial_rho"] == study.user_attrs["proxy_partial_rho"]
 
 
 def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext) -> None:
@@ -181,7 +209,8 @@ def test_rungs_do_not_change_the_fine_tuned_model(ctx: TrialContext) -> None:
 
 def test_nsga2_generations_advance_with_pruned_trials(runs: Path) -> None:
     space = parse_space(space_dict(runs, "gens", trials=12, population_size=4,
-                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0}))
+                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0,
+                                             "trust_threshold": -1.0}))
     run_search(space, quiet=True)
     study = load_study("gens", space.storage_url)
     key = "FidelityNSGAIISampler:generation"

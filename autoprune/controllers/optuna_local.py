@@ -17,7 +17,7 @@ import optuna
 
 from autoprune.controllers import _worker
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
-from autoprune.fidelity import RungBook, promoter
+from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.study import ask, done_count, rung_history, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
@@ -47,7 +47,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     if jobs <= 1:
         seen = SeenConfigs()
         seen.load(study_entries(study))
-        book = RungBook(fid.eta, fid.min_trials) if fid.enabled else None
+        book = RungBook(*book_args(fid)) if fid.enabled else None
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
@@ -64,7 +64,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     seen.load(study_entries(study))
     shared = None
     if fid.enabled:
-        shared = manager.RungBook(fid.eta, fid.min_trials)  # type: ignore[attr-defined]
+        shared = manager.RungBook(*book_args(fid))  # type: ignore[attr-defined]
         shared.load(rung_history(study))
     pool = _pool(ctx, jobs, threads)
     pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}

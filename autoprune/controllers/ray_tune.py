@@ -28,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.errors import AutopruneError
-from autoprune.fidelity import RungBook, promoter
+from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
@@ -151,7 +151,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
     fid = space.search.fidelity
     if fid.enabled:  # the rung book lives in an actor on the cluster, refilled from the study
         actor: Any = ray.remote(RungBook)
-        book = actor.options(num_cpus=0).remote(fid.eta, fid.min_trials)
+        book = actor.options(num_cpus=0).remote(*book_args(fid))
         ray.get(book.load.remote(rung_history(study)))
         payload["book"] = book
     # finished configs, so a config proposed again reuses its result (see autoprune.dedup)
