@@ -137,10 +137,10 @@ class FidelityConfig:
     ``ceil(n / eta)`` of the ``n`` trials at that rung lie in better non-dominated layers on
     (accuracy at the rung, cost). Stopped trials are ``pruned``.
 
-    A rung stops trials only once it has shown that it predicts the next rung beyond what the
-    cost says: the partial Spearman correlation (accuracy here, accuracy at the next rung | cost)
-    over the first ``trust_min`` trials seen at both must reach ``trust_threshold`` (-1: always
-    trust). See :mod:`autoprune.fidelity`.
+    An earlier rung stops trials only once it has shown that it predicts the last rung beyond
+    what the cost says: the partial Spearman correlation (accuracy here, accuracy at the last
+    rung | cost) over the first ``trust_min`` trials seen at both must reach
+    ``trust_threshold`` (-1: always trust). See :mod:`autoprune.fidelity`.
     """
 
     enabled: bool = False
@@ -148,8 +148,8 @@ class FidelityConfig:
     eta: float = 3.0
     min_trials: int = 4
     proxy_rung: bool = True
-    trust_min: int = 8
-    trust_threshold: float = 0.3
+    trust_min: int = 12
+    trust_threshold: float = 0.4
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,11 @@ def test_rung_promotion_follows_nondominated_sorting() -> None:
     assert book.report("cheap", 3, 0.05, 0.01)
 
 
-def test_a_rung_stops_trials_only_once_it_predicts_the_next_rung() -> None:
+def test_a_rung_stops_trials_only_once_it_predicts_the_last_rung() -> None:
     def book_after(proxy: list[float]) -> RungBook:
-        """Rung 0 (the proxy) and rung 1 of 6 trials; rung 1's accuracy falls with cost, and
-        beyond that rises with k; ``proxy`` is rung 0's accuracy of trial k."""
-        book = RungBook(eta=3, min_trials=2, trust_min=6, trust_threshold=0.3, last_rung=2)
+        """Rung 0 (the proxy) and rung 1, the last, of 6 trials; rung 1's accuracy falls with
+        cost, and beyond that rises with k; ``proxy`` is rung 0's accuracy of trial k."""
+        book = RungBook(eta=3, min_trials=2, trust_min=6, trust_threshold=0.3, last_rung=1)
         for k, acc0 in enumerate(proxy):
             cost = 0.2 + 0.1 * (k % 3)
             assert book.report(f"t{k}", 0, acc0, cost)  # not trusted yet: everything goes on
@@ -80,7 +80,7 @@ def test_a_rung_stops_trials_only_once_it_predicts_the_next_rung() -> None:
     assert blind.trust(0) is not None and blind.trust(0) < 0.3
     assert blind.report("bad", 0, 0.0, 0.45)
     # the last rung needs no trust
-    assert not blind.trusted(0) and blind.trusted(2)
+    assert not blind.trusted(0) and blind.trusted(1)
 
 
 def test_rung_steps() -> None:
