@@ -46,13 +46,20 @@ one accuracy: twice the standard deviation of the final accuracy of one config (
 fine-tuned with 4 other seeds, measured per task and seed (``noise_sd``), and at least one
 validation sample. A gap inside it is a difference the same config shows from seed to seed.
 
-The full benchmark (both tasks, 3 seeds) takes about an hour on 2 busy CPU cores, most of it
-on mnist5k; ``--quick`` (digits, one seed, 8 trials) about two minutes.
+The full benchmark (both tasks, 3 seeds) takes about 75 minutes in one process on 2 CPU cores,
+most of it on mnist5k (about 15 minutes per seed); ``--quick`` (digits, one seed, 8 trials)
+about two minutes. Separate processes can share the work and ``--merge`` their outputs.
 
-Writes ``runs/bench/search_efficiency.{md,csv}``, ``search_efficiency_seeds.{md,csv}`` and
-``search_efficiency.png``::
+Writes ``runs/bench/search_efficiency.{md,csv}``, ``search_efficiency_seeds.{md,csv}``,
+``search_efficiency.png`` and the runs themselves (``search_efficiency_runs.pkl``, for
+``--merge``)::
 
     .venv/bin/python benchmarks/search_efficiency.py --quick
+    # the full run as two processes on two cores, then one report:
+    .venv/bin/python benchmarks/search_efficiency.py --tasks mnist5k --seeds 0 1 --out-dir A &
+    (.venv/bin/python benchmarks/search_efficiency.py --tasks digits --out-dir B &&
+     .venv/bin/python benchmarks/search_efficiency.py --tasks mnist5k --seeds 2 --out-dir C); wait
+    .venv/bin/python benchmarks/search_efficiency.py --merge A B C
 """
 
 from __future__ import annotations
