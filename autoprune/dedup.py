@@ -85,7 +85,13 @@ def reuser(seen: Any) -> Reuse:
     if hasattr(seen, "get") and hasattr(seen.get, "remote"):  # a Ray actor handle
         import ray
 
-        return lambda key: ray.get(seen.get.remote(key))
+        def lookup(key: str) -> Hit | None:
+            try:
+                return ray.get(seen.get.remote(key), timeout=60)
+            except Exception:  # noqa: BLE001 - a lost lookup only means running the trial
+                return None
+
+        return lookup
     return lambda key: seen.get(key)
 
 

@@ -25,6 +25,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.errors import AutopruneError
@@ -149,14 +150,16 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
                "threads": max(1, int(cpus_per_trial)),
                "device": "cuda" if gpus_per_trial > 0 else "cpu"}
     fid = space.search.fidelity
-    if fid.enabled:  # the rung book lives in an actor on the cluster, refilled from the study
+    # The bookkeeping actors live on the driver's node: a worker node may die mid-search.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    if fid.enabled:  # the rung book lives in an actor, refilled from the study
         actor: Any = ray.remote(RungBook)
-        book = actor.options(num_cpus=0).remote(*book_args(fid))
+        book = actor.options(num_cpus=0, scheduling_strategy=here).remote(*book_args(fid))
         ray.get(book.load.remote(rung_history(study)))
         payload["book"] = book
     # finished configs, so a config proposed again reuses its result (see autoprune.dedup)
     seen_actor: Any = ray.remote(SeenConfigs)
-    seen = seen_actor.options(num_cpus=0).remote()
+    seen = seen_actor.options(num_cpus=0, scheduling_strategy=here).remote()
     ray.get(seen.load.remote(study_entries(study)))
     payload["seen"] = seen
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
