@@ -266,10 +266,10 @@ def rung_accuracy(model: nn.Module, ctx: TrialContext) -> float:
     re-estimated first (adaptive BN, as for the proxy).
 
     A few training steps leave the running statistics lagging far behind the weights (BN
-    momentum 0.1): measured on resnet8/mnist5k over 12 random configs at 7 of 60 steps, the
-    plain accuracy was 0.10-0.64 against 0.78-0.96 recalibrated, and its Kendall tau with the
-    final accuracy 0.46 against 0.57 (at 20 steps: 0.52 against 0.83). The copy, and
-    ``fork_rng`` around the calibration and evaluation draws, leave the training untouched.
+    momentum 0.1): on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs) at 7
+    of 60 steps the plain accuracy was 0.11-0.73 against 0.67-0.95 recalibrated, and its Kendall
+    tau with the final accuracy 0.28 against 0.56 (at 20 steps: 0.66 against 0.82). The copy,
+    and ``fork_rng`` around the calibration and evaluation draws, leave the training untouched.
     """
     dev, batches = ctx.device, ctx.space.finetune.bn_calibration_batches
     with torch.random.fork_rng(devices=[]):

@@ -41,6 +41,7 @@ from autoprune.prune import prune_model
 from autoprune.trial import TrialContext
 
 FRACTIONS = (1 / 9, 1 / 3)
+LAST = f"recal@{FRACTIONS[-1]:.2f}"  # the last rung, as the trust gate measures it
 
 
 def measure(ctx: TrialContext, ratios: dict[str, float], seed: int) -> dict[str, float]:
@@ -74,7 +75,10 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
                      "min": df[col].min(), "max": df[col].max(),
                      "kendall_tau_vs_final": float(kendalltau(df[col], df["final"]).statistic),
                      "partial_rho_vs_final_given_macs": partial_spearman(
-                         df[col], df["final"], df["macs_ratio"])})
+                         df[col], df["final"], df["macs_ratio"]),
+                     # what the trust gate sees: the last rung stands in for the final accuracy
+                     f"partial_rho_vs_{LAST}_given_macs": partial_spearman(
+                         df[col], df[LAST], df["macs_ratio"]) if col != LAST else 1.0})
     return pd.DataFrame(rows)
 
 
