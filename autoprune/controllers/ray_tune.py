@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -141,6 +142,29 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         max_failures: retries of a trial whose worker died.
         resume: restore the Tune experiment of an interrupted driver.
     """
+    args = (ctx, study, total, dists, recorder, points, address, concurrency, cpus_per_trial,
+            gpus_per_trial, max_failures)
+    for attempt in range(ROUNDS):
+        _run_round(*args, resume=resume and attempt == 0)
+        short = total - done_count(study)
+        if short <= 0:
+            return
+        # A trial whose node died before it started can end in Tune with neither a result nor
+        # its config: nothing to record, so the study is short. Run that many more.
+        then = f"running {short} more" if attempt < ROUNDS - 1 else "giving up"
+        print(f"autoprune: {short} Ray trial(s) ended with nothing to record (their node was "
+              f"lost before they started); {then}", file=sys.stderr)
+
+
+ROUNDS = 3  # Tune experiments per run_ray, when trials are lost before they start
+
+
+def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
+               dists: dict[str, optuna.distributions.FloatDistribution], recorder: Recorder,
+               points: list[SeedPoint] | None, address: str | None, concurrency: int | None,
+               cpus_per_trial: float, gpus_per_trial: float, max_failures: int,
+               resume: bool) -> None:
+    """One Tune experiment (fresh, or restored with ``resume``) towards ``total`` trials."""
     connect(address)
     space = ctx.space
     storage = Path(space.runs_dir).resolve() / "ray"
@@ -264,6 +288,7 @@ class RecordCallback(tune.Callback):
                  total: int, seen: Any = None) -> None:
         self.recorder, self.dists, self.points = recorder, dists, points
         self.total, self.seen = total, seen
+        self.configs: dict[str, dict[str, Any]] = {}  # trial id -> config, as Tune started it
         self.recorded = {t.user_attrs.get("ray_trial_id")
                          for t in recorder.study.get_trials(deepcopy=False)}
 
@@ -280,6 +305,15 @@ class RecordCallback(tune.Callback):
             return  # a restored experiment may schedule more trials than it still needs
         if not metrics and not error:
             return  # stopped before it reported: nothing was measured
+        if any(n not in config for n in self.dists):
+            # a trial that errored for good (its node died) may come back from the result grid
+            # without its config: use the one it was started with
+            config = self.configs.get(trial_id, config)
+        missing = [n for n in self.dists if n not in config]
+        if missing:
+            print(f"autoprune: Ray trial {trial_id} came back without its ratios for {missing}; "
+                  "it cannot be recorded", file=sys.stderr)
+            return
         self.recorded.add(trial_id)
         ratios = {n: float(config[n]) for n in self.dists}
         if metrics and "state" in metrics:
@@ -298,6 +332,10 @@ class RecordCallback(tune.Callback):
         frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
         if self.seen is not None:
             remember(self.seen, result, frozen.number)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
+                       **info: Any) -> None:
+        self.configs[trial.trial_id] = dict(trial.config)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
