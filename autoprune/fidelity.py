@@ -16,8 +16,8 @@ promotes everything. The last rung is trusted (what follows it is the full budge
 rung stands in for the final accuracy, which only trials that passed every rung have. Measured
 on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs), partial correlation
 with the final accuracy given MACs: the adaptive-BN proxy 0.09 (no information beyond MACs: it
-sat near chance for heavy pruning; -0.36 with the last rung), the BN-recalibrated accuracy after
-1/9 of the budget 0.39 (0.33 with the last rung), after 1/3 0.73.
+sat near chance for heavy pruning; -0.09 with the last rung), the BN-recalibrated accuracy after
+1/9 of the budget 0.41 (0.61 with the last rung), after 1/3 0.73.
 
 The same :class:`RungBook` serves both controllers: in-process for the local controller, through
 a ``multiprocessing`` manager for its worker processes, as a Ray actor on a cluster.

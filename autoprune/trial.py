@@ -267,8 +267,8 @@ def rung_accuracy(model: nn.Module, ctx: TrialContext) -> float:
 
     A few training steps leave the running statistics lagging far behind the weights (BN
     momentum 0.1): on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs) at 7
-    of 60 steps the plain accuracy was 0.11-0.73 against 0.67-0.95 recalibrated, and its Kendall
-    tau with the final accuracy 0.28 against 0.56 (at 20 steps: 0.66 against 0.82). The copy,
+    of 60 steps the plain accuracy was 0.11-0.73 against 0.68-0.96 recalibrated, and its Kendall
+    tau with the final accuracy 0.28 against 0.56 (at 20 steps: 0.66 against 0.81). The copy,
     and ``fork_rng`` around the calibration and evaluation draws, leave the training untouched.
     """
     dev, batches = ctx.device, ctx.space.finetune.bn_calibration_batches

@@ -19,7 +19,6 @@ Writes ``runs/bench/rung_fidelity.{md,csv}`` and the per-config measurements
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from autoprune.fidelity import partial_spearman, rung_steps
 from autoprune.finetune import adaptive_bn, finetuner
 from autoprune.measure import count_cost, evaluate
 from autoprune.prune import prune_model
-from autoprune.trial import TrialContext
+from autoprune.trial import TrialContext, rung_accuracy
 
 FRACTIONS = (1 / 9, 1 / 3)
 LAST = f"recal@{FRACTIONS[-1]:.2f}"  # the last rung, as the trust gate measures it
@@ -60,9 +59,7 @@ def measure(ctx: TrialContext, ratios: dict[str, float], seed: int) -> dict[str,
         trainer.advance(step)
         with torch.random.fork_rng(devices=[]):
             row[f"plain@{frac:.2f}"] = evaluate(model, ctx.data.val, dev)
-            judge = copy.deepcopy(model)
-            adaptive_bn(judge, ctx.data.train, space.finetune.bn_calibration_batches, dev)
-            row[f"recal@{frac:.2f}"] = evaluate(judge, ctx.data.val, dev)
+        row[f"recal@{frac:.2f}"] = rung_accuracy(model, ctx)  # what a rung measures
     trainer.advance(trainer.total)
     row["final"] = evaluate(model, ctx.data.val, dev)
     return row

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import BaseManager
+from typing import Any
 
 import optuna
 
@@ -40,7 +41,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     """
     fid = ctx.space.search.fidelity
 
-    def record(trial: optuna.Trial, result: TrialResult) -> None:
+    def record(trial: optuna.Trial, result: TrialResult, seen: Any) -> None:
+        """Record a finished trial, and remember its model for later proposals."""
         on_result(trial, result)
         remember(seen, result, trial.number)
 
@@ -54,7 +56,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             trial = ask(study)
             promote = promoter(book, f"t{trial.number}") if book is not None else None
             record(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
-                                    promote=promote, reuse=reuser(seen)))
+                                    promote=promote, reuse=reuser(seen)), seen)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # The rung book and the results seen are shared by all worker processes through a manager.
@@ -86,7 +88,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     broken = True
                     result = TrialResult(ratios=ratios, state="failed", seed=ctx.space.search.seed,
                                          error=f"worker process died: {e}")
-                record(trial, result)
+                record(trial, result, seen)
             if broken:
                 for fut, (trial, ratios) in list(pending.items()):
                     pending.pop(fut)
