@@ -11,7 +11,10 @@ with, and a stopped trial cannot be resumed later).
 An earlier rung stops trials only once it has shown that it predicts the last rung beyond what
 the cost already says: over the first ``trust_min`` trials seen at both (all promoted by this
 rung, so an unbiased sample), the partial Spearman correlation of (accuracy here, accuracy at
-the last rung | cost) must reach ``trust_threshold``. Until then, and if it does not, the rung
+the last rung | cost) must reach ``trust_threshold``. Seed points (uniform baselines, warm
+starts) are judged like any trial but stay out of that sample: they are not what the sampler
+proposes, and on resnet8/mnist5k they let a proxy with no information beyond MACs (0.09 over
+random configs) reach 0.48 over the first 12 trials and be trusted. Until then, and if it does not, the rung
 promotes everything. The last rung is trusted (what follows it is the full budget). The last
 rung stands in for the final accuracy, which only trials that passed every rung have. Measured
 on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs), partial correlation
@@ -52,19 +55,24 @@ class RungBook:
         self.trust_min, self.trust_threshold, self.last_rung = trust_min, trust_threshold, \
             last_rung
         self.rungs: dict[int, dict[str, tuple[float, float]]] = {}
+        self.seeds: set[str] = set()  # seed points: judged like the others, never sampled
 
-    def report(self, key: str, rung: int, accuracy: float, cost: float) -> bool:
-        """Record ``key``'s result at ``rung``; True if it may go on to the next rung."""
+    def report(self, key: str, rung: int, accuracy: float, cost: float,
+               sample: bool = True) -> bool:
+        """Record ``key``'s result at ``rung``; True if it may go on to the next rung.
+        ``sample=False`` (a seed point) keeps it out of the trust sample."""
         entries = self.rungs.setdefault(int(rung), {})
         entries[key] = (float(accuracy), float(cost))
+        if not sample:
+            self.seeds.add(key)
         return self.promotable(key, rung)
 
     def trust(self, rung: int) -> float | None:
         """Partial Spearman correlation of (accuracy at ``rung``, at the last rung | cost) over
-        the first ``trust_min`` trials seen at both; None until there are that many."""
+        the first ``trust_min`` sampled trials seen at both; None until there are that many."""
         last = self.last_rung if self.last_rung is not None else int(rung) + 1
         here, after = self.rungs.get(int(rung), {}), self.rungs.get(last, {})
-        keys = [k for k in here if k in after][:self.trust_min]
+        keys = [k for k in here if k in after and k not in self.seeds][:self.trust_min]
         if len(keys) < max(self.trust_min, 3):
             return None
         return partial_spearman([here[k][0] for k in keys], [after[k][0] for k in keys],
@@ -88,11 +96,14 @@ class RungBook:
         # stopped only when enough trials at this rung dominate it, layer by layer.
         return int((ranks < mine).sum()) < math.ceil(n / self.eta)
 
-    def load(self, history: Iterable[tuple[str, list[tuple[int, float, float]]]]) -> None:
-        """Refill from finished trials (``(key, [(rung, accuracy, cost), ...])``) on resume."""
-        for key, rungs in history:
+    def load(self, history: Iterable[tuple[str, list[tuple[int, float, float]], bool]]) -> None:
+        """Refill from finished trials (``(key, [(rung, accuracy, cost), ...], sample)``) on
+        resume."""
+        for key, rungs, sample in history:
             for rung, acc, cost in rungs:
                 self.rungs.setdefault(int(rung), {})[key] = (float(acc), float(cost))
+            if not sample:
+                self.seeds.add(key)
 
     def sizes(self) -> dict[int, int]:
         return {r: len(e) for r, e in sorted(self.rungs.items())}
@@ -118,13 +129,15 @@ def partial_spearman(x: Iterable[float], y: Iterable[float], z: Iterable[float])
     return (r["xy"] - r["xz"] * r["yz"]) / den if den > 1e-9 else 0.0
 
 
-def promoter(book: Any, key: str) -> Promote:
-    """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book."""
+def promoter(book: Any, key: str, sample: bool = True) -> Promote:
+    """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book
+    (``sample=False`` for a seed point: see :meth:`RungBook.report`)."""
     if hasattr(book, "report") and hasattr(book.report, "remote"):  # a Ray actor handle
         import ray
 
-        return lambda rung, acc, cost: bool(ray.get(book.report.remote(key, rung, acc, cost)))
-    return lambda rung, acc, cost: bool(book.report(key, rung, acc, cost))
+        return lambda rung, acc, cost: bool(ray.get(book.report.remote(key, rung, acc, cost,
+                                                                       sample)))
+    return lambda rung, acc, cost: bool(book.report(key, rung, acc, cost, sample))
 
 
 def rung_steps(total: int, fractions: Iterable[float]) -> list[int]:

@@ -273,14 +273,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]]]]:
-    """Rung results of finished trials, to refill a :class:`~autoprune.fidelity.RungBook`."""
-    out: list[tuple[str, list[tuple[int, float, float]]]] = []
+def is_seed(attrs: Mapping[str, Any]) -> bool:
+    """A seed point (uniform baseline or warm start), from a trial's user attrs."""
+    return bool(attrs.get("baseline") or attrs.get("warm_start"))
+
+
+def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]], bool]]:
+    """Rung results of finished trials, to refill a :class:`~autoprune.fidelity.RungBook`
+    (with whether each one belongs in its trust sample: seed points do not)."""
+    out: list[tuple[str, list[tuple[int, float, float]], bool]] = []
     for t in study.get_trials(deepcopy=False):
         if t.state.is_finished() and t.user_attrs.get("rungs"):
             key = t.user_attrs.get("ray_trial_id") or f"t{t.number}"
             out.append((str(key), [(int(r), float(a), float(c))
-                                   for r, a, c in t.user_attrs["rungs"]]))
+                                   for r, a, c in t.user_attrs["rungs"]],
+                        not is_seed(t.user_attrs)))
     return out
 
 

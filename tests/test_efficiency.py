@@ -83,6 +83,29 @@ def test_a_rung_stops_trials_only_once_it_predicts_the_last_rung() -> None:
     assert not blind.trusted(0) and blind.trusted(1)
 
 
+def test_seed_points_stay_out_of_the_trust_sample() -> None:
+    """Baselines and warm starts are not random configs: a rung that ranks them well has shown
+    nothing about the configs the sampler proposes, so they never open its trust gate."""
+    def report(book: RungBook, key: str, k: int, sample: bool) -> None:
+        cost = 0.2 + 0.1 * (k % 3)
+        book.report(key, 0, 0.5 - cost + 0.01 * k, cost, sample)
+        book.report(key, 1, 0.9 - cost / 10 + 0.01 * k, cost, sample)
+
+    book = RungBook(eta=3, min_trials=2, trust_min=6, trust_threshold=0.3, last_rung=1)
+    for k in range(6):
+        report(book, f"seed{k}", k, sample=False)
+    assert book.trust(0) is None and book.report("bad", 0, 0.0, 0.45)  # still promoted
+    for k in range(6):
+        report(book, f"t{k}", k, sample=True)
+    assert book.trust(0) == pytest.approx(1.0)
+    assert not book.report("worse", 0, 0.0, 0.45)
+    # on resume the book is refilled with the same sample (seed points flagged)
+    again = RungBook(eta=3, min_trials=2, trust_min=6, trust_threshold=0.3, last_rung=1)
+    again.load([(k, [(r, *v[k]) for r, v in sorted(book.rungs.items()) if k in v],
+                 k not in book.seeds) for k in book.rungs[0]])
+    assert again.seeds == book.seeds and again.trust(0) == book.trust(0)
+
+
 def test_rung_steps() -> None:
     assert rung_steps(90, (1 / 9, 1 / 3)) == [10, 30]
     assert rung_steps(3, (1 / 9, 1 / 3)) == [1]  # distinct, at least one step, below the total

@@ -88,7 +88,10 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
     book = payload.get("book")
-    promote = promoter(book, tune.get_context().get_trial_id()) if book is not None else None
+    # a seed point (its config is one of them) stays out of the rungs' trust sample
+    sample = dict(config) not in payload.get("seeds", [])
+    promote = promoter(book, tune.get_context().get_trial_id(), sample) \
+        if book is not None else None
     result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]))
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
@@ -172,7 +175,8 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     base_state = {k: v.detach().cpu() for k, v in ctx.base_model.state_dict().items()}
     payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
                "threads": max(1, int(cpus_per_trial)),
-               "device": "cuda" if gpus_per_trial > 0 else "cpu"}
+               "device": "cuda" if gpus_per_trial > 0 else "cpu",
+               "seeds": [dict(p) for p, _a in points or []]}
     fid = space.search.fidelity
     # The bookkeeping actors live on the driver's node: a worker node may die mid-search.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
