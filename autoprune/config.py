@@ -157,13 +157,15 @@ class WarmStartConfig:
     """Sensitivity warm start: scan each group alone, then seed the search with configs that
     spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``.
 
-    The default budgets fill the MACs ranges between the default uniform baselines (0.25, 0.5,
-    0.75 keep about 0.57, 0.26 and 0.07 of a CNN's MACs), most where accuracy falls fastest;
-    two scan ratios keep the scan at groups x 2 calibrations."""
+    The seeds run first, cheapest budget first, before the uniform baselines. A budget is met in
+    counted MACs; 0 (or any budget below what the space can reach) seeds the space's cheapest
+    config, every group at its upper bound, so the front spans the whole range from the start.
+    The default budgets are spread over the MACs range, closest together at the cheap end,
+    where accuracy falls fastest; two scan ratios keep the scan at groups x 2 calibrations."""
 
     sensitivity: bool = False
     ratios: tuple[float, ...] = (0.4, 0.8)
-    budgets: tuple[float, ...] = (0.12, 0.19, 0.4)
+    budgets: tuple[float, ...] = (0.0, 0.07, 0.12, 0.2, 0.4, 0.6)
 
 
 @dataclass(frozen=True)
@@ -422,8 +424,9 @@ def _validate(space: SpaceConfig) -> None:
         if not 0.0 < w < 1.0:
             raise ConfigError(f"search.warm_start.ratios[{i}]", w, "a ratio in (0, 1)")
     for i, b in enumerate(space.search.warm_start.budgets):
-        if not 0.0 < b < 1.0:
-            raise ConfigError(f"search.warm_start.budgets[{i}]", b, "a MACs ratio in (0, 1)")
+        if not 0.0 <= b < 1.0:
+            raise ConfigError(f"search.warm_start.budgets[{i}]", b, "a MACs ratio in [0, 1) "
+                              "(0: the cheapest config the space allows)")
     if not 0.0 <= space.finetune.distill_alpha <= 1.0:
         raise ConfigError("finetune.distill_alpha", space.finetune.distill_alpha,
                           "a weight in [0, 1] (0: no distillation)")

@@ -190,14 +190,15 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
-    sens = None
+    sens, measure = None, None
     if space.search.warm_start.sensitivity:
-        from autoprune.sensitivity import cached_scan
+        from autoprune.sensitivity import cached_scan, macs_counter
 
         log("autoprune: sensitivity scan (one group at a time) for the warm start")
         sens, cached = cached_scan(ctx)
         log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
-    points = seed_points(space, dists, ctx.groups, sens)
+        measure = macs_counter(ctx)
+    points = seed_points(space, dists, ctx.groups, sens, measure)
     if backend != "ray":  # on Ray the seed points go to OptunaSearch as points_to_evaluate
         enqueue_points(study, points)
 

@@ -8,7 +8,7 @@ budget, pruning goes first to the groups that lose the least accuracy per MAC re
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,38 +109,69 @@ def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]
 
 
 def allocate(sens: Sensitivity, groups: Sequence[GroupInfo], budget: float,
-             dists: Mapping[str, FloatDistribution]) -> dict[str, float]:
+             dists: Mapping[str, FloatDistribution],
+             measure: Callable[[Mapping[str, float]], float] | None = None) -> dict[str, float]:
     """Greedy allocation for a MACs budget: repeatedly raise the ratio of the group that loses
-    the least (interpolated) accuracy per MAC removed, until the estimate meets ``budget``."""
+    the least (interpolated) accuracy per MAC removed, until the estimate meets ``budget``;
+    then, with ``measure`` (ratios -> counted MACs ratio), go on until the counted MACs meet it
+    too (the estimate ignores ``round_to`` and layers no group prunes, so it runs low). A
+    budget the space cannot reach (0, say) gives its cheapest config: every group at its upper
+    bound."""
     ratios = {n: d.low for n, d in dists.items()}
     by_name = {g.name: g for g in groups}
     active = [by_name[n] for n in dists if n in by_name]
-    while estimate_macs_ratio(active, ratios) > budget:
-        best, best_key = None, (np.inf, 0.0)
-        current = estimate_macs_ratio(active, ratios)
-        for name, d in dists.items():
-            step = d.step or 0.05
-            nxt = ratios[name] + step
-            if nxt > d.high + 1e-9 or name not in sens.groups:
-                continue
-            xs, ys = sens.curve(name)
-            drop = float(np.interp(ratios[name], xs, ys) - np.interp(nxt, xs, ys))
-            # past the scanned range, assume the curve keeps falling at its last slope
-            if nxt > xs[-1]:
-                slope = (ys[-2] - ys[-1]) / max(xs[-1] - xs[-2], 1e-9)
-                drop = max(drop, slope * (nxt - max(ratios[name], xs[-1])))
-            saved = current - estimate_macs_ratio(active, {**ratios, name: nxt})
-            if saved <= 0:
-                continue
-            # a noise-level drop (below one validation sample in 1,000) ties at 0: then the
-            # group that removes the most MACs per step goes first
-            key = (max(drop, 0.0) / saved if drop > 1e-3 else 0.0, -saved)
-            if key < best_key:
-                best, best_key = name, key
-        if best is None:
-            break
-        ratios[best] = round(ratios[best] + (dists[best].step or 0.05), 10)
+    for over in (lambda: estimate_macs_ratio(active, ratios) > budget,
+                 lambda: measure is not None and measure(ratios) > budget):
+        while over():
+            best = _cheapest_step(sens, active, ratios, dists)
+            if best is None:
+                return ratios
+            ratios[best] = round(ratios[best] + (dists[best].step or 0.05), 10)
     return ratios
+
+
+def _cheapest_step(sens: Sensitivity, active: Sequence[GroupInfo], ratios: Mapping[str, float],
+                   dists: Mapping[str, FloatDistribution]) -> str | None:
+    """The group whose next ratio step loses the least accuracy per MAC removed (None when no
+    group can go further)."""
+    best, best_key = None, (np.inf, 0.0)
+    current = estimate_macs_ratio(active, ratios)
+    for name, d in dists.items():
+        step = d.step or 0.05
+        nxt = ratios[name] + step
+        if nxt > d.high + 1e-9 or name not in sens.groups:
+            continue
+        xs, ys = sens.curve(name)
+        drop = float(np.interp(ratios[name], xs, ys) - np.interp(nxt, xs, ys))
+        # past the scanned range, assume the curve keeps falling at its last slope
+        if nxt > xs[-1]:
+            slope = (ys[-2] - ys[-1]) / max(xs[-1] - xs[-2], 1e-9)
+            drop = max(drop, slope * (nxt - max(ratios[name], xs[-1])))
+        saved = current - estimate_macs_ratio(active, {**ratios, name: nxt})
+        if saved <= 0:
+            continue
+        # a noise-level drop (below one validation sample in 1,000) ties at 0: then the
+        # group that removes the most MACs per step goes first
+        key = (max(drop, 0.0) / saved if drop > 1e-3 else 0.0, -saved)
+        if key < best_key:
+            best, best_key = name, key
+    return best
+
+
+def macs_counter(ctx: TrialContext) -> Callable[[Mapping[str, float]], float]:
+    """``ratios -> MACs ratio`` counted on the pruned model, as a trial counts it (channel
+    counts do not depend on the importance, so the cheap L2 one stands in)."""
+    from autoprune.measure import count_cost
+    from autoprune.prune import prune_model
+
+    p, shape = ctx.space.pruning, ctx.space.model.input_shape
+
+    def macs(ratios: Mapping[str, float]) -> float:
+        model, _rec = prune_model(ctx.base_model, ctx.example_inputs, ratios, "l2", p.round_to,
+                                  ctx.space.groups.ignore)
+        return count_cost(model, shape).macs / ctx.base.macs
+
+    return macs
 
 
 def plot_heatmap(sens: Sensitivity, path: Path) -> Path:

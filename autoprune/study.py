@@ -11,7 +11,7 @@ import fnmatch
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,20 +164,32 @@ SEED_ATTRS = ("baseline", "baseline_ratio", "warm_start", "warm_start_budget")
 
 
 def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
-                groups: Sequence[GroupInfo], sensitivity: Any = None) -> list[SeedPoint]:
-    """The first trials of a study: uniform ratios at each ``search.baselines`` level, then
-    (with a sensitivity scan) one sensitivity-allocated config per warm-start MACs budget."""
-    points: list[SeedPoint] = [
-        ({n: snap(level, d) for n, d in dists.items()},
-         {"baseline": True, "baseline_ratio": level}) for level in space.search.baselines]
+                groups: Sequence[GroupInfo], sensitivity: Any = None,
+                measure: Callable[[Mapping[str, float]], float] | None = None
+                ) -> list[SeedPoint]:
+    """The first trials of a study: (with a sensitivity scan) one sensitivity-allocated config
+    per warm-start MACs budget, cheapest first, then uniform ratios at each
+    ``search.baselines`` level. The allocated configs come first: they are the better-informed
+    guesses (at the same MACs they are expected to beat uniform ratios), so the front fills in
+    sooner; the baselines follow as the reference a user compares with. ``measure`` (ratios ->
+    counted MACs ratio) makes each allocation meet its budget in counted MACs."""
+    points: list[SeedPoint] = []
     if sensitivity is not None:
         from autoprune.sensitivity import allocate
 
-        for budget in space.search.warm_start.budgets:
-            ratios = allocate(sensitivity, groups, budget, dists)
+        for budget in sorted(space.search.warm_start.budgets):
+            ratios = allocate(sensitivity, groups, budget, dists, measure)
             params = {n: snap(ratios[n], d) for n, d in dists.items()}
             if all(params != p for p, _a in points):
                 points.append((params, {"warm_start": True, "warm_start_budget": budget}))
+    for level in space.search.baselines:
+        params = {n: snap(level, d) for n, d in dists.items()}
+        attrs = {"baseline": True, "baseline_ratio": level}
+        same = [a for p, a in points if p == params]
+        if same:  # an allocation that is uniform (the cheapest config, say) is both
+            same[0].update(attrs)
+        else:
+            points.append((params, attrs))
     return points
 
 

@@ -15,7 +15,7 @@ from autoprune.config import parse_space
 from autoprune.fidelity import RungBook, rung_steps
 from autoprune.finetune import finetune
 from autoprune.search import run_search
-from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio
+from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
 from autoprune.study import distributions, front_numbers, load_study
 from autoprune.trial import TrialContext, run_trial
 
@@ -155,20 +155,31 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
     assert not cached  # other ratios: another scan
 
     dists = distributions(ctx.space, ctx.groups)
+    count = macs_counter(ctx)
     for budget in (0.3, 0.6):
         ratios = allocate(first, ctx.groups, budget, dists)
         est = estimate_macs_ratio(ctx.groups, ratios)
         assert est <= budget
         measured = run_trial(ctx, ratios, finetune_steps=0).macs_ratio
+        assert count(ratios) == pytest.approx(measured)  # counted as a trial counts it
         assert abs(measured - est) < 0.08  # the MACs estimate is close to the counted MACs
+        # with the counter, the allocation meets the budget in counted MACs
+        assert run_trial(ctx, allocate(first, ctx.groups, budget, dists, count),
+                         finetune_steps=0).macs_ratio <= budget
+    # a budget the space cannot reach: its cheapest config
+    assert allocate(first, ctx.groups, 0.0, dists, count) == {n: d.high for n, d in dists.items()}
 
     space = parse_space(space_dict(runs, "warm", trials=6,
                                    warm_start={"sensitivity": True, "budgets": [0.3, 0.6]}))
     run_search(space, quiet=True)
     study = load_study("warm", space.storage_url)
     warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
-    assert sorted(t.user_attrs["warm_start_budget"] for t in warm) == [0.3, 0.6]
-    assert all(t.number < 6 for t in warm)  # seeded first, right after the baselines
+    # seeded first, cheapest budget first, then the baselines
+    assert [t.user_attrs["warm_start_budget"] for t in warm] == [0.3, 0.6]
+    assert [t.number for t in warm] == [0, 1]
+    n_base = len(space.search.baselines)
+    assert all(t.user_attrs.get("baseline") for t in study.trials[2:2 + n_base])
+    assert all(t.user_attrs["macs_ratio"] <= t.user_attrs["warm_start_budget"] for t in warm)
     client = MlflowClient(space.tracking_uri)
     names = {a.path for a in client.list_artifacts(study.user_attrs["parent_run_id"])}
     assert "sensitivity.png" in names
