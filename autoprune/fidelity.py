@@ -14,8 +14,10 @@ rung, so an unbiased sample), the partial Spearman correlation of (accuracy here
 the last rung | cost) must reach ``trust_threshold``. Seed points (uniform baselines, warm
 starts) are judged like any trial but stay out of that sample: they are not what the sampler
 proposes, and on resnet8/mnist5k they let a proxy with no information beyond MACs (0.09 over
-random configs) reach 0.48 over the first 12 trials and be trusted. Until then, and if it does not, the rung
-promotes everything. The last rung is trusted (what follows it is the full budget). The last
+random configs) reach 0.48 over the first 12 trials and be trusted. Until then, and if it
+does not, the rung promotes everything. The last rung is trusted (what follows it is the full
+budget). Uniform baselines are never stopped: they are the reference the front is read
+against. The last
 rung stands in for the final accuracy, which only trials that passed every rung have. Measured
 on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs), partial correlation
 with the final accuracy given MACs: the adaptive-BN proxy 0.09 (no information beyond MACs: it
@@ -129,15 +131,19 @@ def partial_spearman(x: Iterable[float], y: Iterable[float], z: Iterable[float])
     return (r["xy"] - r["xz"] * r["yz"]) / den if den > 1e-9 else 0.0
 
 
-def promoter(book: Any, key: str, sample: bool = True) -> Promote:
-    """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book
-    (``sample=False`` for a seed point: see :meth:`RungBook.report`)."""
+def promoter(book: Any, key: str, role: str | None = None) -> Promote:
+    """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book.
+
+    ``role`` is a seed point's (:func:`autoprune.study.seed_role`): seed points stay out of the
+    trust sample, and a uniform ``baseline`` is judged (its results are there to compare with)
+    but never stopped: it is the reference the front is read against."""
+    sample, keep = role is None, role == "baseline"
     if hasattr(book, "report") and hasattr(book.report, "remote"):  # a Ray actor handle
         import ray
 
-        return lambda rung, acc, cost: bool(ray.get(book.report.remote(key, rung, acc, cost,
-                                                                       sample)))
-    return lambda rung, acc, cost: bool(book.report(key, rung, acc, cost, sample))
+        return lambda rung, acc, cost: bool(ray.get(book.report.remote(
+            key, rung, acc, cost, sample))) or keep
+    return lambda rung, acc, cost: bool(book.report(key, rung, acc, cost, sample)) or keep
 
 
 def rung_steps(total: int, fractions: Iterable[float]) -> list[int]:

@@ -285,9 +285,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def is_seed(attrs: Mapping[str, Any]) -> bool:
-    """A seed point (uniform baseline or warm start), from a trial's user attrs."""
-    return bool(attrs.get("baseline") or attrs.get("warm_start"))
+def seed_role(attrs: Mapping[str, Any]) -> str | None:
+    """``baseline`` or ``warm_start`` for a seed point (from a trial's user attrs), else None."""
+    return "baseline" if attrs.get("baseline") else "warm_start" if attrs.get("warm_start") \
+        else None
 
 
 def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]], bool]]:
@@ -299,7 +300,7 @@ def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, 
             key = t.user_attrs.get("ray_trial_id") or f"t{t.number}"
             out.append((str(key), [(int(r), float(a), float(c))
                                    for r, a, c in t.user_attrs["rungs"]],
-                        not is_seed(t.user_attrs)))
+                        seed_role(t.user_attrs) is None))
     return out
 
 

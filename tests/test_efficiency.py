@@ -12,7 +12,7 @@ from _helpers import tiny_space
 from mlflow import MlflowClient
 
 from autoprune.config import parse_space
-from autoprune.fidelity import RungBook, rung_steps
+from autoprune.fidelity import RungBook, promoter, rung_steps
 from autoprune.finetune import finetune
 from autoprune.search import run_search
 from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
@@ -104,6 +104,18 @@ def test_seed_points_stay_out_of_the_trust_sample() -> None:
     again.load([(k, [(r, *v[k]) for r, v in sorted(book.rungs.items()) if k in v],
                  k not in book.seeds) for k in book.rungs[0]])
     assert again.seeds == book.seeds and again.trust(0) == book.trust(0)
+
+
+def test_a_baseline_is_judged_but_never_stopped() -> None:
+    """Uniform baselines are the reference the front is read against: a dominated one runs
+    on (and its results still count at the rung); a warm start with the same results stops."""
+    book = RungBook(eta=2, min_trials=3, trust_threshold=-1.0)
+    for k, (acc, cost) in enumerate([(0.95, 0.2), (0.96, 0.3), (0.97, 0.4)]):
+        book.report(f"t{k}", 1, acc, cost)
+    assert promoter(book, "base", "baseline")(1, 0.5, 0.9)
+    assert book.rungs[1]["base"] == (0.5, 0.9) and "base" in book.seeds
+    assert not promoter(book, "warm", "warm_start")(1, 0.5, 0.9)
+    assert not promoter(book, "t9", None)(1, 0.5, 0.9) and "t9" not in book.seeds
 
 
 def test_rung_steps() -> None:
@@ -308,7 +320,7 @@ def test_the_ray_controller_reuses_results_too(runs: Path) -> None:
 
 def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_generation(
         ) -> None:
-    from autoprune.controllers.ray_tune import AutopruneSearch
+    from autoprune.controllers.ray_tune import AutopruneSearch, role_of
     from autoprune.study import FidelityNSGAIISampler
 
     dists = {"a": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.1),
@@ -316,7 +328,11 @@ def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_gene
     searcher = AutopruneSearch(space=dists, metric=["accuracy", "macs_ratio"],
                                mode=["max", "min"], points_to_evaluate=[{"a": 0.5, "b": 0.5}],
                                sampler=FidelityNSGAIISampler(population_size=2, seed=0))
-    assert searcher.suggest("t0") == {"a": 0.5, "b": 0.5}
+    first = searcher.suggest("t0")
+    assert first == {"a": 0.5, "b": 0.5}
+    # the trainable finds a seed point's role in the rungs by its config
+    seeds = [({"a": 0.5, "b": 0.5}, "baseline"), ({"a": 0.2, "b": 0.7}, "warm_start")]
+    assert role_of(first, seeds) == "baseline" and role_of({"a": 0.1, "b": 0.1}, seeds) is None
     for i in range(1, 6):
         searcher.suggest(f"t{i}")
     searcher.on_trial_complete("t0", {"state": "complete", "accuracy": 0.9, "macs_ratio": 0.3})

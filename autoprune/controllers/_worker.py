@@ -23,8 +23,8 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
 
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
-         key: str = "", seen: Any = None, sample: bool = True) -> TrialResult:
+         key: str = "", seen: Any = None, role: str | None = None) -> TrialResult:
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
-    promote = promoter(book, key, sample) if book is not None else None
+    promote = promoter(book, key, role) if book is not None else None
     return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
                      reuse=reuser(seen) if seen is not None else None)

@@ -19,7 +19,7 @@ import optuna
 from autoprune.controllers import _worker
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, book_args, promoter
-from autoprune.study import ask, done_count, is_seed, rung_history, suggest_ratios
+from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
@@ -54,7 +54,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             book.load(rung_history(study))
         while done_count(study) < total:
             trial = ask(study)
-            promote = promoter(book, f"t{trial.number}", not is_seed(trial.user_attrs)) \
+            promote = promoter(book, f"t{trial.number}", seed_role(trial.user_attrs)) \
                 if book is not None else None
             record(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
                                     promote=promote, reuse=reuser(seen)), seen)
@@ -77,7 +77,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
                 fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}",
-                                  seen, not is_seed(trial.user_attrs))
+                                  seen, seed_role(trial.user_attrs))
                 pending[fut] = (trial, ratios)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False

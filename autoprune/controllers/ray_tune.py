@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from autoprune.study import (
     done_count,
     make_sampler,
     rung_history,
+    seed_role,
 )
 from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
 
@@ -88,15 +89,20 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
     book = payload.get("book")
-    # a seed point (its config is one of them) stays out of the rungs' trust sample
-    sample = dict(config) not in payload.get("seeds", [])
-    promote = promoter(book, tune.get_context().get_trial_id(), sample) \
-        if book is not None else None
+    promote = promoter(book, tune.get_context().get_trial_id(),
+                       role_of(config, payload["seeds"])) if book is not None else None
     result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]))
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
     tune.report(metrics)
+
+
+def role_of(config: Mapping[str, float],
+            seeds: Sequence[tuple[dict[str, float], str | None]]) -> str | None:
+    """A seed point's role in the rungs (see :func:`autoprune.fidelity.promoter`), found by its
+    config: Tune hands ``points_to_evaluate`` to the trainable as they were given."""
+    return next((role for params, role in seeds if params == dict(config)), None)
 
 
 def result_to_metrics(result: TrialResult) -> dict[str, Any]:
@@ -176,7 +182,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
                "threads": max(1, int(cpus_per_trial)),
                "device": "cuda" if gpus_per_trial > 0 else "cpu",
-               "seeds": [dict(p) for p, _a in points or []]}
+               "seeds": [(dict(p), seed_role(a)) for p, a in points or []]}
     fid = space.search.fidelity
     # The bookkeeping actors live on the driver's node: a worker node may die mid-search.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
