@@ -218,7 +218,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.sensitivity import cache_path, cached_scan, plot_heatmap
+    from autoprune.sensitivity import allocate, cache_path, cached_scan, macs_counter, plot_heatmap
+    from autoprune.study import distributions
     from autoprune.trial import TrialContext
 
     space = load_space(args.space)
@@ -226,8 +227,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     ctx = TrialContext.build(space)
     sens, cached = cached_scan(ctx, ratios)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
+    # the configs the warm start would seed: one per budget, with its counted MACs ratio
+    dists, count = distributions(space, ctx.groups), macs_counter(ctx)
+    configs = {b: allocate(sens, ctx.groups, b, dists, count)
+               for b in sorted(space.search.warm_start.budgets)}
+    macs = {b: count(c) for b, c in configs.items()}
+    seeds = [{"budget": b, "macs_ratio": macs[b], "ratios": c} for b, c in configs.items()]
     if args.json:
-        print(json.dumps(sens.to_dict(), indent=2))
+        print(json.dumps({**sens.to_dict(), "warm_start": seeds}, indent=2))
         return 0
     df = pd.DataFrame(sens.accuracy, index=sens.groups,
                       columns=[f"r={r:.2f}" for r in sens.ratios])
@@ -235,6 +242,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
           f"{sens.base_accuracy:.4f}{' (cached)' if cached else ''}")
     with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 200):
         print(df.to_string())
+        seeded = pd.DataFrame({f"budget {b:g}": {"MACs ratio": macs[b], **c}
+                               for b, c in configs.items()})
+        print("\nwarm-start seeds (search.warm_start.budgets): ratio per group, counted MACs")
+        print(seeded.to_string())
     print(f"\nheatmap: {png}")
     return 0
 

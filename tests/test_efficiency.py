@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 import torch
+import yaml
 from _helpers import tiny_space
 from mlflow import MlflowClient
 
+from autoprune.cli import main
 from autoprune.config import parse_space
 from autoprune.fidelity import RungBook, promoter, rung_steps
 from autoprune.finetune import finetune
@@ -195,6 +198,28 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
     client = MlflowClient(space.tracking_uri)
     names = {a.path for a in client.list_artifacts(study.user_attrs["parent_run_id"])}
     assert "sensitivity.png" in names
+
+
+def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
+        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = space_dict(runs, "ctx",  # the base model of the ctx fixture
+                      warm_start={"sensitivity": True, "ratios": [0.4, 0.8],
+                                  "budgets": [0.0, 0.3, 0.6]})
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sensitivity", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ratios"] == [0.4, 0.8] and len(out["accuracy"]) == len(out["groups"])
+    seeds = out["warm_start"]
+    assert [s["budget"] for s in seeds] == [0.0, 0.3, 0.6]
+    assert all(set(s["ratios"]) == set(out["groups"]) for s in seeds)
+    # budget 0: the cheapest config; the others meet their budgets in counted MACs
+    assert set(seeds[0]["ratios"].values()) == {0.8}
+    assert all(s["macs_ratio"] <= s["budget"] for s in seeds[1:])
+    assert seeds[0]["macs_ratio"] < seeds[1]["macs_ratio"] < seeds[2]["macs_ratio"]
+    assert main(["sensitivity", str(path)]) == 0  # the table, from the cache this time
+    text = capsys.readouterr().out
+    assert "(cached)" in text and "warm-start seeds" in text and "budget 0.6" in text
 
 
 def test_seeded_trials_are_reproducible(ctx: TrialContext) -> None:
