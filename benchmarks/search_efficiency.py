@@ -48,9 +48,10 @@ fine-tuned with 4 other seeds, measured per task and seed (``noise_sd``), and at
 validation sample. A gap inside it is a difference the same config shows from seed to seed.
 
 The full benchmark (both tasks, 3 seeds) takes about an hour in one process: split as below,
-each of the two processes took 29 minutes on 2 shared cores (mnist5k about 14 minutes per
-seed, digits about 4); ``--quick`` (digits, one seed, 8 trials) about two minutes. Separate
-processes can share the work and ``--merge`` their outputs.
+the two processes took 26 and 29 minutes on 2 shared cores (mnist5k about 10 minutes per
+seed after 5 minutes of base training, digits about 5); ``--quick`` (digits, one seed, 8
+trials) about two minutes. Separate processes can share the work and ``--merge`` their
+outputs.
 
 Writes ``runs/bench/search_efficiency.{md,csv}``, ``search_efficiency_seeds.{md,csv}``,
 ``search_efficiency.png`` and the runs themselves (``search_efficiency_runs.pkl``, for
