@@ -165,7 +165,7 @@ class WarmStartConfig:
 
     sensitivity: bool = False
     ratios: tuple[float, ...] = (0.4, 0.8)
-    budgets: tuple[float, ...] = (0.0, 0.07, 0.12, 0.2, 0.4, 0.6)
+    budgets: tuple[float, ...] = (0.0, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.6)
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,7 @@ class SearchConfig:
     seed: int = 0
     population_size: int = 16
     baselines: tuple[float, ...] = (0.25, 0.5, 0.75)
+    front_fill: int = 2  # every n-th proposal after the seeds bisects the front's widest step
     jobs: int = 1
     device: Device = "auto"
     storage: str | None = None
@@ -401,6 +402,9 @@ def _validate(space: SpaceConfig) -> None:
     _positive(space.search.population_size, "search.population_size")
     if space.search.population_size < 2:
         raise ConfigError("search.population_size", space.search.population_size, ">= 2")
+    if not isinstance(space.search.front_fill, int) or space.search.front_fill < 0:
+        raise ConfigError("search.front_fill", space.search.front_fill, "an integer >= 0: every "
+                          "n-th proposal fills the front's widest step (0: off, 1: all)")
     for i, b in enumerate(space.search.baselines):
         if not 0.0 <= b < 1.0:
             raise ConfigError(f"search.baselines[{i}]", b, "a uniform ratio in [0, 1)")

@@ -11,7 +11,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.pareto import hypervolume_2d, pareto_mask
-from autoprune.study import front_numbers
+from autoprune.study import front_numbers, origin
 
 METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
                   "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
@@ -29,6 +29,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "trial": t.number,
             "state": t.user_attrs.get("state", t.state.name.lower()),
             "baseline": bool(t.user_attrs.get("baseline", False)),
+            "origin": origin(t.user_attrs),
             "duplicate_of": t.user_attrs.get("duplicate_of"),
             "pareto": t.number in front,
             "mean_ratio": float(np.mean(ratios)) if ratios else 0.0,

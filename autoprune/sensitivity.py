@@ -127,7 +127,40 @@ def allocate(sens: Sensitivity, groups: Sequence[GroupInfo], budget: float,
             if best is None:
                 return ratios
             ratios[best] = round(ratios[best] + (dists[best].step or 0.05), 10)
+    if measure is not None:
+        _refill(sens, active, ratios, dists, budget, measure)
     return ratios
+
+
+def _refill(sens: Sensitivity, active: Sequence[GroupInfo], ratios: dict[str, float],
+            dists: Mapping[str, FloatDistribution], budget: float,
+            measure: Callable[[Mapping[str, float]], float]) -> None:
+    """Spend what the last steps left under the budget: ``round_to`` makes a step remove more
+    MACs than it needs (budget 0.16 had landed at 0.13 on resnet8). Take back, one step at a
+    time, the step that regains the most accuracy per MAC added while the counted MACs stay
+    within the budget; a group whose step back would overshoot is left as it is."""
+    frozen: set[str] = set()
+    for _ in range(4 * len(dists)):  # each try either lowers a ratio or freezes a group
+        best, best_key = None, (-np.inf, 0.0)
+        current = estimate_macs_ratio(active, ratios)
+        for name, d in dists.items():
+            step = d.step or 0.05
+            prev = round(ratios[name] - step, 10)
+            if name in frozen or prev < d.low - 1e-9 or name not in sens.groups:
+                continue
+            xs, ys = sens.curve(name)
+            gain = max(float(np.interp(prev, xs, ys) - np.interp(ratios[name], xs, ys)), 0.0)
+            added = estimate_macs_ratio(active, {**ratios, name: prev}) - current
+            key = (gain / added if added > 0 else np.inf, -max(added, 0.0))
+            if key > best_key:
+                best, best_key = name, key
+        if best is None:
+            return
+        trial = {**ratios, best: round(ratios[best] - (dists[best].step or 0.05), 10)}
+        if measure(trial) <= budget:
+            ratios.update(trial)
+        else:
+            frozen.add(best)
 
 
 def _cheapest_step(sens: Sensitivity, active: Sequence[GroupInfo], ratios: Mapping[str, float],

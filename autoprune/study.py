@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.base import BaseMetrics
 from autoprune.config import Range, SpaceConfig
 from autoprune.errors import AutopruneError
+from autoprune.fill import FILL_ATTR, FrontFill, fill_axes
 from autoprune.groups import GroupInfo
 from autoprune.trial import OBJECTIVES, TrialResult
 
@@ -102,16 +103,49 @@ class FidelityNSGAIISampler(optuna.samplers.NSGAIISampler):
         return generation
 
 
+class FillNSGAIISampler(FrontFill, optuna.samplers.NSGAIISampler):
+    """NSGA-II with front fill (see :mod:`autoprune.fill`)."""
+
+
+class FillFidelityNSGAIISampler(FrontFill, FidelityNSGAIISampler):
+    """NSGA-II counting stopped trials in its generations, with front fill."""
+
+
+# Same generation keys in the storage as without the fill: a study keeps its generations
+# whichever of the two samplers resumes it (Optuna names the keys after the class).
+for _fill, _plain in ((FillNSGAIISampler, optuna.samplers.NSGAIISampler),
+                      (FillFidelityNSGAIISampler, FidelityNSGAIISampler)):
+    _fill._GENERATION_KEY = _plain._GENERATION_KEY  # type: ignore[attr-defined]
+    _fill._PARENT_CACHE_KEY_PREFIX = _plain._PARENT_CACHE_KEY_PREFIX  # type: ignore[attr-defined]
+
+
+class FillTPESampler(FrontFill, optuna.samplers.TPESampler):
+    """TPE with front fill."""
+
+
+class FillGPSampler(FrontFill, optuna.samplers.GPSampler):
+    """Gaussian-process sampler with front fill."""
+
+
 def make_sampler(space: SpaceConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The space's sampler; with ``search.front_fill`` (not for random search) every n-th
+    proposal after the seed points fills the widest step of the front."""
     s = space.search
+    axes = fill_axes(space.objectives)
+    fill: dict[str, Any] = {"fill_every": s.front_fill, "fill_axes": axes} \
+        if s.front_fill and axes is not None else {}
     if s.sampler == "nsga2":
-        cls = FidelityNSGAIISampler if s.fidelity.enabled else optuna.samplers.NSGAIISampler
-        return cls(population_size=s.population_size, seed=seed)
+        cls: type[optuna.samplers.BaseSampler]
+        if s.fidelity.enabled:
+            cls = FillFidelityNSGAIISampler if fill else FidelityNSGAIISampler
+        else:
+            cls = FillNSGAIISampler if fill else optuna.samplers.NSGAIISampler
+        return cls(population_size=s.population_size, seed=seed, **fill)
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=seed,
-                                          n_startup_trials=max(len(s.baselines) + 2, 8))
+        return (FillTPESampler if fill else optuna.samplers.TPESampler)(
+            multivariate=True, seed=seed, n_startup_trials=max(len(s.baselines) + 2, 8), **fill)
     if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return (FillGPSampler if fill else optuna.samplers.GPSampler)(seed=seed, **fill)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -168,16 +202,16 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
                 measure: Callable[[Mapping[str, float]], float] | None = None
                 ) -> list[SeedPoint]:
     """The first trials of a study: (with a sensitivity scan) one sensitivity-allocated config
-    per warm-start MACs budget, cheapest first, then uniform ratios at each
-    ``search.baselines`` level. The allocated configs come first: they are the better-informed
-    guesses (at the same MACs they are expected to beat uniform ratios), so the front fills in
-    sooner; the baselines follow as the reference a user compares with. ``measure`` (ratios ->
-    counted MACs ratio) makes each allocation meet its budget in counted MACs."""
+    per warm-start MACs budget, coarse to fine (see :func:`coarse_to_fine`), then uniform ratios
+    at each ``search.baselines`` level. The allocated configs come first: they are the
+    better-informed guesses, so the front fills in sooner; the baselines follow as the
+    reference a user compares with. ``measure`` (ratios -> counted MACs ratio) makes each
+    allocation meet its budget in counted MACs."""
     points: list[SeedPoint] = []
     if sensitivity is not None:
         from autoprune.sensitivity import allocate
 
-        for budget in sorted(space.search.warm_start.budgets):
+        for budget in coarse_to_fine(space.search.warm_start.budgets):
             ratios = allocate(sensitivity, groups, budget, dists, measure)
             params = {n: snap(ratios[n], d) for n, d in dists.items()}
             if all(params != p for p, _a in points):
@@ -191,6 +225,13 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
         else:
             points.append((params, attrs))
     return points
+
+
+def coarse_to_fine(budgets: Sequence[float]) -> list[float]:
+    """The cheapest budget, then every other one upwards, then those in between: the first
+    seeds span the MACs range (most of the hypervolume), the later ones halve the steps."""
+    s = sorted(budgets)
+    return s[:1] + s[1::2] + s[2::2]
 
 
 def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:
@@ -289,6 +330,12 @@ def seed_role(attrs: Mapping[str, Any]) -> str | None:
     """``baseline`` or ``warm_start`` for a seed point (from a trial's user attrs), else None."""
     return "baseline" if attrs.get("baseline") else "warm_start" if attrs.get("warm_start") \
         else None
+
+
+def origin(attrs: Mapping[str, Any]) -> str:
+    """Where a trial's config came from: ``baseline``, ``warm_start``, ``front_fill`` (see
+    :mod:`autoprune.fill`) or ``sampler``."""
+    return seed_role(attrs) or ("front_fill" if attrs.get(FILL_ATTR) else "sampler")
 
 
 def rung_history(study: optuna.Study) -> list[tuple[str, list[tuple[int, float, float]], bool]]:

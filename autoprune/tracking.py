@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig
+from autoprune.study import origin
 
 TRIAL_TAG = "autoprune.trial"
 STUDY_TAG = "autoprune.study"
@@ -132,7 +133,8 @@ class Tracker:
         state = str(attrs.get("state", "failed"))
         tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study,
                 "autoprune.role": "trial", TRIAL_TAG: str(number), "state": state,
-                "baseline": str(bool(attrs.get("baseline", False))).lower(), "pareto": "false"}
+                "baseline": str(bool(attrs.get("baseline", False))).lower(), "pareto": "false",
+                "origin": origin(attrs)}
         if attrs.get("error"):
             tags["error"] = str(attrs["error"])[:5000]
         if attrs.get("duplicate_of") is not None:  # the same config ran before: reused

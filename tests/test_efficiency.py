@@ -12,14 +12,24 @@ import torch
 import yaml
 from _helpers import tiny_space
 from mlflow import MlflowClient
+from optuna.distributions import FloatDistribution
 
 from autoprune.cli import main
 from autoprune.config import parse_space
+from autoprune.errors import ConfigError
 from autoprune.fidelity import RungBook, promoter, rung_steps
+from autoprune.fill import FILL_ATTR, fill_params, front_steps
 from autoprune.finetune import finetune
 from autoprune.search import run_search
 from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
-from autoprune.study import distributions, front_numbers, load_study
+from autoprune.study import (
+    coarse_to_fine,
+    distributions,
+    front_numbers,
+    load_study,
+    make_sampler,
+    origin,
+)
 from autoprune.trial import TrialContext, run_trial
 
 
@@ -179,21 +189,27 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
         assert count(ratios) == pytest.approx(measured)  # counted as a trial counts it
         assert abs(measured - est) < 0.08  # the MACs estimate is close to the counted MACs
         # with the counter, the allocation meets the budget in counted MACs
-        assert run_trial(ctx, allocate(first, ctx.groups, budget, dists, count),
-                         finetune_steps=0).macs_ratio <= budget
+        counted = allocate(first, ctx.groups, budget, dists, count)
+        assert run_trial(ctx, counted, finetune_steps=0).macs_ratio <= budget
+        # and spends what round_to left under it: no group can step back and stay within it
+        for n, d in dists.items():
+            back = round(counted[n] - (d.step or 0.05), 10)
+            if back >= d.low:
+                assert count({**counted, n: back}) > budget, (budget, n, counted)
     # a budget the space cannot reach: its cheapest config
     assert allocate(first, ctx.groups, 0.0, dists, count) == {n: d.high for n, d in dists.items()}
 
-    space = parse_space(space_dict(runs, "warm", trials=6,
-                                   warm_start={"sensitivity": True, "budgets": [0.3, 0.6]}))
+    space = parse_space(space_dict(runs, "warm", trials=7,
+                                   warm_start={"sensitivity": True, "budgets": [0.6, 0.3, 0.45]}))
     run_search(space, quiet=True)
     study = load_study("warm", space.storage_url)
     warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
-    # seeded first, cheapest budget first, then the baselines
-    assert [t.user_attrs["warm_start_budget"] for t in warm] == [0.3, 0.6]
-    assert [t.number for t in warm] == [0, 1]
+    # seeded first, coarse to fine, then the baselines
+    assert [t.user_attrs["warm_start_budget"] for t in warm] == [0.3, 0.45, 0.6]
+    assert [t.number for t in warm] == [0, 1, 2]
     n_base = len(space.search.baselines)
-    assert all(t.user_attrs.get("baseline") for t in study.trials[2:2 + n_base])
+    assert all(t.user_attrs.get("baseline") for t in study.trials[3:3 + n_base])
+    assert {t.user_attrs.get("front_fill", False) for t in study.trials[:3 + n_base]} == {False}
     assert all(t.user_attrs["macs_ratio"] <= t.user_attrs["warm_start_budget"] for t in warm)
     client = MlflowClient(space.tracking_uri)
     names = {a.path for a in client.list_artifacts(study.user_attrs["parent_run_id"])}
@@ -220,6 +236,54 @@ def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
     assert main(["sensitivity", str(path)]) == 0  # the table, from the cache this time
     text = capsys.readouterr().out
     assert "(cached)" in text and "warm-start seeds" in text and "budget 0.6" in text
+
+
+def test_warm_start_budgets_go_coarse_to_fine() -> None:
+    # the cheapest, then every other one upwards (the range spanned), then those between
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
+        [0.0, 0.07, 0.14, 0.28, 0.6, 0.1, 0.2, 0.4]
+    assert coarse_to_fine([0.5]) == [0.5] and coarse_to_fine([]) == []
+
+
+def test_front_fill_bisects_the_widest_step() -> None:
+    pts = [(0.2, 0.80, {"a": 0.8, "b": 0.8}), (0.5, 0.90, {"a": 0.4, "b": 0.4}),
+           (0.9, 0.92, {"a": 0.0, "b": 0.0}),
+           (0.6, 0.85, {"a": 0.3, "b": 0.5})]  # dominated: not on the staircase
+    steps = front_steps(pts)
+    assert [round(area, 6) for area, *_ in steps] == [0.03, 0.008]  # 0.3 x 0.1, 0.4 x 0.02
+    assert steps[0][1:] == ({"a": 0.8, "b": 0.8}, {"a": 0.4, "b": 0.4})
+    d = {n: FloatDistribution(0.0, 0.8, step=0.1) for n in "ab"}
+    assert fill_params(pts, d, []) == {"a": 0.6, "b": 0.6}  # midpoint of the widest step
+    # the midpoint already proposed: the quarter point towards the cheaper neighbour
+    assert fill_params(pts, d, [{"a": 0.6, "b": 0.6}]) == {"a": 0.7, "b": 0.7}
+    # all three points of the widest step taken: the next step
+    taken = [{"a": v, "b": v} for v in (0.6, 0.7, 0.5)]
+    assert fill_params(pts, d, taken) == {"a": 0.2, "b": 0.2}
+    assert fill_params(pts[:1], d, []) is None  # one point: no step to fill
+
+
+def test_every_second_proposal_fills_the_front(tmp_path: Path) -> None:
+    space = parse_space(space_dict(tmp_path / "runs", "fill", front_fill=2))
+    sampler = make_sampler(space, 0)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler,
+                                storage=f"sqlite:///{tmp_path}/fill.db")
+    dists = {n: FloatDistribution(0.0, 0.8, step=0.1) for n in "ab"}
+    # two seed points (enqueued: never fills themselves, and not counted)
+    for params, values in (({"a": 0.8, "b": 0.8}, [0.80, 0.2]), ({"a": 0.0, "b": 0.0},
+                                                                 [0.95, 1.0])):
+        study.enqueue_trial(params)
+        study.tell(study.ask(dists), values)
+    numbers = [study.ask(dists).number for _ in range(4)]
+    asked = [study.trials[n] for n in numbers]
+    fills = [t.user_attrs.get(FILL_ATTR, False) for t in asked]
+    assert fills == [False, True, False, True]
+    assert asked[1].params == {"a": 0.4, "b": 0.4}  # the midpoint of the only step
+    assert asked[3].params == {"a": 0.6, "b": 0.6}  # midpoint taken: a quarter point
+    assert origin(asked[1].user_attrs) == "front_fill" and origin(asked[0].user_attrs) == "sampler"
+    # a fill joins an NSGA-II generation, so it can be a parent
+    assert any(k.endswith(":generation") for k in asked[1].system_attrs)
+    with pytest.raises(ConfigError, match=r"search\.front_fill.*-1.*integer >= 0"):
+        parse_space(space_dict(tmp_path / "runs", "bad", front_fill=-1))
 
 
 def test_seeded_trials_are_reproducible(ctx: TrialContext) -> None:

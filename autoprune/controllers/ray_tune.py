@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
+from autoprune.fill import FILL_ATTR
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
@@ -217,7 +218,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
                        if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)]
         todo = [p for p, _a in points if p not in done_params][:remaining]
         objectives = list(space.objectives)
-        searcher = AutopruneSearch(
+        searcher = callback.searcher = AutopruneSearch(
             space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
             mode=[d[:3] for d in directions(objectives)], points_to_evaluate=todo or None,
             sampler=make_sampler(space, space.search.seed))
@@ -256,6 +257,14 @@ class AutopruneSearch(OptunaSearch):
             study.sampler.get_trial_generation(study,
                                                study._storage.get_trial(ot_trial._trial_id))
         return params
+
+    def is_fill(self, trial_id: str) -> bool:
+        """Whether the sampler proposed this trial as a front fill (see autoprune.fill)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return False
+        study: optuna.Study = self._ot_study  # type: ignore[assignment]
+        return bool(study._storage.get_trial(ot_trial._trial_id).user_attrs.get(FILL_ATTR))
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
@@ -298,6 +307,7 @@ class RecordCallback(tune.Callback):
                  total: int, seen: Any = None) -> None:
         self.recorder, self.dists, self.points = recorder, dists, points
         self.total, self.seen = total, seen
+        self.searcher: AutopruneSearch | None = None  # tells which trials were front fills
         self.configs: dict[str, dict[str, Any]] = {}  # trial id -> config, as Tune started it
         self.recorded = {t.user_attrs.get("ray_trial_id")
                          for t in recorder.study.get_trials(deepcopy=False)}
@@ -339,6 +349,8 @@ class RecordCallback(tune.Callback):
             if params == ratios:
                 attrs |= seed_attrs
                 break
+        if self.searcher is not None and self.searcher.is_fill(trial_id):
+            attrs[FILL_ATTR] = True
         frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
         if self.seen is not None:
             remember(self.seen, result, frozen.number)
