@@ -157,11 +157,13 @@ class WarmStartConfig:
     """Sensitivity warm start: scan each group alone, then seed the search with configs that
     spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``.
 
-    The seeds run first, cheapest budget first, before the uniform baselines. A budget is met in
-    counted MACs; 0 (or any budget below what the space can reach) seeds the space's cheapest
-    config, every group at its upper bound, so the front spans the whole range from the start.
-    The default budgets are spread over the MACs range, closest together at the cheap end,
-    where accuracy falls fastest; two scan ratios keep the scan at groups x 2 calibrations."""
+    The seeds run first, coarse to fine (the cheapest budget, every other one upwards, then those
+    between), before the uniform baselines. A budget is met in counted MACs, and the allocation
+    is refilled up to it; 0 (or any budget below what the space can reach) seeds the space's
+    cheapest config, every group at its upper bound, so the front spans the whole range from
+    the start. The default budgets are spread over the MACs range, closest together at the
+    cheap end, where accuracy falls fastest; two scan ratios keep the scan at groups x 2
+    calibrations."""
 
     sensitivity: bool = False
     ratios: tuple[float, ...] = (0.4, 0.8)

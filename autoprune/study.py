@@ -115,8 +115,8 @@ class FillFidelityNSGAIISampler(FrontFill, FidelityNSGAIISampler):
 # whichever of the two samplers resumes it (Optuna names the keys after the class).
 for _fill, _plain in ((FillNSGAIISampler, optuna.samplers.NSGAIISampler),
                       (FillFidelityNSGAIISampler, FidelityNSGAIISampler)):
-    _fill._GENERATION_KEY = _plain._GENERATION_KEY  # type: ignore[attr-defined]
-    _fill._PARENT_CACHE_KEY_PREFIX = _plain._PARENT_CACHE_KEY_PREFIX  # type: ignore[attr-defined]
+    _fill._GENERATION_KEY = _plain._GENERATION_KEY
+    _fill._PARENT_CACHE_KEY_PREFIX = _plain._PARENT_CACHE_KEY_PREFIX
 
 
 class FillTPESampler(FrontFill, optuna.samplers.TPESampler):

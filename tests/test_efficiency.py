@@ -20,6 +20,7 @@ from autoprune.errors import ConfigError
 from autoprune.fidelity import RungBook, promoter, rung_steps
 from autoprune.fill import FILL_ATTR, fill_params, front_steps
 from autoprune.finetune import finetune
+from autoprune.report import trials_frame
 from autoprune.search import run_search
 from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
 from autoprune.study import (
@@ -284,6 +285,27 @@ def test_every_second_proposal_fills_the_front(tmp_path: Path) -> None:
     assert any(k.endswith(":generation") for k in asked[1].system_attrs)
     with pytest.raises(ConfigError, match=r"search\.front_fill.*-1.*integer >= 0"):
         parse_space(space_dict(tmp_path / "runs", "bad", front_fill=-1))
+
+
+def test_a_local_search_fills_its_front(runs: Path) -> None:
+    space = parse_space(space_dict(runs, "fills", trials=5, front_fill=1))
+    run_search(space, quiet=True)
+    study = load_study("fills", space.storage_url)
+    frame = trials_frame(study)
+    n_base = len(space.search.baselines)
+    assert list(frame["origin"][:n_base]) == ["baseline"] * n_base
+    assert set(frame["origin"][n_base:]) == {"front_fill"}
+    step = space.groups.default.step
+    for t in study.trials[n_base:]:
+        earlier = study.trials[:t.number]
+        # a fill lies between two earlier configs, group by group, on the ratio grid
+        assert all(min(e.params[n] for e in earlier) - 1e-9 <= v
+                   <= max(e.params[n] for e in earlier) + 1e-9 for n, v in t.params.items())
+        assert all(abs(v / step - round(v / step)) < 1e-6 for v in t.params.values())
+    client = MlflowClient(space.tracking_uri)
+    runs_ = client.search_runs([client.get_experiment_by_name(space.experiment_name)
+                                .experiment_id], "tags.origin = 'front_fill'")
+    assert len(runs_) == len(study.trials) - n_base
 
 
 def test_seeded_trials_are_reproducible(ctx: TrialContext) -> None:
