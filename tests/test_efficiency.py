@@ -456,3 +456,23 @@ def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_gene
     key = "FidelityNSGAIISampler:generation"
     assert study.trials[0].system_attrs.get(key) == 0  # the seed point has its generation
     assert all(t.system_attrs.get(key) is not None for t in study.trials)
+
+
+def test_ray_searcher_fills_the_front_and_tells_which_trials_are_fills() -> None:
+    from autoprune.controllers.ray_tune import AutopruneSearch
+    from autoprune.study import FillFidelityNSGAIISampler
+
+    dists = {n: FloatDistribution(0.0, 0.8, step=0.1) for n in "ab"}
+    seeds = [{"a": 0.8, "b": 0.8}, {"a": 0.0, "b": 0.0}]
+    searcher = AutopruneSearch(space=dists, metric=["accuracy", "macs_ratio"],
+                               mode=["max", "min"], points_to_evaluate=seeds,
+                               sampler=FillFidelityNSGAIISampler(population_size=2, seed=0,
+                                                                 fill_every=2,
+                                                                 fill_axes=(0, 1)))
+    assert [searcher.suggest(t) for t in ("s0", "s1")] == seeds
+    searcher.on_trial_complete("s0", {"state": "complete", "accuracy": 0.8, "macs_ratio": 0.2})
+    searcher.on_trial_complete("s1", {"state": "complete", "accuracy": 0.95, "macs_ratio": 1.0})
+    proposed = {t: searcher.suggest(t) for t in ("t0", "t1", "t2", "t3")}
+    assert [searcher.is_fill(t) for t in proposed] == [False, True, False, True]
+    assert proposed["t1"] == {"a": 0.4, "b": 0.4}
+    assert not searcher.is_fill("s0") and not searcher.is_fill("unknown")
