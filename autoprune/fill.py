@@ -17,6 +17,7 @@ too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,8 +111,11 @@ class FrontFill:
         if earlier % self.fill_every != self.fill_every - 1:
             return None
         acc, cost = self.fill_axes
+        # infeasible trials are COMPLETE in Optuna (with constraints): not on a user's front
         points = [(t.values[cost], t.values[acc], t.params) for t in trials
-                  if t.state == TrialState.COMPLETE and t.values is not None]
+                  if t.state == TrialState.COMPLETE and t.values is not None
+                  and t.user_attrs.get("state", "complete") == "complete"
+                  and all(math.isfinite(v) for v in t.values)]
         taken = [t.params for t in trials if t.number != trial.number]
         taken += [t.system_attrs[_FIXED] for t in trials if _FIXED in t.system_attrs]
         return fill_params(points, search_space, taken)

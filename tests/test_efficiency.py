@@ -476,3 +476,10 @@ def test_ray_searcher_fills_the_front_and_tells_which_trials_are_fills() -> None
     assert [searcher.is_fill(t) for t in proposed] == [False, True, False, True]
     assert proposed["t1"] == {"a": 0.4, "b": 0.4}
     assert not searcher.is_fill("s0") and not searcher.is_fill("unknown")
+    # an infeasible trial (over a constraint) is no step of the front to fill
+    searcher.on_trial_complete("t0", {"state": "infeasible", "accuracy": 0.99,
+                                      "macs_ratio": 0.1})
+    study = searcher._ot_study
+    assert study.trials[2].user_attrs["state"] == "infeasible"
+    proposed["t4"], proposed["t5"] = searcher.suggest("t4"), searcher.suggest("t5")
+    assert searcher.is_fill("t5") and proposed["t5"] == {"a": 0.2, "b": 0.2}

@@ -277,6 +277,8 @@ class AutopruneSearch(OptunaSearch):
                                 else optuna.trial.TrialState.FAIL)
             self._completed_trials.add(trial_id)
             return
+        if state == "infeasible" and trial_id in self._ot_trials:  # kept off the front fill
+            self._ot_trials[trial_id].set_user_attr("state", state)
         super().on_trial_complete(trial_id, result, error)
 
 
