@@ -50,8 +50,8 @@ validation sample. A gap inside it is a difference the same config shows from se
 of ``below_*``: at how many points seed noise alone puts one front below another.
 
 The full benchmark (both tasks, 3 seeds) takes about an hour in one process: split as below,
-the two processes took 26 and 29 minutes on 2 shared cores (mnist5k about 10 minutes per
-seed after 5 minutes of base training, digits about 5); ``--quick`` (digits, one seed, 8
+the two processes took 27 and 32 minutes on 2 shared cores (mnist5k about 11 minutes per
+seed after 5 minutes of base training, digits about 6); ``--quick`` (digits, one seed, 8
 trials) about two minutes. Separate processes can share the work and ``--merge`` their
 outputs.
 
