@@ -404,7 +404,7 @@ def _validate(space: SpaceConfig) -> None:
     _positive(space.search.population_size, "search.population_size")
     if space.search.population_size < 2:
         raise ConfigError("search.population_size", space.search.population_size, ">= 2")
-    if not isinstance(space.search.front_fill, int) or space.search.front_fill < 0:
+    if space.search.front_fill < 0:  # the type (an integer) is checked when it is read
         raise ConfigError("search.front_fill", space.search.front_fill, "an integer >= 0: every "
                           "n-th proposal fills the front's widest step (0: off, 1: all)")
     for i, b in enumerate(space.search.baselines):

@@ -10,9 +10,8 @@ largest shortfall against any other method's front there. A midpoint that snaps 
 already proposed moves to a quarter point, then to the next step; with none left the sampler
 proposes as usual.
 
-Fill trials are ordinary trials (judged at the rungs, parents for NSGA-II); the local controller
-tags them ``front_fill``. It lives in the sampler, so the Ray controller's ``OptunaSearch`` runs it
-too.
+Fill trials are ordinary trials (judged at the rungs, parents for NSGA-II), tagged
+``front_fill``. It lives in the sampler, so the Ray controller's ``OptunaSearch`` runs it too.
 """
 
 from __future__ import annotations

@@ -283,8 +283,9 @@ def test_every_second_proposal_fills_the_front(tmp_path: Path) -> None:
     assert origin(asked[1].user_attrs) == "front_fill" and origin(asked[0].user_attrs) == "sampler"
     # a fill joins an NSGA-II generation, so it can be a parent
     assert any(k.endswith(":generation") for k in asked[1].system_attrs)
-    with pytest.raises(ConfigError, match=r"search\.front_fill.*-1.*integer >= 0"):
-        parse_space(space_dict(tmp_path / "runs", "bad", front_fill=-1))
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match=rf"search\.front_fill: got {bad}.*an integer"):
+            parse_space(space_dict(tmp_path / "runs", "bad", front_fill=bad))
 
 
 def test_a_local_search_fills_its_front(runs: Path) -> None:
