@@ -148,8 +148,7 @@ def _refill(sens: Sensitivity, active: Sequence[GroupInfo], ratios: dict[str, fl
             prev = round(ratios[name] - step, 10)
             if name in frozen or prev < d.low - 1e-9 or name not in sens.groups:
                 continue
-            xs, ys = sens.curve(name)
-            gain = max(float(np.interp(prev, xs, ys) - np.interp(ratios[name], xs, ys)), 0.0)
+            gain = max(_drop(sens, name, prev, ratios[name]), 0.0)
             added = estimate_macs_ratio(active, {**ratios, name: prev}) - current
             key = (gain / added if added > 0 else np.inf, -max(added, 0.0))
             if key > best_key:
@@ -163,6 +162,17 @@ def _refill(sens: Sensitivity, active: Sequence[GroupInfo], ratios: dict[str, fl
             frozen.add(best)
 
 
+def _drop(sens: Sensitivity, group: str, lo: float, hi: float) -> float:
+    """Accuracy the group's scan curve loses from ratio ``lo`` to ``hi`` (interpolated; past
+    the scanned range the curve keeps falling at its last slope)."""
+    xs, ys = sens.curve(group)
+    drop = float(np.interp(lo, xs, ys) - np.interp(hi, xs, ys))
+    if hi > xs[-1]:
+        slope = (ys[-2] - ys[-1]) / max(xs[-1] - xs[-2], 1e-9)
+        drop = max(drop, slope * (hi - max(lo, xs[-1])))
+    return drop
+
+
 def _cheapest_step(sens: Sensitivity, active: Sequence[GroupInfo], ratios: Mapping[str, float],
                    dists: Mapping[str, FloatDistribution]) -> str | None:
     """The group whose next ratio step loses the least accuracy per MAC removed (None when no
@@ -174,12 +184,7 @@ def _cheapest_step(sens: Sensitivity, active: Sequence[GroupInfo], ratios: Mappi
         nxt = ratios[name] + step
         if nxt > d.high + 1e-9 or name not in sens.groups:
             continue
-        xs, ys = sens.curve(name)
-        drop = float(np.interp(ratios[name], xs, ys) - np.interp(nxt, xs, ys))
-        # past the scanned range, assume the curve keeps falling at its last slope
-        if nxt > xs[-1]:
-            slope = (ys[-2] - ys[-1]) / max(xs[-1] - xs[-2], 1e-9)
-            drop = max(drop, slope * (nxt - max(ratios[name], xs[-1])))
+        drop = _drop(sens, name, ratios[name], nxt)
         saved = current - estimate_macs_ratio(active, {**ratios, name: nxt})
         if saved <= 0:
             continue

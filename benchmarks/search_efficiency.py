@@ -237,7 +237,7 @@ def _row(i: int, state: str, acc: float, proxy: float, macs: float, steps: int,
             "end_s": time.time() - t0}
 
 
-def run_uniform(ctx: TrialContext, trials: int, seed: int) -> Run:
+def run_uniform(ctx: TrialContext, trials: int, seed: int, method: str = "uniform") -> Run:
     # MACs fall roughly with the square of the kept channels, so spreading 1 - sqrt(MACs)
     # spreads the levels evenly over the MACs range.
     levels = [min(MAX_RATIO, 1 - math.sqrt(m)) for m in np.linspace(*UNIFORM_MACS, trials)]
@@ -247,7 +247,7 @@ def run_uniform(ctx: TrialContext, trials: int, seed: int) -> Run:
         r = run_trial(ctx, dict.fromkeys((g.name for g in ctx.groups), round(level, 4)), seed)
         rows.append(_row(i, r.state, r.accuracy, r.proxy_accuracy, r.macs_ratio,
                          r.finetune_steps, t0))
-    return Run("uniform", pd.DataFrame(rows), time.time() - t0)
+    return Run(method, pd.DataFrame(rows), time.time() - t0)
 
 
 def global_prune(ctx: TrialContext, ratio: float) -> nn.Module:
@@ -503,8 +503,7 @@ def run_task(key: str, seeds: Sequence[int], st: Settings, work: Path) -> tuple[
         targets = points(runs["uniform"].trials)["macs_ratio"].tolist()
         runs["global"] = run_global(ctx, targets, seed)
         # The noise floor of goal 2: the same uniform levels, fine-tuned with other seeds.
-        runs[RESEEDED] = run_uniform(ctx, trials, seed + RESEED_OFFSET)
-        runs[RESEEDED].method = RESEEDED
+        runs[RESEEDED] = run_uniform(ctx, trials, seed + RESEED_OFFSET, RESEEDED)
         for method in ("uniform", "global", RESEEDED):
             add_compute(runs[method], plain_cost)
         for method in SEARCHES:
