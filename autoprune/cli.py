@@ -218,8 +218,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.sensitivity import allocate, cache_path, cached_scan, macs_counter, plot_heatmap
-    from autoprune.study import distributions
+    from autoprune.sensitivity import cache_path, cached_scan, macs_counter, plot_heatmap
+    from autoprune.study import distributions, warm_start_configs
     from autoprune.trial import TrialContext
 
     space = load_space(args.space)
@@ -229,8 +229,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio
     dists, count = distributions(space, ctx.groups), macs_counter(ctx)
-    configs = {b: allocate(sens, ctx.groups, b, dists, count)
-               for b in sorted(space.search.warm_start.budgets)}
+    configs = warm_start_configs(space, dists, ctx.groups, sens, count)
     macs = {b: count(c) for b, c in configs.items()}
     seeds = [{"budget": b, "macs_ratio": macs[b], "ratios": c} for b, c in configs.items()]
     if args.json:

@@ -158,7 +158,8 @@ class WarmStartConfig:
     spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``.
 
     The seeds run first, coarse to fine (the cheapest budget, every other one upwards, then those
-    between), before the uniform baselines. A budget is met in counted MACs, and the allocation
+    between; with ``search.inherit``, dearest first, so each can start from the one before),
+    before the uniform baselines. A budget is met in counted MACs, and the allocation
     is refilled up to it; 0 (or any budget below what the space can reach) seeds the space's
     cheapest config, every group at its upper bound, so the front spans the whole range from
     the start. The default budgets are spread over the MACs range, closest together at the
@@ -182,6 +183,7 @@ class SearchConfig:
     device: Device = "auto"
     storage: str | None = None
     keep_models: bool = True
+    inherit: bool = False  # prune a finished front model down instead of the base (inherit.py)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 

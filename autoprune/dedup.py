@@ -112,7 +112,7 @@ def reuse_into(result: TrialResult, hit: Hit) -> None:
     """Fill ``result`` (pruned, not yet measured) with the measurements of the trial that built
     the same model: none of the cost is paid again."""
     number, fields = hit
-    keep = {"ratios", "seed", "kept_channels", "record", "state_dict"}
+    keep = {"ratios", "seed", "kept_channels", "record", "state_dict", "inherits"}
     for k, v in fields.items():
         if k in _FIELDS and k not in keep:
             setattr(result, k, math.nan if v is None and k in _FLOAT_FIELDS else v)

@@ -108,8 +108,10 @@ def space_of(study_attrs: dict[str, Any]) -> tuple[SpaceConfig, BaseMetrics]:
 
 
 def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: int,
-                ratios: dict[str, float]) -> tuple[nn.Module, PruneRecord, dict[str, Any], Any]:
-    """The trial's fine-tuned model, rebuilt from its record and kept weights (or re-made)."""
+                ratios: dict[str, float], study: Any = None,
+                ) -> tuple[nn.Module, PruneRecord, dict[str, Any], Any]:
+    """The trial's fine-tuned model, rebuilt from its record and kept weights (or re-made,
+    after the trials it inherited from: ``study`` holds them)."""
     from autoprune.search import study_dir
 
     model, data, evaluate_fn = load_sources(space)
@@ -123,10 +125,12 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         pruned = replay(model, example, record)
         state = torch.load(tdir / "weights.pt", map_location="cpu", weights_only=True)
     else:  # weights not kept: re-run the trial with its seed, which is deterministic
-        from autoprune.trial import TrialContext, run_trial
+        from autoprune.inherit import attrs_by_key, rerun
+        from autoprune.trial import TrialContext
 
         ctx = TrialContext(space, model, data, base, [], torch.device("cpu"), evaluate_fn)
-        result = run_trial(ctx, ratios, keep_model=True)
+        attrs = study.trials[number].user_attrs if study is not None else {}
+        result = rerun(ctx, attrs_by_key(study) if study is not None else {}, attrs, ratios)
         if result.state_dict is None:
             raise AutopruneError(f"re-running trial {number} failed: {result.error}")
         record = PruneRecord.from_dict(result.record)
@@ -170,7 +174,7 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         raise AutopruneError(f"{e}\nthe front of study {study_name!r}:\n{table}") from None
     trial = study.trials[number]
     model, record, extra, state = trial_model(space, base, study_name, number,
-                                              dict(trial.params))
+                                              dict(trial.params), study)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_onnx(model, space.model.input_shape, out / "model.onnx")

@@ -112,11 +112,12 @@ def prune_model(
     ignore: Sequence[str] = (),
     grad_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    parent: PruneRecord | None = None,
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune a copy of ``model``; the input model is never changed.
 
     Args:
-        model: the base model.
+        model: the base model, or with ``parent`` a model pruned (and fine-tuned) before.
         example_inputs: a batch of the input shape, for tracing.
         ratios: ``{group name: ratio in [0, 1)}``; groups not named are not pruned.
         importance: one of :data:`IMPORTANCES`.
@@ -124,6 +125,11 @@ def prune_model(
         ignore: glob patterns of module names never to prune (the head never is).
         grad_batches: training batches for gradient-based importance (``taylor``).
         loss_fn: loss for those batches (cross-entropy by default).
+        parent: the record that pruned ``model`` from the base. ``ratios`` stay relative to the
+            base's channels (each group keeps what one pruning of the base would keep); only
+            the channels still missing are removed, by ``model``'s own weights. The record
+            returned continues ``parent``'s history, so :func:`replay` rebuilds the result from
+            the base model.
 
     Returns:
         The pruned copy and its :class:`PruneRecord`.
@@ -147,13 +153,18 @@ def prune_model(
     names = {m: graph._module2name[m] for m in groups}
     check_ratios(ratios, list(names.values()))
     by_name = {n: m for m, n in names.items()}
-    base_channels = {n: int(graph.get_out_channels(m)) for m, n in names.items()}
+    current = {n: int(graph.get_out_channels(m)) for m, n in names.items()}
+    base_channels = dict(parent.base_channels) if parent is not None else current
     kept = {n: kept_after_rounding(base_channels[n], float(r), round_to,
                                    channel_groups(graph, groups[by_name[n]], heads))
             for n, r in ratios.items()}
+    grown = {n: (kept[n], current[n]) for n in ratios if kept[n] > current[n]}
+    if grown:
+        raise PruningError(f"a pruned model cannot grow channels back; group: (asked, has) "
+                           f"channels: {grown}")
     # MetaPruner keeps int(C * (1 - r)) channels; +0.5 makes that exactly our rounded count.
-    effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / base_channels[n]
-                 for n in ratios if kept[n] < base_channels[n]}
+    effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / current[n]
+                 for n in ratios if kept[n] < current[n]}
     try:
         with shape_checked_reshapes():  # its own graph must map reshapes like build_graph's
             pruner = tp.pruner.MetaPruner(
@@ -177,6 +188,8 @@ def prune_model(
                            f"{type(e).__name__}: {e}") from e
     _check_output(ref_out, out)
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in pruner.pruning_history()]
+    if parent is not None:
+        history = [*parent.history, *history]
     actual = {n: int(pruner.DG.get_out_channels(m)) for m, n in names.items()}
     # Torch-Pruning skips a group it cannot prune without a word; never return such a model.
     missed = {n: (kept[n], actual[n], base_channels[n]) for n in ratios

@@ -31,6 +31,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "baseline": bool(t.user_attrs.get("baseline", False)),
             "origin": origin(t.user_attrs),
             "duplicate_of": t.user_attrs.get("duplicate_of"),
+            "inherits_trial": t.user_attrs.get("inherits_trial"),
             "pareto": t.number in front,
             "mean_ratio": float(np.mean(ratios)) if ratios else 0.0,
             "min_ratio": float(np.min(ratios)) if ratios else 0.0,

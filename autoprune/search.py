@@ -20,6 +20,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, dump_space
+from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
     add_result,
@@ -72,14 +73,22 @@ class Recorder:
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
+        for key, value in self._lineage(result).items():
+            trial.set_user_attr(key, value)
         self._after(tell(self.study, trial, result, self.space.objectives), result, start)
 
     def add(self, result: TrialResult, user_attrs: dict[str, Any],
             dists: dict[str, Any], start: float | None = None) -> FrozenTrial:
         """Record a trial that another searcher proposed (Ray Tune's OptunaSearch)."""
-        frozen = add_result(self.study, result, self.space.objectives, dists, user_attrs)
+        frozen = add_result(self.study, result, self.space.objectives, dists,
+                            dict(user_attrs) | self._lineage(result))
         self._after(frozen, result, start)
         return frozen
+
+    def _lineage(self, result: TrialResult) -> dict[str, Any]:
+        """The trial number whose model a trial pruned (``search.inherit``)."""
+        n = parent_number(self.study, result.inherits)
+        return {} if n is None else {INHERITS_TRIAL: n}
 
     def _after(self, frozen: FrozenTrial, result: TrialResult, start: float | None) -> None:
         artifacts = self._keep(frozen.number, result)

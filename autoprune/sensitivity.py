@@ -110,14 +110,17 @@ def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]
 
 def allocate(sens: Sensitivity, groups: Sequence[GroupInfo], budget: float,
              dists: Mapping[str, FloatDistribution],
-             measure: Callable[[Mapping[str, float]], float] | None = None) -> dict[str, float]:
+             measure: Callable[[Mapping[str, float]], float] | None = None,
+             floor: Mapping[str, float] | None = None) -> dict[str, float]:
     """Greedy allocation for a MACs budget: repeatedly raise the ratio of the group that loses
     the least (interpolated) accuracy per MAC removed, until the estimate meets ``budget``;
     then, with ``measure`` (ratios -> counted MACs ratio), go on until the counted MACs meet it
     too (the estimate ignores ``round_to`` and layers no group prunes, so it runs low). A
     budget the space cannot reach (0, say) gives its cheapest config: every group at its upper
-    bound."""
-    ratios = {n: d.low for n, d in dists.items()}
+    bound. ``floor`` (a dearer budget's allocation) is where the greedy starts, and no ratio
+    goes below it: the allocation then prunes everything the floor prunes."""
+    ratios = {n: max(d.low, (floor or {}).get(n, d.low)) for n, d in dists.items()}
+    low = dict(ratios)
     by_name = {g.name: g for g in groups}
     active = [by_name[n] for n in dists if n in by_name]
     for over in (lambda: estimate_macs_ratio(active, ratios) > budget,
@@ -128,17 +131,19 @@ def allocate(sens: Sensitivity, groups: Sequence[GroupInfo], budget: float,
                 return ratios
             ratios[best] = round(ratios[best] + (dists[best].step or 0.05), 10)
     if measure is not None:
-        _refill(sens, active, ratios, dists, budget, measure)
+        _refill(sens, active, ratios, dists, budget, measure, low)
     return ratios
 
 
 def _refill(sens: Sensitivity, active: Sequence[GroupInfo], ratios: dict[str, float],
             dists: Mapping[str, FloatDistribution], budget: float,
-            measure: Callable[[Mapping[str, float]], float]) -> None:
+            measure: Callable[[Mapping[str, float]], float],
+            low: Mapping[str, float]) -> None:
     """Spend what the last steps left under the budget: ``round_to`` makes a step remove more
     MACs than it needs (budget 0.16 had landed at 0.13 on resnet8). Take back, one step at a
     time, the step that regains the most accuracy per MAC added while the counted MACs stay
-    within the budget; a group whose step back would overshoot is left as it is."""
+    within the budget; a group whose step back would overshoot, or go below ``low``, is left
+    as it is."""
     frozen: set[str] = set()
     for _ in range(4 * len(dists)):  # each try either lowers a ratio or freezes a group
         best, best_key = None, (-np.inf, 0.0)
@@ -146,7 +151,7 @@ def _refill(sens: Sensitivity, active: Sequence[GroupInfo], ratios: dict[str, fl
         for name, d in dists.items():
             step = d.step or 0.05
             prev = round(ratios[name] - step, 10)
-            if name in frozen or prev < d.low - 1e-9 or name not in sens.groups:
+            if name in frozen or prev < low[name] - 1e-9 or name not in sens.groups:
                 continue
             gain = max(_drop(sens, name, prev, ratios[name]), 0.0)
             added = estimate_macs_ratio(active, {**ratios, name: prev}) - current

@@ -206,13 +206,17 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
     at each ``search.baselines`` level. The allocated configs come first: they are the
     better-informed guesses, so the front fills in sooner; the baselines follow as the
     reference a user compares with. ``measure`` (ratios -> counted MACs ratio) makes each
-    allocation meet its budget in counted MACs."""
+    allocation meet its budget in counted MACs.
+
+    With ``search.inherit`` the allocations nest: each budget's starts from the next dearer
+    one's and only prunes more, so every seed fits inside the dearer seeds and can start from
+    one of their fine-tuned models; each pass of :func:`coarse_to_fine` then runs dearest
+    first."""
     points: list[SeedPoint] = []
     if sensitivity is not None:
-        from autoprune.sensitivity import allocate
-
-        for budget in coarse_to_fine(space.search.warm_start.budgets):
-            ratios = allocate(sensitivity, groups, budget, dists, measure)
+        allocated = warm_start_configs(space, dists, groups, sensitivity, measure)
+        for budget in coarse_to_fine(list(allocated), dearest_first=space.search.inherit):
+            ratios = allocated[budget]
             params = {n: snap(ratios[n], d) for n, d in dists.items()}
             if all(params != p for p, _a in points):
                 points.append((params, {"warm_start": True, "warm_start_budget": budget}))
@@ -227,11 +231,30 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
     return points
 
 
-def coarse_to_fine(budgets: Sequence[float]) -> list[float]:
+def warm_start_configs(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
+                       groups: Sequence[GroupInfo], sensitivity: Any,
+                       measure: Callable[[Mapping[str, float]], float] | None = None
+                       ) -> dict[float, dict[str, float]]:
+    """The sensitivity allocation for each warm-start budget (nested with ``search.inherit``:
+    each starts from the next dearer one's), by budget, cheapest first."""
+    from autoprune.sensitivity import allocate
+
+    out: dict[float, dict[str, float]] = {}
+    floor: dict[str, float] | None = None
+    for budget in sorted(space.search.warm_start.budgets, reverse=True):
+        out[budget] = allocate(sensitivity, groups, budget, dists, measure, floor)
+        floor = out[budget] if space.search.inherit else None
+    return dict(sorted(out.items()))
+
+
+def coarse_to_fine(budgets: Sequence[float], dearest_first: bool = False) -> list[float]:
     """The cheapest budget, then every other one upwards, then those in between: the first
-    seeds span the MACs range (most of the hypervolume), the later ones halve the steps."""
+    seeds span the MACs range (most of the hypervolume), the later ones halve the steps.
+    ``dearest_first`` runs each of the two passes from its dearest budget down (for
+    ``search.inherit``: each seed then finds a dearer one finished)."""
     s = sorted(budgets)
-    return s[:1] + s[1::2] + s[2::2]
+    passes = [s[:1] + s[1::2], s[2::2]]
+    return [b for p in passes for b in (sorted(p, reverse=True) if dearest_first else p)]
 
 
 def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:

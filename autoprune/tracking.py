@@ -139,6 +139,8 @@ class Tracker:
             tags["error"] = str(attrs["error"])[:5000]
         if attrs.get("duplicate_of") is not None:  # the same config ran before: reused
             tags["duplicate_of"] = str(attrs["duplicate_of"])
+        if attrs.get("inherits_trial") is not None:  # pruned from that trial's fine-tuned model
+            tags["inherits_trial"] = str(attrs["inherits_trial"])
         run = self.client.create_run(self.experiment_id, start_time=_ms(start),
                                      tags=tags, run_name=f"trial-{number}")
         run_id = run.info.run_id

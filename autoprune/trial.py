@@ -34,6 +34,7 @@ from autoprune.sources._models import load_state_dict_strict
 
 if TYPE_CHECKING:
     from autoprune.dedup import Reuse
+    from autoprune.inherit import Inherit
 
 TrialState = Literal["complete", "infeasible", "pruned", "failed"]
 
@@ -116,6 +117,7 @@ class TrialResult:
     duration_s: float = 0.0
     error: str | None = None
     duplicate_of: int | None = None  # a config that already ran: its result, reused
+    inherits: str | None = None  # structure key of the finished trial whose weights it pruned
     record: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
 
@@ -158,7 +160,8 @@ def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, floa
 
 def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
               keep_model: bool = False, finetune_steps: int | None = None,
-              promote: Promote | None = None, reuse: Reuse | None = None) -> TrialResult:
+              promote: Promote | None = None, reuse: Reuse | None = None,
+              inherit: Inherit | None = None) -> TrialResult:
     """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
 
     Never raises for a failure inside the trial: the result has ``state="failed"`` and the
@@ -176,13 +179,16 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         reuse: ``reuse(structure key)`` returns the result of an earlier trial that kept the
             same channels with the same seed (see :mod:`autoprune.dedup`); the trial then
             reuses it instead of measuring and fine-tuning the same model again.
+        inherit: ``inherit(kept channels)`` returns a finished trial's fine-tuned model that
+            keeps at least those channels in every group (see :mod:`autoprune.inherit`), or
+            None; the trial then prunes that model down instead of the base model.
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
     result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
     t0 = time.perf_counter()
     try:
-        _run(ctx, result, keep_model, finetune_steps, promote, reuse)
+        _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
         result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
@@ -199,7 +205,8 @@ def _cost(ctx: TrialContext, result: TrialResult) -> float:
 
 
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
-         finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None) -> None:
+         finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None,
+         inherit: Inherit | None) -> None:
     space, dev = ctx.space, ctx.device
     seed_everything(result.seed)
     p = space.pruning
@@ -216,6 +223,19 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
         if hit is not None:
             reuse_into(result, hit)
             return
+    parent = inherit(result.kept_channels) if inherit is not None else None
+    if parent is not None:
+        from autoprune.inherit import parent_model
+
+        seed_everything(result.seed)
+        start, start_record = parent_model(ctx, parent)
+        model, record = prune_model(start, ctx.example_inputs, result.ratios, p.importance,
+                                    p.round_to, space.groups.ignore, grad_batches,
+                                    parent=start_record)
+        if record.kept_channels != result.kept_channels:  # a bug, not user input
+            raise RuntimeError(f"inherited pruning kept {record.kept_channels}, not "
+                               f"{result.kept_channels}")
+        result.record, result.inherits = record.to_dict(), parent.key
 
     cost = count_cost(model, space.model.input_shape)
     lat = space.latency

@@ -244,6 +244,9 @@ def test_warm_start_budgets_go_coarse_to_fine() -> None:
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
         [0.0, 0.07, 0.14, 0.28, 0.6, 0.1, 0.2, 0.4]
     assert coarse_to_fine([0.5]) == [0.5] and coarse_to_fine([]) == []
+    # with inheritance each pass runs dearest first: every seed finds a dearer one finished
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28], dearest_first=True) == \
+        [0.6, 0.28, 0.14, 0.07, 0.0, 0.4, 0.2, 0.1]
 
 
 def test_front_fill_bisects_the_widest_step() -> None:

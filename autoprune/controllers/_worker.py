@@ -11,6 +11,7 @@ from autoprune.base import BaseMetrics
 from autoprune.config import parse_space
 from autoprune.dedup import reuser
 from autoprune.fidelity import promoter
+from autoprune.inherit import inheritor
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 _CTX: TrialContext | None = None
@@ -23,8 +24,10 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
 
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
-         key: str = "", seen: Any = None, role: str | None = None) -> TrialResult:
+         key: str = "", seen: Any = None, role: str | None = None,
+         models: Any = None) -> TrialResult:
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
     promote = promoter(book, key, role) if book is not None else None
     return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
-                     reuse=reuser(seen) if seen is not None else None)
+                     reuse=reuser(seen) if seen is not None else None,
+                     inherit=inheritor(models) if models is not None else None)

@@ -19,6 +19,7 @@ import optuna
 from autoprune.controllers import _worker
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, book_args, promoter
+from autoprune.inherit import ParentModels, inheritor, load_kept, offer
 from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
@@ -39,25 +40,41 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         on_result: called in this process with every finished trial (records it).
         keep_model: ask trials to return their fine-tuned weights.
     """
-    fid = ctx.space.search.fidelity
+    fid, inherit = ctx.space.search.fidelity, ctx.space.search.inherit
+    weights = keep_model or inherit  # inheritance needs every trial's fine-tuned weights
+    from autoprune.search import study_dir
 
-    def record(trial: optuna.Trial, result: TrialResult, seen: Any) -> None:
+    trials_dir = study_dir(ctx.space, study.study_name) / "trials"
+
+    def record(trial: optuna.Trial, result: TrialResult, seen: Any, models: Any) -> None:
         """Record a finished trial, and remember its model for later proposals."""
+        if models is not None:
+            offer(models, result)
+        if not keep_model:
+            result.state_dict = None
         on_result(trial, result)
         remember(seen, result, trial.number)
+
+    def inherits(models: Any, role: str | None) -> bool:
+        return models is not None and role != "baseline"  # a baseline is uniform pruning
 
     if jobs <= 1:
         seen = SeenConfigs()
         seen.load(study_entries(study))
+        models = ParentModels() if inherit else None
+        if models is not None:
+            load_kept(models, study, trials_dir)
         book = RungBook(*book_args(fid)) if fid.enabled else None
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
             trial = ask(study)
-            promote = promoter(book, f"t{trial.number}", seed_role(trial.user_attrs)) \
-                if book is not None else None
-            record(trial, run_trial(ctx, suggest_ratios(trial, dists), keep_model=keep_model,
-                                    promote=promote, reuse=reuser(seen)), seen)
+            role = seed_role(trial.user_attrs)
+            promote = promoter(book, f"t{trial.number}", role) if book is not None else None
+            result = run_trial(ctx, suggest_ratios(trial, dists), keep_model=weights,
+                               promote=promote, reuse=reuser(seen),
+                               inherit=inheritor(models) if inherits(models, role) else None)
+            record(trial, result, seen, models)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # The rung book and the results seen are shared by all worker processes through a manager.
@@ -65,6 +82,9 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     manager.start()
     seen = manager.SeenConfigs()  # type: ignore[attr-defined]
     seen.load(study_entries(study))
+    models = manager.ParentModels() if inherit else None  # type: ignore[attr-defined]
+    if models is not None:
+        load_kept(models, study, trials_dir)
     shared = None
     if fid.enabled:
         shared = manager.RungBook(*book_args(fid))  # type: ignore[attr-defined]
@@ -76,8 +96,9 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             while len(pending) < jobs and done_count(study) + len(pending) < total:
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
-                fut = pool.submit(_worker.work, ratios, keep_model, shared, f"t{trial.number}",
-                                  seen, seed_role(trial.user_attrs))
+                role = seed_role(trial.user_attrs)
+                fut = pool.submit(_worker.work, ratios, weights, shared, f"t{trial.number}",
+                                  seen, role, models if inherits(models, role) else None)
                 pending[fut] = (trial, ratios)
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             broken = False
@@ -89,7 +110,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     broken = True
                     result = TrialResult(ratios=ratios, state="failed", seed=ctx.space.search.seed,
                                          error=f"worker process died: {e}")
-                record(trial, result, seen)
+                record(trial, result, seen, models)
             if broken:
                 for fut, (trial, ratios) in list(pending.items()):
                     pending.pop(fut)
@@ -109,6 +130,7 @@ class _BookManager(BaseManager):
 
 _BookManager.register("RungBook", RungBook)
 _BookManager.register("SeenConfigs", SeenConfigs)
+_BookManager.register("ParentModels", ParentModels)
 
 
 def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:

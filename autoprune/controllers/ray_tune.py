@@ -32,6 +32,7 @@ from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.fill import FILL_ATTR
+from autoprune.inherit import ParentModels, inheritor, offer
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
@@ -90,9 +91,15 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
                                   BaseMetrics.from_dict(payload["base"]),
                                   device=payload["device"], base_state=payload["base_state"])
     book = payload.get("book")
-    promote = promoter(book, tune.get_context().get_trial_id(),
-                       role_of(config, payload["seeds"])) if book is not None else None
-    result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]))
+    role = role_of(config, payload["seeds"])
+    promote = promoter(book, tune.get_context().get_trial_id(), role) \
+        if book is not None else None
+    models = payload.get("models")
+    inherit = inheritor(models) if models is not None and role != "baseline" else None
+    result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]),
+                       keep_model=models is not None, inherit=inherit)
+    if models is not None:
+        offer(models, result)  # the weights go to the actor, not through Tune
     metrics = result_to_metrics(result)
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
@@ -110,7 +117,7 @@ def result_to_metrics(result: TrialResult) -> dict[str, Any]:
     """A flat, picklable result for Tune (failed trials report NaN objectives)."""
     d = result.to_dict()
     for key in ("record", "kept_channels", "constraints", "finetune_losses", "ratios", "rungs",
-                "duplicate_of"):
+                "duplicate_of", "inherits"):
         d[key] = json.dumps(d[key])
     return d
 
@@ -119,7 +126,7 @@ def metrics_to_result(metrics: Mapping[str, Any], ratios: Mapping[str, float]) -
     fields = TrialResult.__dataclass_fields__
     kw = {k: v for k, v in metrics.items() if k in fields and k != "state_dict"}
     for key in ("record", "kept_channels", "constraints", "finetune_losses", "rungs",
-                "duplicate_of"):
+                "duplicate_of", "inherits"):
         if isinstance(kw.get(key), str):
             kw[key] = json.loads(kw[key])
     kw["finetune_losses"] = [tuple(x) for x in kw.get("finetune_losses", [])]
@@ -197,6 +204,10 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     seen = seen_actor.options(num_cpus=0, scheduling_strategy=here).remote()
     ray.get(seen.load.remote(study_entries(study)))
     payload["seen"] = seen
+    if space.search.inherit:  # the front's fine-tuned models, for trials to start from
+        models_actor: Any = ray.remote(ParentModels)
+        payload["models"] = models_actor.options(num_cpus=0,
+                                                 scheduling_strategy=here).remote()
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     points = list(points or [])

@@ -1,0 +1,182 @@
+"""Weight inheritance: a trial prunes a finished front model down instead of the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _helpers import tiny_space
+from mlflow import MlflowClient
+
+from autoprune.base import BaseMetrics
+from autoprune.config import parse_space
+from autoprune.dedup import structure_key
+from autoprune.export import export_trial, trial_model
+from autoprune.inherit import Parent, ParentModels, load_kept
+from autoprune.measure import evaluate
+from autoprune.prune import prune_model, replay
+from autoprune.report import trials_frame
+from autoprune.search import run_search, study_dir
+from autoprune.study import front_numbers, load_study
+from autoprune.trial import TrialContext, run_trial
+
+
+def space_dict(runs: Path, name: str, **search: Any) -> dict[str, Any]:
+    # Random proposals over a wide range, no baselines: later trials often fit inside a
+    # finished front model.
+    return tiny_space(runs, name, objectives=["accuracy", "macs"],
+                      groups={"default": {"low": 0.0, "high": 0.8, "step": 0.1}},
+                      **{"finetune.steps": 6, "latency.warmup": 1, "latency.repeats": 3,
+                         "search.sampler": "random", "search.baselines": [],
+                         "search.inherit": True,
+                         **{f"search.{k}": v for k, v in search.items()}})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inherit") / "runs"
+
+
+@pytest.fixture(scope="module")
+def ctx(runs: Path) -> TrialContext:
+    return TrialContext.build(parse_space(space_dict(runs, "ctx")))
+
+
+def test_pruning_a_pruned_model_keeps_what_pruning_the_base_keeps(ctx: TrialContext) -> None:
+    names = [g.name for g in ctx.groups]
+    x = ctx.example_inputs
+    parent, prec = prune_model(ctx.base_model, x, dict.fromkeys(names, 0.3), "l2", 4)
+    with torch.no_grad():  # the parent's weights move (as a fine-tune would move them)
+        for p in parent.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ratios = dict.fromkeys(names, 0.6)
+    _, direct = prune_model(ctx.base_model, x, ratios, "l2", 4)
+    child, rec = prune_model(parent, x, ratios, "l2", 4, parent=prec)
+    assert rec.kept_channels == direct.kept_channels
+    assert rec.kept_channels != prec.kept_channels  # it did prune further
+    assert rec.base_channels == prec.base_channels
+    assert rec.history[:len(prec.history)] == prec.history
+    # the record rebuilds the child's architecture from the base; its weights fit exactly
+    rebuilt = replay(ctx.base_model, x, rec)
+    rebuilt.load_state_dict(child.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(x), child.eval()(x))
+    with pytest.raises(Exception, match="cannot grow channels back"):
+        prune_model(child, x, dict.fromkeys(names, 0.3), "l2", 4, parent=rec)
+
+
+def _parent(key: str, kept: dict[str, int], macs: float, acc: float) -> Parent:
+    return Parent(key, kept, macs, acc, {}, {})
+
+
+def test_parent_models_hold_the_front_and_give_the_closest_cover() -> None:
+    models = ParentModels()
+    models.put(_parent("big", {"a": 8, "b": 8}, 0.9, 0.95))
+    models.put(_parent("mid", {"a": 6, "b": 6}, 0.6, 0.93))
+    models.put(_parent("worse", {"a": 7, "b": 7}, 0.7, 0.92))  # dominated by "mid": not held
+    models.put(_parent("skew", {"a": 8, "b": 2}, 0.5, 0.90))
+    assert len(models) == 3
+    assert models.find({"a": 4, "b": 4}).key == "mid"  # type: ignore[union-attr]
+    assert models.find({"a": 7, "b": 2}).key == "skew"  # type: ignore[union-attr]
+    assert models.find({"a": 7, "b": 7}).key == "big"  # type: ignore[union-attr]
+    assert models.find({"a": 6, "b": 6}).key == "big"  # type: ignore[union-attr] (not itself)
+    assert models.find({"a": 9, "b": 1}) is None
+    models.put(_parent("best", {"a": 5, "b": 5}, 0.55, 0.96))  # dominates all but "skew"
+    assert sorted(p.key for p in models._front.values()) == ["best", "skew"]
+
+
+def test_a_trial_starts_from_its_parent_and_beats_pruning_the_base(ctx: TrialContext) -> None:
+    names = [g.name for g in ctx.groups]
+    big = run_trial(ctx, dict.fromkeys(names, 0.3), keep_model=True, finetune_steps=30)
+    models = ParentModels()
+    from autoprune.inherit import offer
+
+    offer(models, big)
+    assert len(models) == 1
+    ratios = dict.fromkeys(names, 0.5)
+    plain = run_trial(ctx, ratios)
+    child = run_trial(ctx, ratios, inherit=lambda kept: models.find(kept))
+    assert child.state == "complete", child.error
+    assert child.inherits == structure_key(big.kept_channels, big.seed)
+    assert plain.inherits is None
+    assert child.kept_channels == plain.kept_channels
+    assert child.macs == plain.macs and child.params == plain.params
+    # its weights start fine-tuned: the proxy (adaptive BN, before any fine-tune) shows it
+    assert child.proxy_accuracy > plain.proxy_accuracy
+
+
+def _inheriting(study: Any) -> list[Any]:
+    return [t for t in study.trials if t.user_attrs.get("inherits")]
+
+
+def test_a_local_search_inherits_and_export_rebuilds_the_chain(runs: Path) -> None:
+    space = parse_space(space_dict(runs, "inh", trials=8, keep_models=False))
+    run_search(space, quiet=True)
+    study = load_study("inh", space.storage_url)
+    heirs = _inheriting(study)
+    assert heirs, "no trial inherited"
+    keys = {structure_key(t.user_attrs["kept_channels"], t.user_attrs["seed"]): t
+            for t in study.trials if t.user_attrs.get("state") == "complete"}
+    for t in heirs:
+        parent = keys[t.user_attrs["inherits"]]
+        assert parent.number < t.number
+        assert t.user_attrs["inherits_trial"] == parent.number
+        assert all(parent.user_attrs["kept_channels"][g] >= c
+                   for g, c in t.user_attrs["kept_channels"].items())
+    # no kept weights: rebuilding a trial re-runs its parent chain; the accuracy must match
+    heir = max(heirs, key=lambda t: t.number)  # the longest chain, likely
+    base = BaseMetrics.from_dict(study.user_attrs["base"])
+    model, record, extra, _ = trial_model(space, base, "inh", heir.number, dict(heir.params),
+                                          study)
+    acc = evaluate(model, extra["data"].val, "cpu", extra["evaluate_fn"])
+    assert acc == pytest.approx(heir.user_attrs["accuracy"], abs=1e-9)
+    assert record.kept_channels == heir.user_attrs["kept_channels"]
+    # and the export of a front point that inherited checks the same
+    front = [t for t in heirs if t.number in front_numbers(study)]
+    assert front  # (trial 3 of this seeded search)
+    frame = trials_frame(study).set_index("trial")
+    assert frame.loc[front[0].number, "inherits_trial"] == front[0].user_attrs["inherits_trial"]
+    client = MlflowClient(space.tracking_uri)
+    runs_ = client.search_runs([client.get_experiment_by_name("inh").experiment_id],
+                               f"tags.`autoprune.trial` = '{front[0].number}'")
+    assert runs_[0].data.tags["inherits_trial"] == str(front[0].user_attrs["inherits_trial"])
+    res = export_trial("inh", space.storage_url, f"trial:{front[0].number}", runs / "exp-inh")
+    assert res.trial == front[0].number
+
+
+def test_parallel_workers_and_ray_inherit_too(runs: Path) -> None:
+    for name, kw in (("inh-jobs", {"jobs": 2}),
+                     ("inh-ray", {"backend": "ray", "ray_options": {"concurrency": 1}})):
+        space = parse_space(space_dict(runs, name, trials=8))
+        run_search(space, quiet=True, **kw)
+        study = load_study(name, space.storage_url)
+        assert _inheriting(study), f"{name}: no trial inherited"
+        assert all(t.user_attrs.get("state") != "failed" for t in study.trials), name
+        if name == "inh-jobs":  # kept weights: a resumed search starts with the front's models
+            models = ParentModels()
+            assert load_kept(models, study, study_dir(space, name) / "trials") > 0
+            front = {structure_key(t.user_attrs["kept_channels"], t.user_attrs["seed"])
+                     for t in study.trials if t.number in front_numbers(study)}
+            assert set(models._front) == front
+
+
+def test_warm_start_allocations_nest_with_inheritance(runs: Path, ctx: TrialContext) -> None:
+    from autoprune.sensitivity import cached_scan, macs_counter
+    from autoprune.study import distributions, warm_start_configs
+
+    sens, _ = cached_scan(ctx, [0.4, 0.8])
+    count = macs_counter(ctx)
+    budgets = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6]
+    for inherit in (False, True):
+        space = parse_space(space_dict(runs, "nest", inherit=inherit,
+                                       warm_start={"sensitivity": True, "budgets": budgets}))
+        cfg = warm_start_configs(space, distributions(space, ctx.groups), ctx.groups, sens,
+                                 count)
+        assert list(cfg) == budgets
+        for b, c in cfg.items():  # each meets its budget in counted MACs
+            assert b == 0.0 or count(c) <= b + 1e-9
+        if inherit:  # a cheaper seed prunes at least what every dearer one prunes
+            for cheap, dear in zip(budgets, budgets[1:]):
+                assert all(cfg[cheap][g] >= cfg[dear][g] for g in cfg[dear]), (cheap, dear)
