@@ -10,10 +10,10 @@ too): at MACs ratio 0.197, 0.946-0.947 pruned from a fine-tuned model at 0.243 a
 0.921-0.927 pruned from the base (0.948-0.951 with twice the steps); at 0.243, 0.949-0.959
 from fine-tuned parents at uniform ratios 0.4-0.5 against 0.942-0.948 (``search.inherit``).
 
-The parent is the cheapest (in MACs) of the models on the front of the trials finished so far
-that keeps every group's channels (not the same structure: that is a duplicate, see
-:mod:`autoprune.dedup`). Only front models are held, so memory stays at one model per front
-point. Uniform baselines never inherit: they are the reference uniform pruning gives.
+The parent is the cheapest (in MACs) of the finished trials' models that keeps every group's
+channels (not the same structure: that is a duplicate, see :mod:`autoprune.dedup`). Models are
+held up to 2 GiB of weights; past that the most dominated go first, and the front always
+stays. Uniform baselines never inherit: they are the reference uniform pruning gives.
 
 The trial records its parent's structure key (``inherits``) and a pruning record that continues
 the parent's history, so :func:`autoprune.prune.replay` rebuilds it from the base model, and an
@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from autoprune.dedup import DUPLICATE_OF, structure_key
+from autoprune.pareto import nondominated_ranks
 from autoprune.prune import PruneRecord, replay
 from autoprune.sources._models import load_state_dict_strict
 
@@ -66,26 +68,44 @@ def _covers(parent: Mapping[str, int], kept: Mapping[str, int]) -> bool:
 
 
 class ParentModels:
-    """The fine-tuned models of the front so far, for later trials to start from."""
+    """Finished trials' fine-tuned models, for later trials to start from.
 
-    def __init__(self) -> None:
-        self._front: dict[str, Parent] = {}
+    Models are held until they pass ``max_bytes``; then the worst non-dominated layer (on
+    accuracy and MACs ratio) goes first, newest first within it. The front itself is always
+    held, whatever it weighs."""
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._held: dict[str, Parent] = {}
 
     def put(self, parent: Parent) -> None:
         a, m = parent.accuracy, parent.macs_ratio
-        if not (a == a and m == m) or any(  # NaN, or dominated by a held model
-                p.accuracy >= a and p.macs_ratio <= m for p in self._front.values()):
+        if not (a == a and m == m) or parent.key in self._held:  # NaN, or held already
             return
-        self._front = {k: p for k, p in self._front.items()
-                       if not (a >= p.accuracy and m <= p.macs_ratio)}
-        self._front[parent.key] = parent
+        self._held[parent.key] = parent
+        while self._bytes() > self.max_bytes:
+            keys = list(self._held)
+            ranks = nondominated_ranks(
+                np.array([[self._held[k].accuracy, self._held[k].macs_ratio] for k in keys]),
+                ("maximize", "minimize"))
+            if ranks.max() == 0:
+                return
+            worst = [k for k, r in zip(keys, ranks, strict=True) if r == ranks.max()]
+            del self._held[worst[-1]]
 
     def find(self, kept: Mapping[str, int]) -> Parent | None:
-        fits = [p for p in self._front.values() if _covers(p.kept, kept)]
+        fits = [p for p in self._held.values() if _covers(p.kept, kept)]
         return min(fits, key=lambda p: (p.macs_ratio, -p.accuracy)) if fits else None
 
+    def _bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self._held.values()
+                   for t in p.state_dict.values())
+
+    def keys(self) -> list[str]:
+        return list(self._held)
+
     def __len__(self) -> int:
-        return len(self._front)
+        return len(self._held)
 
 
 def parent_of(result: TrialResult) -> Parent | None:
