@@ -15,7 +15,9 @@ budget of steps. Methods:
 * ``plain``: ``run_search`` with NSGA-II at full fidelity (uniform 0.25/0.5/0.75 baselines
   first, no warm start, no distillation);
 * ``full``: NSGA-II + multi-fidelity promotion (``search.fidelity.enabled``) + sensitivity
-  warm start + front fill (``search.front_fill``) (+ distillation with ``--distill``; off by
+  warm start + front fill (``search.front_fill``) + weight inheritance (``search.inherit``:
+  a trial that fits inside a finished front model prunes its fine-tuned weights;
+  ``--no-inherit`` turns it off) (+ distillation with ``--distill``; off by
   default: at uniform ratios 0.5-0.75, 2 seeds, alpha 0.9 raised resnet8/mnist5k's mean
   accuracy by 0.011 at 60 steps, but 80 steps without a teacher, about the same compute,
   raised it by 0.016; on digits it changed nothing). Trials stopped at a rung cost little,
@@ -151,6 +153,7 @@ class Settings:
     trials: int | None
     full_max: float  # most trials of the full run, as a multiple of the trial budget
     distill: float
+    inherit: bool  # full: search.inherit
     tolerance: float | None  # None: twice the measured seed-to-seed noise
 
 
@@ -175,7 +178,8 @@ def _log(msg: str) -> None:
 
 
 def task_space(task: Task, runs_dir: Path, seed: int, method: str = "plain",
-               checkpoint: str | None = None, distill: float = 0.0) -> SpaceConfig:
+               checkpoint: str | None = None, distill: float = 0.0,
+               inherit: bool = False) -> SpaceConfig:
     """The task's space for one method; only sampler, baselines and the features change."""
     search: dict[str, Any] = {"seed": seed, "sampler": "nsga2", "population_size": POPULATION,
                               "keep_models": False, "front_fill": 0}
@@ -183,7 +187,7 @@ def task_space(task: Task, runs_dir: Path, seed: int, method: str = "plain",
         search.update(sampler="random", baselines=[])
     if method == "full":
         search.update(fidelity={"enabled": True}, warm_start={"sensitivity": True},
-                      front_fill=SearchConfig.front_fill)
+                      front_fill=SearchConfig.front_fill, inherit=inherit)
     model = {**task.model, "train": {"epochs": task.base_epochs, "lr": 0.05}}
     if checkpoint is not None:
         model["checkpoint"] = checkpoint
@@ -507,7 +511,7 @@ def run_task(key: str, seeds: Sequence[int], st: Settings, work: Path) -> tuple[
         for method in ("uniform", "global", RESEEDED):
             add_compute(runs[method], plain_cost)
         for method in SEARCHES:
-            space = task_space(task, runs_dir, seed, method, ckpt, st.distill)
+            space = task_space(task, runs_dir, seed, method, ckpt, st.distill, st.inherit)
             warm_tracking(space)
             name = f"{method}-s{seed}"
             runs[method] = (run_full(space, name, runs["plain"], cost, scan_eq, 2 * trials,
@@ -663,6 +667,9 @@ def notes(st: Settings, tasks: Sequence[str], seeds: Sequence[int], quick: bool)
                         f"{TASKS[k].finetune_steps} fine-tune steps per trial" for k in tasks)
     fid, warm = FidelityConfig(), WarmStartConfig()
     nums = lambda xs: "/".join(f"{x:.3g}" for x in xs)  # noqa: E731
+    inherit = ("on: a trial that fits inside a finished front model prunes its fine-tuned "
+               "weights; the allocations nest and each coarse-to-fine pass runs dearest first"
+               if st.inherit else "off")
     return (
         f"Objectives [accuracy, macs]; every group pruned 0..{MAX_RATIO} (step 0.05), l2, "
         f"round_to {ROUND_TO}. Budgets: {budgets}; full runs (2x the trials, then resumed "
@@ -673,7 +680,8 @@ def notes(st: Settings, tasks: Sequence[str], seeds: Sequence[int], quick: bool)
         f"{fid.min_trials}) + sensitivity warm start (ratios {nums(warm.ratios)}, MACs budgets "
         f"{nums(warm.budgets)}, coarse to fine, allocations refilled up to their budget) + "
         f"front fill (every {SearchConfig.front_fill} proposals after the seeds: the midpoint "
-        f"of the front's widest step), distillation alpha {st.distill:g}; "
+        f"of the front's widest step) + weight inheritance ({inherit}), "
+        f"distillation alpha {st.distill:g}; "
         f"{RESEEDED}: the uniform levels fine-tuned with other seeds; every method reuses the "
         f"result of a config it already ran. Seeds {list(seeds)} (one shared base "
         "model per task). Hypervolume of (accuracy, MACs ratio) over completed trials, "
@@ -748,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "times the trial budget even with compute left (default 10)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="distillation alpha for the full run (default 0: off)")
+    p.add_argument("--no-inherit", dest="inherit", action="store_false",
+                   help="full without search.inherit (trials always prune the base model)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="accuracy slack of goal 2 (default: twice the measured seed-to-seed "
                    "standard deviation of one config's accuracy, at least one validation "
@@ -761,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = args.tasks or (["digits"] if args.quick else list(TASKS))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     st = Settings(args.trials or (8 if args.quick else None),
-                  args.full_max, args.distill, args.tolerance)
+                  args.full_max, args.distill, args.inherit, args.tolerance)
 
     if args.merge:
         per_seed, all_runs = merge(args.merge)
