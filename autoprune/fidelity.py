@@ -131,13 +131,17 @@ def partial_spearman(x: Iterable[float], y: Iterable[float], z: Iterable[float])
     return (r["xy"] - r["xz"] * r["yz"]) / den if den > 1e-9 else 0.0
 
 
-def promoter(book: Any, key: str, role: str | None = None) -> Promote:
+def promoter(book: Any, key: str, role: str | None = None,
+             keep_seeds: bool = False) -> Promote:
     """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book.
 
     ``role`` is a seed point's (:func:`autoprune.study.seed_role`): seed points stay out of the
     trust sample, and a uniform ``baseline`` is judged (its results are there to compare with)
-    but never stopped: it is the reference the front is read against."""
-    sample, keep = role is None, role == "baseline"
+    but never stopped: it is the reference the front is read against. ``keep_seeds`` (with
+    ``search.inherit``) keeps warm-start seeds too: later seeds and trials start from their
+    fine-tuned models."""
+    sample = role is None
+    keep = role == "baseline" or (keep_seeds and role is not None)
     if hasattr(book, "report") and hasattr(book.report, "remote"):  # a Ray actor handle
         import ray
 

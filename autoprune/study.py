@@ -250,11 +250,15 @@ def warm_start_configs(space: SpaceConfig, dists: Mapping[str, FloatDistribution
 def coarse_to_fine(budgets: Sequence[float], dearest_first: bool = False) -> list[float]:
     """The cheapest budget, then every other one upwards, then those in between: the first
     seeds span the MACs range (most of the hypervolume), the later ones halve the steps.
-    ``dearest_first`` runs each of the two passes from its dearest budget down (for
-    ``search.inherit``: each seed then finds a dearer one finished)."""
+    ``dearest_first`` (for ``search.inherit``) mirrors it: the dearest budget, every other one
+    downwards and the cheapest, then those between, dearest first. Every seed but the first
+    then finds a dearer one finished, and the dearest, the root of every chain, runs first."""
     s = sorted(budgets)
-    passes = [s[:1] + s[1::2], s[2::2]]
-    return [b for p in passes for b in (sorted(p, reverse=True) if dearest_first else p)]
+    if not dearest_first:
+        return s[:1] + s[1::2] + s[2::2]
+    d = s[::-1]
+    first = sorted(set(range(0, len(d), 2)) | ({len(d) - 1} if d else set()))
+    return [d[i] for i in first] + [d[i] for i in range(len(d)) if i not in first]
 
 
 def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:

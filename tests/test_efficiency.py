@@ -130,6 +130,9 @@ def test_a_baseline_is_judged_but_never_stopped() -> None:
     assert book.rungs[1]["base"] == (0.5, 0.9) and "base" in book.seeds
     assert not promoter(book, "warm", "warm_start")(1, 0.5, 0.9)
     assert not promoter(book, "t9", None)(1, 0.5, 0.9) and "t9" not in book.seeds
+    # with search.inherit a warm start is a parent for what follows: judged, never stopped
+    assert promoter(book, "warm2", "warm_start", keep_seeds=True)(1, 0.5, 0.9)
+    assert not promoter(book, "t10", None, keep_seeds=True)(1, 0.5, 0.9)
 
 
 def test_rung_steps() -> None:
@@ -244,9 +247,14 @@ def test_warm_start_budgets_go_coarse_to_fine() -> None:
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
         [0.0, 0.07, 0.14, 0.28, 0.6, 0.1, 0.2, 0.4]
     assert coarse_to_fine([0.5]) == [0.5] and coarse_to_fine([]) == []
-    # with inheritance each pass runs dearest first: every seed finds a dearer one finished
+    # with inheritance, mirrored: the dearest (every chain's root) first, every other one
+    # downwards and the cheapest, then those between; every seed finds a dearer one finished
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28, 0.85],
+                          dearest_first=True) == [0.85, 0.4, 0.2, 0.1, 0.0, 0.6, 0.28, 0.14, 0.07]
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28], dearest_first=True) == \
         [0.6, 0.28, 0.14, 0.07, 0.0, 0.4, 0.2, 0.1]
+    assert coarse_to_fine([0.5], dearest_first=True) == [0.5]
+    assert coarse_to_fine([], dearest_first=True) == []
 
 
 def test_front_fill_bisects_the_widest_step() -> None:

@@ -27,7 +27,7 @@ def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
          key: str = "", seen: Any = None, role: str | None = None,
          models: Any = None) -> TrialResult:
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
-    promote = promoter(book, key, role) if book is not None else None
+    promote = promoter(book, key, role, _CTX.space.search.inherit) if book is not None else None
     return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
                      reuse=reuser(seen) if seen is not None else None,
                      inherit=inheritor(models) if models is not None else None)

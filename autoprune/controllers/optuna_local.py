@@ -70,7 +70,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         while done_count(study) < total:
             trial = ask(study)
             role = seed_role(trial.user_attrs)
-            promote = promoter(book, f"t{trial.number}", role) if book is not None else None
+            promote = promoter(book, f"t{trial.number}", role, inherit) if book is not None \
+                else None
             result = run_trial(ctx, suggest_ratios(trial, dists), keep_model=weights,
                                promote=promote, reuse=reuser(seen),
                                inherit=inheritor(models) if inherits(models, role) else None)

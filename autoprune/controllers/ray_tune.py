@@ -92,7 +92,7 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
                                   device=payload["device"], base_state=payload["base_state"])
     book = payload.get("book")
     role = role_of(config, payload["seeds"])
-    promote = promoter(book, tune.get_context().get_trial_id(), role) \
+    promote = promoter(book, tune.get_context().get_trial_id(), role, _CTX.space.search.inherit) \
         if book is not None else None
     models = payload.get("models")
     inherit = inheritor(models) if models is not None and role != "baseline" else None
