@@ -131,8 +131,12 @@ def test_a_baseline_is_judged_but_never_stopped() -> None:
     assert not promoter(book, "warm", "warm_start")(1, 0.5, 0.9)
     assert not promoter(book, "t9", None)(1, 0.5, 0.9) and "t9" not in book.seeds
     # with search.inherit a warm start is a parent for what follows: judged, never stopped
-    assert promoter(book, "warm2", "warm_start", keep_seeds=True)(1, 0.5, 0.9)
-    assert not promoter(book, "t10", None, keep_seeds=True)(1, 0.5, 0.9)
+    book = RungBook(eta=2, min_trials=3, trust_threshold=-1.0)
+    for k, (acc, cost) in enumerate([(0.95, 0.2), (0.96, 0.3), (0.97, 0.4)]):
+        book.report(f"t{k}", 1, acc, cost)
+    assert promoter(book, "warm", "warm_start", keep_seeds=True)(1, 0.5, 0.9)
+    assert book.rungs[1]["warm"] == (0.5, 0.9)
+    assert not promoter(book, "t9", None, keep_seeds=True)(1, 0.4, 0.95)
 
 
 def test_rung_steps() -> None:
