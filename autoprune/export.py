@@ -125,12 +125,12 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         pruned = replay(model, example, record)
         state = torch.load(tdir / "weights.pt", map_location="cpu", weights_only=True)
     else:  # weights not kept: re-run the trial with its seed, which is deterministic
-        from autoprune.inherit import attrs_by_key, rerun
+        from autoprune.inherit import originals_by_key, rerun
         from autoprune.trial import TrialContext
 
         ctx = TrialContext(space, model, data, base, [], torch.device("cpu"), evaluate_fn)
         attrs = study.trials[number].user_attrs if study is not None else {}
-        result = rerun(ctx, attrs_by_key(study) if study is not None else {}, attrs, ratios)
+        result = rerun(ctx, originals_by_key(study) if study is not None else {}, attrs, ratios)
         if result.state_dict is None:
             raise AutopruneError(f"re-running trial {number} failed: {result.error}")
         record = PruneRecord.from_dict(result.record)

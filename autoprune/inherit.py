@@ -42,6 +42,7 @@ from autoprune.sources._models import load_state_dict_strict
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
     from autoprune.trial import TrialContext, TrialResult
 
@@ -174,21 +175,21 @@ def load_kept(models: Any, study: optuna.Study, trials_dir: Path) -> int:
     return n
 
 
-def rerun(ctx: TrialContext,
-          attrs_by_key: Mapping[str, tuple[Mapping[str, Any], Mapping[str, float]]],
-          attrs: Mapping[str, Any], ratios: Mapping[str, float], depth: int = 0) -> TrialResult:
-    """Re-run a trial with its seed (deterministic), its parent chain first."""
+def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mapping[str, Any],
+          ratios: Mapping[str, float]) -> TrialResult:
+    """Re-run a trial with its seed (deterministic), its parent chain first (``originals``:
+    :func:`originals_by_key`)."""
     from autoprune.errors import AutopruneError
     from autoprune.trial import run_trial
 
     inherit: Inherit | None = None
     key = attrs.get("inherits")
     if key:
-        if key not in attrs_by_key or depth > 1000:
+        if key not in originals:
             raise AutopruneError(f"the trial inherited from a model ({key}) that is not in "
                                  "the study; it cannot be re-made")
-        up, up_ratios = attrs_by_key[key]
-        presult = rerun(ctx, attrs_by_key, up, up_ratios, depth + 1)
+        up = originals[key]
+        presult = rerun(ctx, originals, up.user_attrs, up.params)
         parent = parent_of(presult)
         if parent is None:
             raise AutopruneError(f"re-running the parent trial failed: {presult.error}")
@@ -198,29 +199,19 @@ def rerun(ctx: TrialContext,
                      inherit=inherit)
 
 
-def parent_number(study: optuna.Study, key: str | None) -> int | None:
-    """The trial number of a structure key's first complete original trial (None: not found)."""
-    if not key:
-        return None
+def originals_by_key(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """Complete original (not duplicate) trials by structure key; the first trial wins."""
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = t.user_attrs
-        if a.get(DUPLICATE_OF) is None and a.get("kept_channels") and a.get("seed") is not None \
-                and structure_key(a["kept_channels"], int(a["seed"])) == key:
-            return t.number
-    return None
-
-
-def attrs_by_key(study: optuna.Study) -> dict[str, tuple[dict[str, Any], dict[str, float]]]:
-    """Complete original trials' user attributes and ratios by structure key (the first trial
-    wins)."""
-    from optuna.trial import TrialState
-
-    out: dict[str, tuple[dict[str, Any], dict[str, float]]] = {}
+    out: dict[str, FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         a = t.user_attrs
         if a.get(DUPLICATE_OF) is None and a.get("kept_channels") and a.get("seed") is not None:
-            out.setdefault(structure_key(a["kept_channels"], int(a["seed"])),
-                           (dict(a), dict(t.params)))
+            out.setdefault(structure_key(a["kept_channels"], int(a["seed"])), t)
     return out
+
+
+def parent_number(study: optuna.Study, key: str | None) -> int | None:
+    """The trial number of a structure key's first complete original trial (None: not found)."""
+    found = originals_by_key(study).get(key) if key else None
+    return None if found is None else found.number

@@ -210,7 +210,7 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
 
     With ``search.inherit`` the allocations nest: each budget's starts from the next dearer
     one's and only prunes more, so every seed fits inside the dearer seeds and can start from
-    one of their fine-tuned models; each pass of :func:`coarse_to_fine` then runs dearest
+    one of their fine-tuned models; :func:`coarse_to_fine` then runs mirrored, the dearest
     first."""
     points: list[SeedPoint] = []
     if sensitivity is not None:
