@@ -158,19 +158,19 @@ class WarmStartConfig:
     spend the pruning where accuracy suffers least, at each MACs budget in ``budgets``.
 
     The seeds run first, coarse to fine (the cheapest budget, every other one upwards, then those
-    between), before the uniform baselines. With ``search.inherit`` the order is mirrored (the
-    dearest, every other one downwards and the cheapest, then those between, dearest first),
-    the allocations nest, and the seeds are never stopped at a rung: each can start from a
+    between), before the uniform baselines. With ``search.inherit`` the order runs downwards (the
+    dearest, then each at most half the last and the cheapest, then those between, dearest
+    first), the allocations nest, and the seeds are never stopped at a rung: each can start from a
     dearer one's fine-tuned model. A budget is met in counted MACs, and the allocation
     is refilled up to it; 0 (or any budget below what the space can reach) seeds the space's
     cheapest config, every group at its upper bound, so the front spans the whole range from
-    the start. The default budgets are spread over the MACs range, closest together at the
-    cheap end, where accuracy falls fastest; two scan ratios keep the scan at groups x 2
-    calibrations."""
+    the start. The default budgets are spread over the MACs range, about sqrt(2) apart, which
+    puts them closest together at the cheap end, where accuracy falls fastest; 0.5 is added in
+    the knee, where users pick. Two scan ratios keep the scan at groups x 2 calibrations."""
 
     sensitivity: bool = False
     ratios: tuple[float, ...] = (0.4, 0.8)
-    budgets: tuple[float, ...] = (0.0, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.6, 0.85)
+    budgets: tuple[float, ...] = (0.0, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.5, 0.6, 0.85)
 
 
 @dataclass(frozen=True)

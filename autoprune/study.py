@@ -210,7 +210,7 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
 
     With ``search.inherit`` the allocations nest: each budget's starts from the next dearer
     one's and only prunes more, so every seed fits inside the dearer seeds and can start from
-    one of their fine-tuned models; :func:`coarse_to_fine` then runs mirrored, the dearest
+    one of their fine-tuned models; :func:`coarse_to_fine` then runs downwards, the dearest
     first."""
     points: list[SeedPoint] = []
     if sensitivity is not None:
@@ -250,14 +250,19 @@ def warm_start_configs(space: SpaceConfig, dists: Mapping[str, FloatDistribution
 def coarse_to_fine(budgets: Sequence[float], dearest_first: bool = False) -> list[float]:
     """The cheapest budget, then every other one upwards, then those in between: the first
     seeds span the MACs range (most of the hypervolume), the later ones halve the steps.
-    ``dearest_first`` (for ``search.inherit``) mirrors it: the dearest budget, every other one
-    downwards and the cheapest, then those between, dearest first. Every seed but the first
-    then finds a dearer one finished, and the dearest, the root of every chain, runs first."""
+    ``dearest_first`` (for ``search.inherit``) runs downwards instead: the dearest budget,
+    then each at most half the last one taken, and the cheapest; then those between, dearest
+    first. Every seed but the first then finds a dearer one finished, the dearest (the root of
+    every chain) runs first, and a budget between two of the first pass starts from the
+    closest dearer seed."""
     s = sorted(budgets)
     if not dearest_first:
         return s[:1] + s[1::2] + s[2::2]
     d = s[::-1]
-    first = sorted(set(range(0, len(d), 2)) | ({len(d) - 1} if d else set()))
+    first: list[int] = []
+    for i, b in enumerate(d):
+        if not first or i == len(d) - 1 or b <= d[first[-1]] / 2 + 1e-9:
+            first.append(i)
     return [d[i] for i in first] + [d[i] for i in range(len(d)) if i not in first]
 
 

@@ -251,10 +251,14 @@ def test_warm_start_budgets_go_coarse_to_fine() -> None:
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
         [0.0, 0.07, 0.14, 0.28, 0.6, 0.1, 0.2, 0.4]
     assert coarse_to_fine([0.5]) == [0.5] and coarse_to_fine([]) == []
-    # with inheritance, mirrored: the dearest (every chain's root) first, every other one
-    # downwards and the cheapest, then those between; every seed finds a dearer one finished
+    # with inheritance, downwards: the dearest (every chain's root) first, then each at most
+    # half the last and the cheapest, then those between, dearest first; every seed finds a
+    # dearer one finished, and 0.5 runs after 0.6, its closest dearer seed
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28, 0.85],
                           dearest_first=True) == [0.85, 0.4, 0.2, 0.1, 0.0, 0.6, 0.28, 0.14, 0.07]
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.5, 0.07, 0.14, 0.28, 0.85],
+                          dearest_first=True) == \
+        [0.85, 0.4, 0.2, 0.1, 0.0, 0.6, 0.5, 0.28, 0.14, 0.07]
     assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28], dearest_first=True) == \
         [0.6, 0.28, 0.14, 0.07, 0.0, 0.4, 0.2, 0.1]
     assert coarse_to_fine([0.5], dearest_first=True) == [0.5]
