@@ -45,9 +45,13 @@ hypervolume within half of ``plain``'s compute (median over seeds, in both compu
 (2) ``full``'s front is nowhere worse (beyond ``--tolerance``) than the uniform or global front
 at any MACs ratio in the range it searched, in every seed (the tables also count
 at how many of their points it is worse, ``below_*``). The default tolerance is the noise of
-one accuracy: twice the standard deviation of the final accuracy of one config (uniform 0.5)
-fine-tuned with 4 other seeds, measured per task and seed (``noise_sd``), and at least one
-validation sample. A gap inside it is a difference the same config shows from seed to seed.
+one accuracy: twice the standard deviation of a config's final accuracy over fine-tune seeds,
+and at least one validation sample. It is measured per task and seed, pooled from one config
+(uniform 0.5) fine-tuned with 4 other seeds (``noise_sd``) and the uniform levels fine-tuned
+twice (``uniform`` and ``uniform-reseeded``: a pair's difference holds two seeds' noise):
+``noise_sd_pooled``, with 3 + (distinct levels) degrees of freedom. (4 seeds alone had put
+digits seed 1's sd at 0.0016 where its 17 distinct pairs gave 0.0034.) A gap inside it is a
+difference the same config shows from seed to seed.
 ``uniform-reseeded`` (the uniform levels again, fine-tuned with other seeds) shows the floor
 of ``below_*``: at how many points seed noise alone puts one front below another.
 
@@ -111,6 +115,7 @@ from autoprune.trial import TrialContext, run_trial
 SEARCHES = ("random", "plain", "full")
 RESEEDED = "uniform-reseeded"  # uniform again, other fine-tune seeds: goal 2's noise floor
 RESEED_OFFSET = 1000
+NOISE_REPEATS = 4  # fine-tune seeds of uniform 0.5 for noise_sd
 BUDGETS = (0.3, 0.5, 0.7)  # MACs ratios at which accuracies are compared
 REF_ACCURACY, REF_MACS = 0.0, 1.0
 MAX_RATIO = 0.8  # per-group search range 0..0.8, also the per-layer cap of global pruning
@@ -459,8 +464,22 @@ def seed_noise(ctx: TrialContext, seed: int, repeats: int = 4) -> float:
     return float(np.std(accs, ddof=1))
 
 
+def pooled_noise(noise: float, repeats: int, runs: dict[str, Run]) -> float:
+    """The seed-to-seed standard deviation of one accuracy, pooled: ``noise`` (over
+    ``repeats`` seeds of one config) with the uniform levels run with two seeds. A pair's
+    difference d holds two seeds' noise, so d**2 / 2 estimates the variance with one degree of
+    freedom."""
+    both = runs["uniform"].trials.merge(runs[RESEEDED].trials, on="trial", suffixes=("", "_r"))
+    both = both[(both["state"] == "complete") & (both["state_r"] == "complete")]
+    both = both.drop_duplicates("macs_ratio")  # levels that snap to one config: one pair
+    d = both["accuracy"].to_numpy(float) - both["accuracy_r"].to_numpy(float)
+    var = ((repeats - 1) * noise ** 2 + float((d ** 2).sum()) / 2) / (repeats - 1 + len(d))
+    return math.sqrt(var)
+
+
 def seed_rows(task: str, seed: int, runs: dict[str, Run], base_acc: float,
-              reach: dict[str, float], noise: float, tolerance: float) -> list[dict[str, Any]]:
+              reach: dict[str, float], noise: tuple[float, float],
+              tolerance: float) -> list[dict[str, Any]]:
     rows = []
     for method, run in runs.items():
         df = run.trials
@@ -477,7 +496,7 @@ def seed_rows(task: str, seed: int, runs: dict[str, Run], base_acc: float,
             **gap_columns(df, runs, tolerance),
             "reach_frac_steps": reach["steps"] if method == "full" else float("nan"),
             "reach_frac_eq": reach["eq"] if method == "full" else float("nan"),
-            "noise_sd": noise, "tolerance": tolerance,
+            "noise_sd": noise[0], "noise_sd_pooled": noise[1], "tolerance": tolerance,
         }
         rows.append(row)
     return rows
@@ -521,12 +540,14 @@ def run_task(key: str, seeds: Sequence[int], st: Settings, work: Path) -> tuple[
         cut_to_budget(runs["full"], runs["plain"])
         reach = {m: reach_fraction(runs["full"], runs["plain"], f"cum_{m}")
                  for m in ("steps", "eq")}
-        noise = seed_noise(ctx, seed)
+        noise = seed_noise(ctx, seed, NOISE_REPEATS)
+        pooled = pooled_noise(noise, NOISE_REPEATS, runs)
         tolerance = st.tolerance if st.tolerance is not None else \
-            max(2 * noise, 1 / len(ctx.data.val.dataset))
-        _log(f"  seed {seed}: accuracy noise (sd over fine-tune seeds) {noise:.4f}, "
+            max(2 * pooled, 1 / len(ctx.data.val.dataset))
+        _log(f"  seed {seed}: accuracy noise (sd over fine-tune seeds) {noise:.4f} from "
+             f"{NOISE_REPEATS} seeds, {pooled:.4f} pooled with the uniform pairs, "
              f"goal-2 tolerance {tolerance:.4f}")
-        rows += seed_rows(key, seed, runs, ctx.base.accuracy, reach, noise, tolerance)
+        rows += seed_rows(key, seed, runs, ctx.base.accuracy, reach, (noise, pooled), tolerance)
         for r in rows[-len(runs):]:
             _log(f"  seed {seed} {r['method']:>7}: HV {r['hypervolume']:.4f}, "
                  f"{r['trials']} trials, {r['finetune_steps']:.0f} steps, "
@@ -696,8 +717,9 @@ def notes(st: Settings, tasks: Sequence[str], seeds: Sequence[int], quick: bool)
         "searched (< 0: worse somewhere; gap_vs_*_at in the per-seed table: at which MACs "
         "ratio). below_*: at how many of the uniform/global points within that range the "
         "front is worse by more than the tolerance (compared_*: of how many). "
-        "tolerance: goal 2's slack, twice noise_sd (the standard deviation of one "
-        "config's accuracy over 4 other fine-tune seeds) unless --tolerance is given. "
+        "tolerance: goal 2's slack, twice noise_sd_pooled (the standard deviation of one "
+        "config's accuracy over fine-tune seeds: uniform 0.5 with 4 other seeds, pooled with "
+        "the uniform levels run with two seeds) unless --tolerance is given. "
         "kendall_tau: adaptive-BN proxy vs final accuracy "
         "over completed trials (for full: only the trials that survived the rungs). Wall "
         "time: uniform/global time their trials; searches time run_search to their last "
