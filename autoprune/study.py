@@ -202,43 +202,32 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
                 measure: Callable[[Mapping[str, float]], float] | None = None
                 ) -> list[SeedPoint]:
     """The first trials of a study: (with a sensitivity scan) one sensitivity-allocated config
-    per warm-start MACs budget, coarse to fine (see :func:`coarse_passes`), and uniform ratios
-    at each ``search.baselines`` level. The first pass of allocations comes first: the
-    better-informed guesses, spanning the MACs range, so the front fills in sooner. The
-    baselines follow, before the allocations between: they are the reference a user compares
-    with, and they keep the front at least as good as uniform pruning at their levels from
-    early on, even where a search's compute runs out before the second pass ends.
-    ``measure`` (ratios -> counted MACs ratio) makes each allocation meet its budget in
-    counted MACs.
+    per warm-start MACs budget, coarse to fine (see :func:`coarse_to_fine`), then uniform ratios
+    at each ``search.baselines`` level. The allocated configs come first: they are the
+    better-informed guesses, so the front fills in sooner; the baselines follow as the
+    reference a user compares with. ``measure`` (ratios -> counted MACs ratio) makes each
+    allocation meet its budget in counted MACs.
 
     With ``search.inherit`` the allocations nest: each budget's starts from the next dearer
     one's and only prunes more, so every seed fits inside the dearer seeds and can start from
-    one of their fine-tuned models; the passes then run downwards, the dearest first."""
+    one of their fine-tuned models; :func:`coarse_to_fine` then runs downwards, the dearest
+    first."""
     points: list[SeedPoint] = []
-
-    def add(params: dict[str, float], attrs: dict[str, Any]) -> None:
-        same = [a for p, a in points if p == params]
-        if same:  # an allocation that is uniform (the cheapest config, say) is both
-            for k, v in attrs.items():  # a config two budgets share keeps the first's
-                same[0].setdefault(k, v)
-        else:
-            points.append((params, attrs))
-
-    allocated: dict[float, dict[str, float]] = {}
-    first: list[float] = []
-    rest: list[float] = []
     if sensitivity is not None:
         allocated = warm_start_configs(space, dists, groups, sensitivity, measure)
-        first, rest = coarse_passes(list(allocated), dearest_first=space.search.inherit)
-    for budget in first:
-        add({n: snap(allocated[budget][n], d) for n, d in dists.items()},
-            {"warm_start": True, "warm_start_budget": budget})
+        for budget in coarse_to_fine(list(allocated), dearest_first=space.search.inherit):
+            ratios = allocated[budget]
+            params = {n: snap(ratios[n], d) for n, d in dists.items()}
+            if all(params != p for p, _a in points):
+                points.append((params, {"warm_start": True, "warm_start_budget": budget}))
     for level in space.search.baselines:
-        add({n: snap(level, d) for n, d in dists.items()},
-            {"baseline": True, "baseline_ratio": level})
-    for budget in rest:
-        add({n: snap(allocated[budget][n], d) for n, d in dists.items()},
-            {"warm_start": True, "warm_start_budget": budget})
+        params = {n: snap(level, d) for n, d in dists.items()}
+        attrs = {"baseline": True, "baseline_ratio": level}
+        same = [a for p, a in points if p == params]
+        if same:  # an allocation that is uniform (the cheapest config, say) is both
+            same[0].update(attrs)
+        else:
+            points.append((params, attrs))
     return points
 
 
@@ -258,8 +247,7 @@ def warm_start_configs(space: SpaceConfig, dists: Mapping[str, FloatDistribution
     return dict(sorted(out.items()))
 
 
-def coarse_passes(budgets: Sequence[float], dearest_first: bool = False) -> tuple[
-        list[float], list[float]]:
+def coarse_to_fine(budgets: Sequence[float], dearest_first: bool = False) -> list[float]:
     """The cheapest budget, then every other one upwards, then those in between: the first
     seeds span the MACs range (most of the hypervolume), the later ones halve the steps.
     ``dearest_first`` (for ``search.inherit``) runs downwards instead: the dearest budget,
@@ -269,13 +257,13 @@ def coarse_passes(budgets: Sequence[float], dearest_first: bool = False) -> tupl
     closest dearer seed."""
     s = sorted(budgets)
     if not dearest_first:
-        return s[:1] + s[1::2], s[2::2]
+        return s[:1] + s[1::2] + s[2::2]
     d = s[::-1]
     first: list[int] = []
     for i, b in enumerate(d):
         if not first or i == len(d) - 1 or b <= d[first[-1]] / 2 + 1e-9:
             first.append(i)
-    return [d[i] for i in first], [d[i] for i in range(len(d)) if i not in first]
+    return [d[i] for i in first] + [d[i] for i in range(len(d)) if i not in first]
 
 
 def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:

@@ -24,7 +24,7 @@ from autoprune.report import trials_frame
 from autoprune.search import run_search
 from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
 from autoprune.study import (
-    coarse_passes,
+    coarse_to_fine,
     distributions,
     front_numbers,
     load_study,
@@ -212,11 +212,11 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
     run_search(space, quiet=True)
     study = load_study("warm", space.storage_url)
     warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
-    # seeded first, coarse to fine: the first pass, the baselines, then the budgets between
+    # seeded first, coarse to fine, then the baselines
     assert [t.user_attrs["warm_start_budget"] for t in warm] == [0.3, 0.45, 0.6]
+    assert [t.number for t in warm] == [0, 1, 2]
     n_base = len(space.search.baselines)
-    assert [t.number for t in warm] == [0, 1, 2 + n_base]
-    assert all(t.user_attrs.get("baseline") for t in study.trials[2:2 + n_base])
+    assert all(t.user_attrs.get("baseline") for t in study.trials[3:3 + n_base])
     assert {t.user_attrs.get("front_fill", False) for t in study.trials[:3 + n_base]} == {False}
     assert all(t.user_attrs["macs_ratio"] <= t.user_attrs["warm_start_budget"] for t in warm)
     client = MlflowClient(space.tracking_uri)
@@ -247,23 +247,22 @@ def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
 
 
 def test_warm_start_budgets_go_coarse_to_fine() -> None:
-    # the cheapest, then every other one upwards (the range spanned); then those between
-    assert coarse_passes([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
-        ([0.0, 0.07, 0.14, 0.28, 0.6], [0.1, 0.2, 0.4])
-    assert coarse_passes([0.5]) == ([0.5], []) and coarse_passes([]) == ([], [])
+    # the cheapest, then every other one upwards (the range spanned), then those between
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28]) == \
+        [0.0, 0.07, 0.14, 0.28, 0.6, 0.1, 0.2, 0.4]
+    assert coarse_to_fine([0.5]) == [0.5] and coarse_to_fine([]) == []
     # with inheritance, downwards: the dearest (every chain's root) first, then each at most
-    # half the last and the cheapest; then those between, dearest first. Every seed finds a
+    # half the last and the cheapest, then those between, dearest first; every seed finds a
     # dearer one finished, and 0.5 runs after 0.6, its closest dearer seed
-    assert coarse_passes([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28, 0.85],
-                         dearest_first=True) == \
-        ([0.85, 0.4, 0.2, 0.1, 0.0], [0.6, 0.28, 0.14, 0.07])
-    assert coarse_passes([0.6, 0.0, 0.2, 0.1, 0.4, 0.5, 0.07, 0.14, 0.28, 0.85],
-                         dearest_first=True) == \
-        ([0.85, 0.4, 0.2, 0.1, 0.0], [0.6, 0.5, 0.28, 0.14, 0.07])
-    assert coarse_passes([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28], dearest_first=True) == \
-        ([0.6, 0.28, 0.14, 0.07, 0.0], [0.4, 0.2, 0.1])
-    assert coarse_passes([0.5], dearest_first=True) == ([0.5], [])
-    assert coarse_passes([], dearest_first=True) == ([], [])
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28, 0.85],
+                          dearest_first=True) == [0.85, 0.4, 0.2, 0.1, 0.0, 0.6, 0.28, 0.14, 0.07]
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.5, 0.07, 0.14, 0.28, 0.85],
+                          dearest_first=True) == \
+        [0.85, 0.4, 0.2, 0.1, 0.0, 0.6, 0.5, 0.28, 0.14, 0.07]
+    assert coarse_to_fine([0.6, 0.0, 0.2, 0.1, 0.4, 0.07, 0.14, 0.28], dearest_first=True) == \
+        [0.6, 0.28, 0.14, 0.07, 0.0, 0.4, 0.2, 0.1]
+    assert coarse_to_fine([0.5], dearest_first=True) == [0.5]
+    assert coarse_to_fine([], dearest_first=True) == []
 
 
 def test_front_fill_bisects_the_widest_step() -> None:
