@@ -456,7 +456,7 @@ def gap_columns(df: pd.DataFrame, runs: dict[str, Run], tolerance: float) -> dic
     return out
 
 
-def seed_noise(ctx: TrialContext, seed: int, repeats: int = 4) -> float:
+def seed_noise(ctx: TrialContext, seed: int, repeats: int = NOISE_REPEATS) -> float:
     """Standard deviation of one config's final accuracy (uniform 0.5) over ``repeats``
     fine-tune seeds other than ``seed``: how much accuracy moves with the seed alone."""
     ratios = dict.fromkeys((g.name for g in ctx.groups), 0.5)
@@ -540,7 +540,7 @@ def run_task(key: str, seeds: Sequence[int], st: Settings, work: Path) -> tuple[
         cut_to_budget(runs["full"], runs["plain"])
         reach = {m: reach_fraction(runs["full"], runs["plain"], f"cum_{m}")
                  for m in ("steps", "eq")}
-        noise = seed_noise(ctx, seed, NOISE_REPEATS)
+        noise = seed_noise(ctx, seed)
         pooled = pooled_noise(noise, NOISE_REPEATS, runs)
         tolerance = st.tolerance if st.tolerance is not None else \
             max(2 * pooled, 1 / len(ctx.data.val.dataset))
@@ -689,7 +689,7 @@ def notes(st: Settings, tasks: Sequence[str], seeds: Sequence[int], quick: bool)
     fid, warm = FidelityConfig(), WarmStartConfig()
     nums = lambda xs: "/".join(f"{x:.3g}" for x in xs)  # noqa: E731
     inherit = ("on: a trial that fits inside a finished front model prunes its fine-tuned "
-               "weights; the allocations nest and each coarse-to-fine pass runs dearest first"
+               "weights; the allocations nest and the seeds run downwards, the dearest first"
                if st.inherit else "off")
     return (
         f"Objectives [accuracy, macs]; every group pruned 0..{MAX_RATIO} (step 0.05), l2, "
