@@ -16,12 +16,14 @@ starts) are judged like any trial but stay out of that sample: they are not what
 proposes, and on resnet8/mnist5k they let a proxy with no information beyond MACs (0.09 over
 random configs) reach 0.48 over the first 12 trials and be trusted. Until then, and if it
 does not, the rung promotes everything. The last rung is trusted (what follows it is the full
-budget). Uniform baselines are never stopped: they are the reference the front is read
-against. The last
-rung stands in for the final accuracy, which only trials that passed every rung have. Measured
-on resnet8/mnist5k (``benchmarks/rung_fidelity.py``, 20 random configs), partial correlation
-with the final accuracy given MACs: the adaptive-BN proxy 0.09 (no information beyond MACs: it
-sat near chance for heavy pruning; -0.09 with the last rung), the BN-recalibrated accuracy after
+budget). Uniform baselines (and, with ``search.inherit``, warm starts) are never stopped:
+baselines are the reference the front is read against, warm starts the parents of later trials.
+They report their proxy at rung 0, where they are the first reference, and skip the later rungs,
+whose evaluations could change nothing for them. The last rung stands in for the final
+accuracy, which only trials that passed every rung have. Measured on resnet8/mnist5k
+(``benchmarks/rung_fidelity.py``, 20 random configs), partial correlation with the final
+accuracy given MACs: the adaptive-BN proxy 0.09 (no information beyond MACs: it sat near chance
+for heavy pruning; -0.09 with the last rung), the BN-recalibrated accuracy after
 1/9 of the budget 0.41 (0.61 with the last rung), after 1/3 0.73.
 
 The same :class:`RungBook` serves both controllers: in-process for the local controller, through
@@ -131,23 +133,37 @@ def partial_spearman(x: Iterable[float], y: Iterable[float], z: Iterable[float])
     return (r["xy"] - r["xz"] * r["yz"]) / den if den > 1e-9 else 0.0
 
 
+class Promoter:
+    """``promote(rung, accuracy, cost)``: report a trial's result at a rung to the book, and
+    say whether the trial goes on. ``keep`` (a trial that is never stopped) makes it go on
+    whatever the book says; such a trial reports only rung 0 (the proxy, which it computes
+    anyway): a later rung's adaptive BN and evaluation could change nothing for it."""
+
+    def __init__(self, report: Promote, keep: bool = False) -> None:
+        self.report, self.keep = report, keep
+
+    def __call__(self, rung: int, accuracy: float, cost: float) -> bool:
+        return self.report(rung, accuracy, cost) or self.keep
+
+
 def promoter(book: Any, key: str, role: str | None = None,
-             keep_seeds: bool = False) -> Promote:
-    """A ``promote(rung, accuracy, cost)`` callable for one trial, whatever holds the book.
+             keep_seeds: bool = False) -> Promoter:
+    """The :class:`Promoter` of one trial, whatever holds the book.
 
     ``role`` is a seed point's (:func:`autoprune.study.seed_role`): seed points stay out of the
-    trust sample, and a uniform ``baseline`` is judged (its results are there to compare with)
-    but never stopped: it is the reference the front is read against. ``keep_seeds`` (with
-    ``search.inherit``) keeps warm-start seeds too: later seeds and trials start from their
-    fine-tuned models."""
+    trust sample, and a uniform ``baseline`` is never stopped: it is the reference the front is
+    read against. ``keep_seeds`` (with ``search.inherit``) keeps warm-start seeds too: later
+    seeds and trials start from their fine-tuned models. Both still report their proxy (rung
+    0), where they are the reference the first trials are judged against."""
     sample = role is None
     keep = role == "baseline" or (keep_seeds and role is not None)
     if hasattr(book, "report") and hasattr(book.report, "remote"):  # a Ray actor handle
         import ray
 
-        return lambda rung, acc, cost: bool(ray.get(book.report.remote(
-            key, rung, acc, cost, sample))) or keep
-    return lambda rung, acc, cost: bool(book.report(key, rung, acc, cost, sample)) or keep
+        return Promoter(lambda rung, acc, cost: bool(ray.get(book.report.remote(
+            key, rung, acc, cost, sample))), keep)
+    return Promoter(lambda rung, acc, cost: bool(book.report(key, rung, acc, cost, sample)),
+                    keep)
 
 
 def rung_steps(total: int, fractions: Iterable[float]) -> list[int]:

@@ -269,7 +269,8 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     teacher = ctx.base_model if space.finetune.distill_alpha > 0 else None
     trainer = finetuner(model, ctx.data.train, space.finetune, dev, finetune_steps,
                         copy.deepcopy(teacher) if teacher is not None else None)
-    for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if judge else [], start=1):
+    later = judge is not None and not getattr(judge, "keep", False)  # see fidelity.Promoter
+    for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if later else [], start=1):
         _log(result, trainer.advance(step))
         if not _judged(result, judge, i, rung_accuracy(model, ctx), ctx):  # type: ignore[arg-type]
             return

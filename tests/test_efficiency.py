@@ -382,6 +382,15 @@ def test_rungs_do_not_change_the_fine_tuned_model(ctx: TrialContext) -> None:
     assert judged.accuracy == plain.accuracy
     assert all(torch.equal(judged.state_dict[k], plain.state_dict[k])  # type: ignore[index]
                for k in plain.state_dict)  # type: ignore[union-attr]
+    # a trial that is never stopped (a baseline) reports its proxy only: the later rungs'
+    # evaluations could change nothing, and skipping them leaves the model as it was
+    book = RungBook(min_trials=1)
+    kept = run_trial(judged_ctx, ratios, keep_model=True,
+                     promote=promoter(book, "base", "baseline"))
+    assert [r for r, _a, _c in kept.rungs] == [0] and book.sizes() == {0: 1}
+    assert kept.state == "complete" and kept.accuracy == plain.accuracy
+    assert all(torch.equal(kept.state_dict[k], plain.state_dict[k])  # type: ignore[index]
+               for k in plain.state_dict)  # type: ignore[union-attr]
 
 
 def test_nsga2_generations_advance_with_pruned_trials(runs: Path) -> None:
