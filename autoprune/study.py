@@ -190,7 +190,17 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
         raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} was "
                              f"created with {study.user_attrs.get('objectives')}; allowed: the "
                              "same objectives, or a new --study")
+    else:
+        study.sampler = make_sampler(space, sampler_seed(seed, study))
     return study
+
+
+def sampler_seed(seed: int, study: optuna.Study) -> int:
+    """The sampler's seed for a run of ``study``: ``seed`` for a new study; on resume, moved on
+    by the trials the study holds. From ``seed`` again, a resumed sampler would re-draw the
+    proposals it made before (a random draw, NSGA-II's first generation), and each would only
+    reuse a finished trial's result; the same resume point still gives the same draws."""
+    return seed + len(study.get_trials(deepcopy=False))
 
 
 SeedPoint = tuple[dict[str, float], dict[str, Any]]  # (params, user attrs)

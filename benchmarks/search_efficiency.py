@@ -357,7 +357,8 @@ def run_full(space: SpaceConfig, study: str, plain: Run, cost: CostModel, scan_e
     """Run the full search until its compute passes the plain run's in either measure (or
     ``most`` trials). Trials stopped at a rung are cheap, so how many fit the plain run's
     compute is only known as the search goes: each extension resumes the study (the rung book
-    and the cached sensitivity scan are reloaded; the sampler restarts from its seed)."""
+    and the cached sensitivity scan are reloaded; the sampler goes on, its seed moved on by the
+    trials run)."""
     shutil.rmtree(Path(space.runs_dir) / "sensitivity", ignore_errors=True)  # pay the scan
     limits = {c: float(plain.trials[c].iloc[-1]) for c in ("cum_steps", "cum_eq")}
     t0 = time.time()

@@ -160,6 +160,19 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     assert baselines == [0.25, 0.5, 0.75]
 
 
+def test_a_resumed_search_draws_new_configs(runs: Path) -> None:
+    """On resume the sampler moves on: from its seed again, a random search would re-draw the
+    configs it ran before, and each would only reuse a finished trial's result."""
+    spec = tiny_space(runs, "redraw", **{"search.sampler": "random", "search.baselines": [],
+                                         "search.trials": 3})
+    run_search(parse_space(spec), quiet=True)
+    run_search(parse_space(spec), trials=6, resume=True, quiet=True)
+    study = load_study("redraw", parse_space(spec).storage_url)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 6
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6
+    assert not [t.number for t in study.trials if t.user_attrs.get("duplicate_of") is not None]
+
+
 def test_bad_sources_fail_before_any_trial(runs: Path) -> None:
     bad_data = parse_space(tiny_space(runs, "bad-data", **{"data.source": "builtin:cifar"}))
     with pytest.raises(SourceError, match="builtin:digits"):

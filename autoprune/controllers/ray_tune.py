@@ -40,6 +40,7 @@ from autoprune.study import (
     done_count,
     make_sampler,
     rung_history,
+    sampler_seed,
     seed_role,
 )
 from autoprune.trial import OBJECTIVES, TrialContext, TrialResult, run_trial
@@ -232,7 +233,10 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
         searcher = callback.searcher = AutopruneSearch(
             space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
             mode=[d[:3] for d in directions(objectives)], points_to_evaluate=todo or None,
-            sampler=make_sampler(space, space.search.seed))
+            sampler=make_sampler(space, sampler_seed(space.search.seed, study)))
+        # A resumed search's sampler starts from the trials already finished (NSGA-II's
+        # population, the front to fill), as the local controller's does from its study.
+        searcher.add_finished(study)
         if exp_path.exists():  # an experiment of an earlier, finished or abandoned invocation
             shutil.rmtree(exp_path)
         tuner = tune.Tuner(
@@ -268,6 +272,13 @@ class AutopruneSearch(OptunaSearch):
             study.sampler.get_trial_generation(study,
                                                study._storage.get_trial(ot_trial._trial_id))
         return params
+
+    def add_finished(self, study: optuna.Study) -> None:
+        """Copy ``study``'s finished trials (not the interrupted ones) into the searcher's own
+        in-memory study, with their generations and attributes."""
+        ot_study: optuna.Study = self._ot_study  # type: ignore[assignment]
+        ot_study.add_trials([t for t in study.get_trials(deepcopy=True)
+                             if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)])
 
     def is_fill(self, trial_id: str) -> bool:
         """Whether the sampler proposed this trial as a front fill (see autoprune.fill)."""
