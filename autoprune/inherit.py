@@ -98,6 +98,10 @@ class ParentModels:
         fits = [p for p in self._held.values() if _covers(p.kept, kept)]
         return min(fits, key=lambda p: (p.macs_ratio, -p.accuracy)) if fits else None
 
+    def get(self, key: str) -> Parent | None:
+        """The held model of the trial with structure key ``key``, if still held."""
+        return self._held.get(key)
+
     def _bytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self._held.values()
                    for t in p.state_dict.values())
@@ -122,10 +126,16 @@ def parent_of(result: TrialResult) -> Parent | None:
 def offer(models: Any, result: TrialResult) -> None:
     """Add a finished trial's model to ``models`` (in-process, manager proxy or Ray actor)."""
     parent = parent_of(result)
-    if parent is None:
-        return
-    if hasattr(models.put, "remote"):
-        models.put.remote(parent)
+    if parent is not None:
+        _put(models, parent)
+
+
+def _put(models: Any, parent: Parent) -> None:
+    if hasattr(models.put, "remote"):  # a Ray actor
+        import ray
+
+        # held once this returns: the driver finds it when it records the trial
+        ray.get(models.put.remote(parent))
     else:
         models.put(parent)
 
@@ -155,7 +165,8 @@ def parent_model(ctx: TrialContext, parent: Parent) -> tuple[nn.Module, PruneRec
 
 
 def load_kept(models: Any, study: optuna.Study, trials_dir: Path) -> int:
-    """Refill ``models`` on resume from the complete trials whose weights were kept."""
+    """Refill ``models`` (in-process, manager proxy or Ray actor) on resume from the complete
+    trials whose weights were kept."""
     import json
 
     from optuna.trial import TrialState
@@ -170,7 +181,7 @@ def load_kept(models: Any, study: optuna.Study, trials_dir: Path) -> int:
         parent = Parent(structure_key(a["kept_channels"], int(a["seed"])),
                         dict(a["kept_channels"]), float(a["macs_ratio"]), float(a["accuracy"]),
                         json.loads((d / "prune_record.json").read_text()), state)
-        models.put(parent)
+        _put(models, parent)
         n += 1
     return n
 

@@ -153,21 +153,42 @@ def test_a_local_search_inherits_and_export_rebuilds_the_chain(runs: Path) -> No
     assert res.trial == front[0].number
 
 
-def test_parallel_workers_and_ray_inherit_too(runs: Path) -> None:
-    for name, kw in (("inh-jobs", {"jobs": 2}),
-                     ("inh-ray", {"backend": "ray", "ray_options": {"concurrency": 1}})):
-        space = parse_space(space_dict(runs, name, trials=8))
-        run_search(space, quiet=True, **kw)
-        study = load_study(name, space.storage_url)
-        assert _inheriting(study), f"{name}: no trial inherited"
-        assert all(t.user_attrs.get("state") != "failed" for t in study.trials), name
-        if name == "inh-jobs":  # kept weights: a resumed search starts with the front's models
-            models = ParentModels()
-            loaded = load_kept(models, study, study_dir(space, name) / "trials")
-            done = {structure_key(t.user_attrs["kept_channels"], t.user_attrs["seed"])
-                    for t in study.trials if t.user_attrs.get("state") == "complete"
-                    and t.user_attrs.get("duplicate_of") is None}
-            assert loaded == len(done) > 0 and set(models.keys()) == done
+def test_parallel_workers_inherit_and_keep_the_weights_a_resume_reloads(runs: Path) -> None:
+    space = parse_space(space_dict(runs, "inh-jobs", trials=8))
+    run_search(space, quiet=True, jobs=2)
+    study = load_study("inh-jobs", space.storage_url)
+    assert _inheriting(study), "no trial inherited"
+    assert all(t.user_attrs.get("state") != "failed" for t in study.trials)
+    assert _kept_models(space, study) > 0
+
+
+def test_ray_inherits_and_a_resume_starts_from_the_models_finished_before(runs: Path) -> None:
+    # The fine-tuned unpruned baseline (ratio 0) covers every config: each later trial inherits.
+    ray_kw: dict[str, Any] = {"backend": "ray", "ray_options": {"concurrency": 1}}
+    spec = space_dict(runs, "inh-ray", trials=3, baselines=[0.0])
+    space = parse_space(spec)
+    run_search(space, quiet=True, **ray_kw)
+    study = load_study("inh-ray", space.storage_url)
+    assert all(t.user_attrs.get("state") == "complete" for t in study.trials)
+    assert [t.number for t in _inheriting(study)] == [1, 2]
+    assert _kept_models(space, study) == 3  # the driver saved them from the parent actor
+    # resumed: the parent actor starts with those models, so the next trial inherits again
+    run_search(space, trials=5, resume=True, quiet=True, **ray_kw)
+    study = load_study("inh-ray", space.storage_url)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 5
+    assert study.trials[3].user_attrs.get("inherits_trial") in (0, 1, 2)
+
+
+def _kept_models(space: Any, study: Any) -> int:
+    """How many models a resumed search would start with; checks they are every complete
+    trial's."""
+    models = ParentModels()
+    loaded = load_kept(models, study, study_dir(space, study.study_name) / "trials")
+    done = {structure_key(t.user_attrs["kept_channels"], t.user_attrs["seed"])
+            for t in study.trials if t.user_attrs.get("state") == "complete"
+            and t.user_attrs.get("duplicate_of") is None}
+    assert loaded == len(done) and set(models.keys()) == done
+    return loaded
 
 
 def test_warm_start_allocations_nest_with_inheritance(runs: Path, ctx: TrialContext) -> None:

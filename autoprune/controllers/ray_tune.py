@@ -28,11 +28,11 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
+from autoprune.dedup import SeenConfigs, remember, reuser, structure_key, study_entries
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.fill import FILL_ATTR
-from autoprune.inherit import ParentModels, inheritor, offer
+from autoprune.inherit import ParentModels, inheritor, load_kept, offer
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
@@ -144,7 +144,10 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             resume: bool = False) -> None:
     """Run the search on Ray Tune until the study holds ``total`` finished trials.
 
-    Fine-tuned weights stay on the workers; export re-makes a Ray trial from its seed.
+    Fine-tuned weights stay on the workers, except with ``search.inherit``: the parent actor
+    holds them, and with ``search.keep_models`` the driver saves them as it records each trial,
+    so a resumed search reloads its parents. Export re-makes a trial without kept weights from
+    its seed (and its parent chain).
 
     Args:
         ctx: the trial context built by the driver (base model trained and measured).
@@ -205,14 +208,19 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     seen = seen_actor.options(num_cpus=0, scheduling_strategy=here).remote()
     ray.get(seen.load.remote(study_entries(study)))
     payload["seen"] = seen
+    models = None
     if space.search.inherit:  # the front's fine-tuned models, for trials to start from
+        from autoprune.search import study_dir
+
         models_actor: Any = ray.remote(ParentModels)
-        payload["models"] = models_actor.options(num_cpus=0,
-                                                 scheduling_strategy=here).remote()
+        models = models_actor.options(num_cpus=0, scheduling_strategy=here).remote()
+        load_kept(models, study, study_dir(space, study.study_name) / "trials")  # on resume
+        payload["models"] = models
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     points = list(points or [])
-    callback = RecordCallback(recorder, dists, points, total, seen)
+    callback = RecordCallback(recorder, dists, points, total, seen,
+                              models if space.search.keep_models else None)
 
     if resume and exp_path.exists() and tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
@@ -328,9 +336,10 @@ class RecordCallback(tune.Callback):
     """Driver-side: add each finished Tune trial to the study and MLflow, once."""
 
     def __init__(self, recorder: Recorder, dists: dict[str, Any], points: list[SeedPoint],
-                 total: int, seen: Any = None) -> None:
+                 total: int, seen: Any = None, models: Any = None) -> None:
         self.recorder, self.dists, self.points = recorder, dists, points
         self.total, self.seen = total, seen
+        self.models = models  # the parent actor, to keep each trial's weights from
         self.searcher: AutopruneSearch | None = None  # tells which trials were front fills
         self.configs: dict[str, dict[str, Any]] = {}  # trial id -> config, as Tune started it
         self.recorded = {t.user_attrs.get("ray_trial_id")
@@ -366,6 +375,10 @@ class RecordCallback(tune.Callback):
             result = TrialResult(ratios=ratios, state="failed",
                                  seed=self.recorder.space.search.seed,
                                  error=error or "the trial reported no result")
+        if self.models is not None and result.state == "complete" and result.kept_channels:
+            held = ray.get(self.models.get.remote(structure_key(result.kept_channels,
+                                                                result.seed)))
+            result.state_dict = held.state_dict if held is not None else None
         attrs: dict[str, Any] = {"ray_trial_id": trial_id}
         if metrics and metrics.get("node_id"):
             attrs["ray_node_id"] = metrics["node_id"]
