@@ -24,7 +24,7 @@ from autoprune.base import (
     seed_everything,
 )
 from autoprune.config import SpaceConfig
-from autoprune.fidelity import Promote, rung_steps
+from autoprune.fidelity import Promote, Promoter, rung_steps
 from autoprune.finetune import TrainLog, adaptive_bn, finetuner
 from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, measure_latency
@@ -269,7 +269,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     teacher = ctx.base_model if space.finetune.distill_alpha > 0 else None
     trainer = finetuner(model, ctx.data.train, space.finetune, dev, finetune_steps,
                         copy.deepcopy(teacher) if teacher is not None else None)
-    later = judge is not None and not getattr(judge, "keep", False)  # see fidelity.Promoter
+    later = judge is not None and not (isinstance(judge, Promoter) and judge.keep)
     for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if later else [], start=1):
         _log(result, trainer.advance(step))
         if not _judged(result, judge, i, rung_accuracy(model, ctx), ctx):  # type: ignore[arg-type]
