@@ -8,7 +8,9 @@ of the two neighbours around the step of largest area (c2 - c1) x (a2 - a1): the
 would add the most hypervolume if accuracy runs straight between them, and that halves the
 largest shortfall against any other method's front there. A midpoint that snaps onto a config
 already proposed moves to a quarter point, then to the next step; with none left the sampler
-proposes as usual.
+proposes as usual. A midpoint whose channel counts came out as a neighbour's (``round_to``
+leaves few distinct counts in a narrow layer; its result was reused) rules out the quarter
+point on that neighbour's side, which has the same counts.
 
 Fill trials are ordinary trials (judged at the rungs, parents for NSGA-II), tagged
 ``front_fill``. It lives in the sampler, so the Ray controller's ``OptunaSearch`` runs it too.
@@ -65,18 +67,32 @@ def _snap(value: float, d: FloatDistribution) -> float:
 def fill_params(points: Sequence[tuple[float, float, Mapping[str, Any]]],
                 dists: Mapping[str, BaseDistribution],
                 taken: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
-    """The config that fills the widest step not yet filled (None when there is none)."""
+    """The config that fills the widest step not yet filled (None when there is none).
+
+    Each group's channel count moves monotonically along the segment between the neighbours.
+    So a midpoint that came back with one neighbour's result (the same structure: its result
+    was reused) has that structure over the whole half towards it, and only the quarter point
+    of the other half can still split the step."""
     floats = {n: d for n, d in dists.items() if isinstance(d, FloatDistribution)}
     if not floats:
         return None
+    result = {_key(p): (c, a) for c, a, p in reversed(points)}  # the first trial of a config
     for area, left, right in front_steps(points):
         if area <= 0 or any(n not in left or n not in right for n in floats):
             continue
-        for t in (0.5, 0.25, 0.75):
-            params = {n: _snap((1 - t) * left[n] + t * right[n], d) for n, d in floats.items()}
+        at = {t: {n: _snap((1 - t) * left[n] + t * right[n], d) for n, d in floats.items()}
+              for t in (0.5, 0.25, 0.75)}
+        mid = result.get(_key(at[0.5]))
+        for t, params in at.items():
+            if mid is not None and mid == result[_key(left if t < 0.5 else right)]:
+                continue  # between the midpoint and the neighbour it came back as
             if all(any(p.get(n) != v for n, v in params.items()) for p in taken):
                 return params
     return None
+
+
+def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
 
 
 class FrontFill:

@@ -280,6 +280,14 @@ def test_front_fill_bisects_the_widest_step() -> None:
     taken = [{"a": v, "b": v} for v in (0.6, 0.7, 0.5)]
     assert fill_params(pts, d, taken) == {"a": 0.2, "b": 0.2}
     assert fill_params(pts[:1], d, []) is None  # one point: no step to fill
+    # the midpoint came back with the dearer neighbour's result (a reused structure): so is
+    # everything between them, and only the quarter towards the cheaper one is left
+    mid = {"a": 0.6, "b": 0.6}
+    assert fill_params(pts + [(0.5, 0.90, mid)], d, [mid]) == {"a": 0.7, "b": 0.7}
+    assert fill_params(pts + [(0.5, 0.90, mid)], d, [mid, {"a": 0.7, "b": 0.7}]) == \
+        {"a": 0.2, "b": 0.2}  # that one taken too: the step cannot be split; the next
+    # ... and with the cheaper neighbour's result, only the quarter towards the dearer one
+    assert fill_params(pts + [(0.2, 0.80, mid)], d, [mid]) == {"a": 0.5, "b": 0.5}
 
 
 def test_every_second_proposal_fills_the_front(tmp_path: Path) -> None:
