@@ -375,7 +375,8 @@ class RecordCallback(tune.Callback):
             result = TrialResult(ratios=ratios, state="failed",
                                  seed=self.recorder.space.search.seed,
                                  error=error or "the trial reported no result")
-        if self.models is not None and result.state == "complete" and result.kept_channels:
+        if self.models is not None and result.state == "complete" and result.kept_channels \
+                and result.duplicate_of is None:  # a reused result has no weights of its own
             held = ray.get(self.models.get.remote(structure_key(result.kept_channels,
                                                                 result.seed)))
             result.state_dict = held.state_dict if held is not None else None
