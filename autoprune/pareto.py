@@ -69,10 +69,13 @@ def hypervolume_2d(accuracy: np.ndarray, cost: np.ndarray, ref_accuracy: float =
 
 
 def knee_index(accuracy: np.ndarray, cost: np.ndarray) -> int:
-    """The knee of a 2-D front: the point farthest from the line joining its two extremes.
+    """The knee of a 2-D front: the point farthest above the line joining its two extremes.
 
-    Both axes are min-max normalised first, so the knee does not depend on units. With one or
-    two points the most accurate point is returned.
+    Both axes are min-max normalised first, so the knee does not depend on units. "Above" means
+    more accurate than the line at that cost: the best trade-off. A point below the line is the
+    worst trade-off on the front (both its neighbours' mix beats it), so the distance is
+    signed. When no point lies above the line (a front that bends the other way has no knee),
+    or with one or two points, the most accurate point is returned.
     """
     acc = np.asarray(accuracy, dtype=float)
     c = np.asarray(cost, dtype=float)
@@ -90,8 +93,8 @@ def knee_index(accuracy: np.ndarray, cost: np.ndarray) -> int:
     length = float(np.hypot(*d))
     if length == 0:
         return int(np.argmax(acc))
-    dist = np.abs(d[0] * (a - p0[1]) - d[1] * (x - p0[0])) / length
-    return int(np.argmax(dist))
+    above = (d[0] * (a - p0[1]) - d[1] * (x - p0[0])) / length
+    return int(np.argmax(above)) if above.max() > 1e-12 else int(np.argmax(acc))
 
 
 def accuracy_at_cost(accuracy: np.ndarray, cost: np.ndarray, budget: float) -> float:

@@ -26,6 +26,7 @@ from autoprune.cli import main as cli
 from autoprune.config import parse_space
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.export import export_trial
+from autoprune.pareto import knee_index
 from autoprune.rebuild import read_config, rebuild, validate_config
 from autoprune.search import run_search
 from autoprune.study import front_numbers, load_study
@@ -124,6 +125,15 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
         export_trial("exp", space.storage_url, "smallest", tmp_path / "e")
     with pytest.raises(AutopruneError, match=r"no study 'nope'.*\['exp'\]"):
         export_trial("nope", space.storage_url, "knee", tmp_path / "f")
+
+
+def test_knee_is_the_best_trade_off_never_a_point_below_the_chord() -> None:
+    # (cost, accuracy), normalised: the middle point lies below the chord from (0, 0) to (1, 1)
+    cost = np.array([0.1, 0.5, 0.8, 0.9])
+    acc = np.array([0.50, 0.60, 0.95, 1.00])
+    assert knee_index(acc, cost) == 2  # above the chord: the knee
+    assert knee_index(np.array([0.5, 0.6, 1.0]), np.array([0.1, 0.7, 0.9])) == 2  # none above
+    assert knee_index(np.array([0.5, 0.95, 1.0]), np.array([0.1, 0.3, 0.9])) == 1
 
 
 def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], exported: Path,
