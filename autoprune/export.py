@@ -33,7 +33,12 @@ from autoprune.sources._models import load_state_dict_strict
 
 ACCURACY_TOLERANCE = 0.002  # same weights, same data: only float summation order may differ
 MACS_RTOL = 1e-6  # MACs are counted, not measured: they must match exactly
-ONNX_ATOL = 1e-4  # ONNX Runtime vs PyTorch outputs on real validation inputs
+# ONNX Runtime vs PyTorch outputs on real validation inputs may differ by
+# ONNX_ATOL + ONNX_RTOL * (largest |output|): float32 rounding grows with the outputs' scale
+# (ONNX Runtime fuses BN into convs and sums in another order). An unpruned efficientnet_b0
+# with logits up to 977 differed by 7e-4; an export bug (a wrong op or weight) is off by far more.
+ONNX_ATOL = 1e-4
+ONNX_RTOL = 1e-3
 
 
 @dataclass
@@ -95,12 +100,15 @@ def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     diff = float(np.abs(out - ref).max())
-    if diff > ONNX_ATOL:
+    scale = float(np.abs(ref).max())
+    tol = ONNX_ATOL + ONNX_RTOL * scale
+    if not diff <= tol:  # NaN fails too
         raise AutopruneError(f"verification: ONNX Runtime output differs from PyTorch by "
-                             f"{diff:.2e} (> {ONNX_ATOL})")
+                             f"{diff:.2e} (> {tol:.2e} = {ONNX_ATOL} + {ONNX_RTOL} x the "
+                             f"largest |output|, {scale:.3g})")
     return {"accuracy": acc, "macs": macs, "onnx_max_abs_diff": diff,
             "onnx_batch": int(x.shape[0]), "accuracy_tolerance": ACCURACY_TOLERANCE,
-            "onnx_atol": ONNX_ATOL}
+            "onnx_atol": ONNX_ATOL, "onnx_rtol": ONNX_RTOL, "onnx_output_scale": scale}
 
 
 def space_of(study_attrs: dict[str, Any]) -> tuple[SpaceConfig, BaseMetrics]:
@@ -177,9 +185,15 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
                                               dict(trial.params), study)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_onnx(model, space.model.input_shape, out / "model.onnx")
-    verified = verify(model, space, extra["data"], extra["evaluate_fn"], trial.user_attrs,
-                      onnx_path)
+    onnx_path = out / "model.onnx"
+    try:
+        export_onnx(model, space.model.input_shape, onnx_path)
+        verified = verify(model, space, extra["data"], extra["evaluate_fn"], trial.user_attrs,
+                          onnx_path)
+    except BaseException:  # leave no unverified model behind for a pipeline to pick up
+        for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+            f.unlink(missing_ok=True)
+        raise
     torch.save(state, out / "weights.pt")
     keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
             "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")

@@ -127,6 +127,42 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
         export_trial("nope", space.storage_url, "knee", tmp_path / "f")
 
 
+def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: Path) -> None:
+    from torch import nn
+
+    from autoprune.base import load_sources
+    from autoprune.export import verify
+    from autoprune.measure import count_cost, evaluate, export_onnx
+
+    space = parse_space(tiny_space(tmp_path, "onnx"))
+    net, data, evaluate_fn = load_sources(space)
+
+    class Scaled(nn.Module):  # logits of 1e5 and more: float32 rounding alone exceeds 1e-4
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 1e6
+
+    model = Scaled(net).eval()
+    logged = {"accuracy": evaluate(model, data.val, "cpu", evaluate_fn),
+              "macs": count_cost(model, space.model.input_shape).macs}
+    path = export_onnx(model, space.model.input_shape, tmp_path / "ok.onnx")
+    checked = verify(model, space, data, evaluate_fn, logged, path)
+    assert checked["onnx_output_scale"] > 1e5
+    assert checked["onnx_max_abs_diff"] <= 1e-4 + 1e-3 * checked["onnx_output_scale"]
+    with torch.no_grad():  # another model's ONNX file: the check must catch it
+        for p in net.parameters():
+            p.add_(0.1)
+    other = export_onnx(model, space.model.input_shape, tmp_path / "other.onnx")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(0.1)
+    with pytest.raises(AutopruneError, match="ONNX Runtime output differs from PyTorch"):
+        verify(model, space, data, evaluate_fn, logged, other)
+
+
 def test_knee_is_the_best_trade_off_never_a_point_below_the_chord() -> None:
     # (cost, accuracy), normalised: the middle point lies below the chord from (0, 0) to (1, 1)
     cost = np.array([0.1, 0.5, 0.8, 0.9])
