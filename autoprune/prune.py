@@ -36,12 +36,36 @@ from autoprune.groups import (
     shape_checked_reshapes,
 )
 
+
+class _FPGM(tp.importance.FPGMImportance):
+    """FPGM without Torch-Pruning 1.6's crash on a grouped (not depthwise) conv's input side.
+
+    There it calls ``repeat(groups)`` on a 2-D tensor and raises, and as MetaPruner scores
+    every group, FPGM failed every trial of a model with one such conv. That input side is left
+    out of the score; the other layers of the group (the conv producing those channels above
+    all) still score them.
+    """
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> Any:
+        kept = copy.copy(group)
+        kept._group = [item for item in group._group if not _grouped_input(item.dep)]
+        return super().__call__(kept) if kept._group else None
+
+
+def _grouped_input(dep: Any) -> bool:
+    layer = dep.layer
+    return bool(dep.pruning_fn == tp.prune_conv_in_channels
+                and isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                and layer.groups not in (1, layer.in_channels))
+
+
 IMPORTANCES: dict[str, Callable[[], Any]] = {
     "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
     "lamp": lambda: tp.importance.LAMPImportance(p=2),
-    "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+    "fpgm": lambda: _FPGM(p=2),
     "random": lambda: tp.importance.RandomImportance(),
 }
 

@@ -180,3 +180,18 @@ def test_grouped_conv_keeps_one_channel_per_block_at_high_ratios() -> None:
     pruned, record = prune_model(model, example, {"0": 0.95, "3": 0.95})
     assert record.kept_channels == {"0": 8, "3": 8}  # 2 asked, one per block of the 8 blocks
     assert pruned[3].weight.shape[:2] == (8, 1)
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "lamp", "fpgm", "random"])
+def test_every_importance_prunes_a_model_with_a_grouped_conv(importance: str) -> None:
+    """Torch-Pruning 1.6's FPGM raised on a grouped conv's input side, so every fpgm trial of
+    such a model failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    example = torch.zeros(1, 3, 8, 8)
+    pruned, record = prune_model(model, example, {"0": 0.5, "3": 0.5}, importance)
+    assert record.kept_channels == {"0": 16, "3": 16}
+    assert pruned[3].weight.shape[:2] == (16, 4)
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
