@@ -97,8 +97,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
           f"Pareto front ({len(summary.front)} trials):")
     print(format_front(summary.front))
+    if summary.errors:
+        print("\nfailed trials, by error (the full tracebacks: the `error` column of trials.csv, "
+              "and each trial's MLflow run):")
+        for line, numbers in summary.errors.items():
+            shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+            print(f"  {len(numbers)} trial(s) [{shown}]: {line}")
     print(f"\ntables and plots: {summary.study_dir}; MLflow parent run {summary.parent_run_id} "
           "(`autoprune ui` to browse)")
+    if summary.failed and summary.failed == summary.trials:
+        print("autoprune: error: every trial failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class SearchSummary:
     front: pd.DataFrame
     parent_run_id: str
     study_dir: Path
+    errors: dict[str, list[int]] = field(default_factory=dict)  # first line -> failed trials
 
 
 def study_dir(space: SpaceConfig, study: str) -> Path:
@@ -117,9 +118,16 @@ class Recorder:
         return [d / "prune_record.json"]
 
     def failed(self) -> int:
-        return sum(1 for t in self.study.get_trials(deepcopy=False)
-                   if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get(
-                       "interrupted"))
+        return sum(len(v) for v in self.errors().values())
+
+    def errors(self) -> dict[str, list[int]]:
+        """Failed trials (not those a kill interrupted) by the first line of their error."""
+        out: dict[str, list[int]] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("interrupted"):
+                line = (t.user_attrs.get("error") or "unknown error").split("\n")[0]
+                out.setdefault(line, []).append(t.number)
+        return out
 
     def report(self, final: bool = False) -> pd.DataFrame:
         """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run (the
@@ -251,7 +259,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         df = recorder.report(final=True)
         tracker.finish_parent(status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
-    return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out)
+    return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
+                         recorder.errors())
 
 
 def proxy_kendall_tau(df: pd.DataFrame) -> float | None:

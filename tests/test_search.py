@@ -115,9 +115,12 @@ def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
         runs, "fragile", **{"model.source": "fragile_model:build", "model.kwargs": {},
                             "groups.default": {"low": 0.0, "high": 0.8, "step": 0.05},
                             "search.trials": 5}))
-    run_search(space, quiet=True)
+    summary = run_search(space, quiet=True)
     study = load_study("fragile", space.storage_url)
     states = {t.number: t.state for t in study.trials}
+    failed_numbers = sorted(n for n, st in states.items() if st == optuna.trial.TrialState.FAIL)
+    assert [n for ns in summary.errors.values() for n in ns] == failed_numbers
+    assert all("this block needs >= 6 channels" in line for line in summary.errors)
     # 0.75 uniform leaves conv1 with 3 of 12 channels: the user's forward raises
     assert states[2] == optuna.trial.TrialState.FAIL
     assert "needs >= 6 channels" in study.trials[2].user_attrs["error"]
@@ -128,6 +131,28 @@ def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
     assert {int(r.data.tags["autoprune.trial"]) for r in failed} == failed_in_optuna
     for r in failed:
         assert r.info.status == "FAILED" and "needs >= 6 channels" in r.data.tags["error"]
+
+
+def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from autoprune.cli import main as cli
+
+    (tmp_path / "fragile_model.py").write_text(FRAGILE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(tiny_space(
+        runs, "all-fail", **{"model.source": "fragile_model:build", "model.kwargs": {},
+                             "groups.default": {"low": 0.75, "high": 0.8, "step": 0.05},
+                             "search.baselines": [], "search.trials": 2})))
+    assert cli(["search", str(path), "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "2 trials (2 failed)" in out.out
+    line = next(x for x in out.out.splitlines() if x.startswith("  2 trial(s) [0, 1]: "))
+    assert "this block needs >= 6 channels" in line
+    assert "every trial failed" in out.err
 
 
 def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Path) -> None:
