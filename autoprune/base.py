@@ -86,7 +86,7 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     example = torch.zeros(space.model.input_shape)
     try:
         with torch.no_grad():
-            model(example)
+            out = model(example)
     except Exception as e:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)}; the model "
                           f"{space.model.source!r} rejects it ({type(e).__name__}: {e})") from e
@@ -95,9 +95,31 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
                           f"{list(batch[0].shape[1:])}")
+    _check_classes(space, out, batch[1], data.num_classes)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None
     return model, data, evaluate_fn
+
+
+def _check_classes(space: SpaceConfig, out: Any, labels: Any, data_classes: int | None) -> None:
+    """A classifier's outputs must cover the data's classes: fail here, before any training,
+    rather than with an index error deep inside the cross-entropy loss (checked for (N, K)
+    logits and integer class labels)."""
+    if not (isinstance(out, torch.Tensor) and out.ndim == 2 and isinstance(labels, torch.Tensor)
+            and labels.ndim == 1 and not labels.is_floating_point() and labels.numel()):
+        return
+    k, m = int(out.shape[1]), space.model
+    if m.num_classes is not None and k != m.num_classes:
+        raise SourceError(f"model.num_classes: got {m.num_classes} but {m.source!r} outputs {k} "
+                          "classes (a user function gets num_classes only when it has a "
+                          "num_classes parameter; or set the size in model.kwargs)")
+    top = int(labels.max())
+    if top >= k or (data_classes is not None and data_classes > k):
+        need = max(top + 1, data_classes or 0)
+        raise SourceError(f"model.num_classes: {m.source!r} outputs {k} classes but "
+                          f"{space.data.source!r} has labels up to {need - 1} ({need} classes); "
+                          "allowed: a model with at least as many outputs as the data has "
+                          "classes (set model.num_classes, or the size in model.kwargs)")
 
 
 def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,

@@ -354,3 +354,31 @@ def test_load_sources_on_the_demo_space(space: SpaceConfig) -> None:
     x, _y = next(iter(data.val))
     with torch.no_grad():
         assert model(x).shape == (x.shape[0], 10)
+
+
+def test_load_sources_checks_the_model_covers_the_data_classes(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        from torch import nn
+
+        def sized(num_classes=10):
+            return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+        def fixed(width=4):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    """)
+    shape = (1, 1, 8, 8)  # digits: 10 classes
+    # model.num_classes reaches a user function that has the parameter
+    model, _data, _ = load_sources(space.replace(model=ModelConfig(
+        source=f"{mod}:sized", input_shape=shape, num_classes=12)))
+    assert model[-1].out_features == 12
+    with pytest.raises(SourceError, match=rf"model.num_classes: '{mod}:sized' outputs 5 "
+                                          r"classes but 'builtin:digits' has labels up to 9 "
+                                          r"\(10 classes\); allowed: a model with at least"):
+        load_sources(space.replace(model=ModelConfig(
+            source=f"{mod}:sized", input_shape=shape, kwargs={"num_classes": 5})))
+    with pytest.raises(SourceError, match=rf"model.num_classes: got 10 but '{mod}:fixed' "
+                                          r"outputs 5 classes"):
+        load_sources(space.replace(model=ModelConfig(
+            source=f"{mod}:fixed", input_shape=shape, num_classes=10)))

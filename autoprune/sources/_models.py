@@ -41,7 +41,8 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
     Args:
         source: ``builtin:<name>``, ``torchvision:<name>`` or ``pkg.module:function``.
         input_shape: e.g. ``(1, 3, 32, 32)``; its channel count sizes built-in models.
-        num_classes: classifier size, or None to keep the factory's default.
+        num_classes: classifier size, or None to keep the factory's default; passed to a
+            user factory only when it has a ``num_classes`` parameter.
         kwargs: extra keyword arguments for the factory.
     """
     kwargs = dict(kwargs or {})
@@ -58,6 +59,8 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
         return _torchvision_model(name, num_classes, kwargs)
     if ":" in source:
         factory = import_object(source, "model.source")
+        if num_classes is not None and _takes(factory, "num_classes"):
+            kwargs.setdefault("num_classes", num_classes)
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise SourceError(f"model.source: {source!r} returned {type(model).__name__}, "
@@ -65,6 +68,16 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
         return model
     raise SourceError(f"model.source: got {source!r}; allowed: 'builtin:<name>', "
                       "'torchvision:<name>' or 'package.module:function'")
+
+
+def _takes(fn: Any, name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name`` (not just ``**kwargs``)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
