@@ -198,7 +198,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
 
     log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
     ctx = TrialContext.build(space)  # fails here, before any trial, on bad sources
-    check_patterns(space, ctx.groups)
+    check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
     dists = distributions(space, ctx.groups)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")

@@ -56,10 +56,19 @@ def distributions(space: SpaceConfig, groups: Sequence[GroupInfo]) -> dict[str, 
     return out
 
 
-def check_patterns(space: SpaceConfig, groups: Sequence[GroupInfo]) -> None:
-    """A glob pattern in ``groups`` that matches no group is almost surely a typo."""
+def check_patterns(space: SpaceConfig, groups: Sequence[GroupInfo],
+                   modules: Sequence[str] = ()) -> None:
+    """A glob pattern in ``groups`` that matches no group, or in ``groups.ignore`` that matches
+    no module name (of ``modules``, when given), is almost surely a typo."""
     import difflib
 
+    for pattern in space.groups.ignore if modules else ():
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in modules):
+            close = difflib.get_close_matches(pattern, list(modules), n=3, cutoff=0.4)
+            raise AutopruneError(
+                f"groups.ignore: {pattern!r} matches no module of {space.model.source}; allowed: "
+                f"glob patterns of module names (close matches: {close or 'none'}; see "
+                "`autoprune layers`)")
     names = [g.name for g in groups]
     for pattern in space.groups.patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):

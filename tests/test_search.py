@@ -222,6 +222,13 @@ def test_bad_space_values_name_the_key(runs: Path) -> None:
         parse_space(tiny_space(runs, "x", **{"groups.default": {"low": 0.0, "high": 1.2}}))
     with pytest.raises(ConfigError, match=r"objectives\[0\]"):
         parse_space(tiny_space(runs, "x", **{"objectives": ["acc"]}))
+    # a module pattern that matches nothing: a typo, caught before any trial
+    space = parse_space(tiny_space(runs, "ign", **{"groups.ignore": ["layer1.*", "stemm.*"]}))
+    with pytest.raises(AutopruneError, match=r"groups.ignore: 'stemm.\*' matches no module of "
+                                             r"builtin:resnet_tiny; allowed: glob patterns"):
+        run_search(space, quiet=True)
+    with pytest.raises(AutopruneError, match="no study 'ign'"):
+        load_study("ign", space.storage_url)
 
 
 def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
