@@ -67,6 +67,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
                           "groups": [g.to_dict() for g in groups]}, indent=2))
     elif not args.write_space:
         _print_groups(groups)
+        from autoprune.groups import left_out_groups
+
+        left = left_out_groups(model, torch.zeros(shape), ignore)
+        if left:
+            print(f"{len(left)} more group(s) cannot be searched:")
+            for root, why in left.items():
+                print(f"  {root}: {why}")
     return 0
 
 

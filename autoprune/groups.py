@@ -108,7 +108,7 @@ def _kept_axis(src: tuple[int, ...], dst: tuple[int, ...], i: int) -> bool:
 
 
 def reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
-                     c_out: int | None) -> tuple[str, int] | None:
+                     c_out: int | None, channel_last: bool = False) -> tuple[str, int] | None:
     """How channels go through a reshape of ``src`` to ``dst``: ``(kind, stride)`` or None.
 
     ``c_in`` and ``c_out`` are the widths of the layers before and after (None: unknown).
@@ -117,12 +117,16 @@ def reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | Non
     values each) or splits back out of one. None: no channel axis survives (a channel shuffle
     splits it into groups, an attention reshape into heads), so no channel index can be
     followed through. Every axis of that width must survive, since a spatial axis may be as
-    wide as the channel axis.
+    wide as the channel axis, unless ``channel_last`` says where the channels are (the layers
+    before or after are Linear or LayerNorm: tokens x channels, where the token count may
+    equal the width).
     """
     c = next((c for c in (c_in, c_out) if c and c in src[1:]), None)
     if c is None:
         return None
     axes = [i for i, d in enumerate(src) if i and d == c]
+    if channel_last and src[-1] == c:
+        axes = [len(src) - 1]
     if all(_kept_axis(src, dst, i) for i in axes):
         return "same", 1
     i = axes[0]
@@ -150,6 +154,33 @@ def _inside_attention(graph: tp.DependencyGraph, node: Any) -> bool:
     return False
 
 
+CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
+
+
+def _channel_last(graph: tp.DependencyGraph, node: Any) -> bool:
+    """Whether the nearest layers on one side of the op ``node`` (before it, or after it) all
+    keep channels last (Linear, LayerNorm, attention: tokens x channels)."""
+
+    def nearest(side: str) -> list[nn.Module]:
+        seen, todo, found = set(), list(getattr(node, side)), []
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.module in graph._module2name:
+                found.append(n.module)
+            elif any(k in (n.grad_fn.name() if n.grad_fn is not None else "")
+                     for k in ("Transpose", "Permute")):
+                return []  # the layout changes on the way: this side cannot tell
+            else:  # another op: look further
+                todo.extend(getattr(n, side))
+        return found
+
+    return any(found and all(isinstance(m, CHANNEL_LAST) for m in found)
+               for found in (nearest("inputs"), nearest("outputs")))
+
+
 def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
     """Replaces Torch-Pruning's reshape index mapping, which guesses from neighbouring layers.
 
@@ -168,7 +199,7 @@ def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
                  if (c := tp_shape_infer.infer_out_channels_recursively(graph, n, [0]))), None)
     c_out = next((c for n in node.outputs
                   if (c := tp_shape_infer.infer_in_channels_recursively(graph, n, [0]))), None)
-    how = reshape_channels(*shapes, c_in, c_out) if shapes else None
+    how = reshape_channels(*shapes, c_in, c_out, _channel_last(graph, node)) if shapes else None
     # Decided once: Torch-Pruning re-runs its own guess for RESHAPE nodes on every lookup.
     node.type = tp.ops.OPTYPE.ELEMENTWISE
     if how is None:
@@ -230,6 +261,30 @@ def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iter
         if not any(getattr(dep.target, "opaque", None) or dep.target.module in fixed
                    for dep, _ in group):
             yield group
+
+
+def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
+                    ignore: Sequence[str] = ()) -> dict[str, str]:
+    """Groups that exist but cannot be searched, ``{root layer: why}``: they cross a reshape
+    no channel index survives, or touch a fixed-width module."""
+    model = model.eval()
+    graph = build_graph(model, example_inputs)
+    ignored = ignored_modules(model, example_inputs, ignore)
+    ignored_all = [sub for m in ignored for sub in m.modules()]
+    fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, str] = {}
+    for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
+        for dep, _ in group:
+            if why := getattr(dep.target, "opaque", None):
+                out[names.get(root_module(group), "?")] = f"its channels cross a reshape " \
+                    f"that does not keep them whole ({why})"
+                break
+            if dep.target.module in fixed:
+                out[names.get(root_module(group), "?")] = \
+                    f"it touches {names.get(dep.target.module, '?')}, whose width is fixed"
+                break
+    return out
 
 
 def channel_groups(graph: tp.DependencyGraph, group: Any,

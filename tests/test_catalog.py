@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.groups import describe_groups, reshape_channels
+from autoprune.groups import describe_groups, left_out_groups, reshape_channels
 from autoprune.measure import count_cost, export_onnx
 from autoprune.prune import kept_after_rounding, prune_model, replay
 from autoprune.sources import build_model
@@ -166,6 +166,53 @@ def test_catalog_model_prunes_replays_and_exports(name: str, tmp_path: Path) -> 
 def test_reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
                           c_out: int | None, how: tuple[str, int] | None) -> None:
     assert reshape_channels(src, dst, c_in, c_out) == how
+
+
+def test_reshape_channels_last_when_tokens_are_as_many_as_channels() -> None:
+    # 64 tokens x 64 channels after a Linear: the batch axis merges with the tokens; only the
+    # channel axis (the last) must survive, which it does
+    assert reshape_channels((1, 64, 64), (64, 64), 64, 64) is None  # axis unknown: cut off
+    assert reshape_channels((1, 64, 64), (64, 64), 64, 64, channel_last=True) == ("same", 1)
+    assert reshape_channels((5, 49, 288), (5, 49, 3, 3, 32), 288, 96, channel_last=True) is None
+
+
+def test_attention_model_whose_token_count_equals_its_width_keeps_its_embedding_group() -> None:
+    """The embedding group of a ViT with 64 tokens of width 64 used to vanish without a word:
+    a reshape of (1, 64, 64) to (64, 64) could not tell tokens from channels."""
+
+    class ViT(nn.Module):
+        def __init__(self, dim: int = 64) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 4, stride=4)
+            self.ln = nn.LayerNorm(dim)
+            self.attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+            self.ln2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+            self.head = nn.Linear(dim, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.patch(x).flatten(2).transpose(1, 2)  # 8 x 8 = 64 tokens
+            h = self.ln(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return self.head((x + self.mlp(self.ln2(x))).mean(1))
+
+    torch.manual_seed(0)
+    model, example = ViT().eval(), torch.zeros(1, 3, 32, 32)
+    groups = {g.name: g.channels for g in describe_groups(model, example)}
+    assert groups == {"mlp.2": 64, "mlp.0": 128}
+    pruned, record = prune_model(model, example, {"mlp.2": 0.5}, round_to=4)
+    assert record.kept_channels["mlp.2"] == 32
+    assert pruned.patch.out_channels == 32 and pruned.attn.embed_dim == 32
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+    assert left_out_groups(model, example) == {}
+    # Without the LayerNorm before the MLP, the MLP's first Linear runs as view, mm, view, and
+    # the view back cannot be read (the width before it is unknown): the group is still left
+    # out, but `autoprune layers` says which and why.
+    model.ln2 = nn.Identity()
+    assert "mlp.2" not in {g.name for g in describe_groups(model, example)}
+    why = left_out_groups(model, example)["mlp.2"]
+    assert why.startswith("its channels cross a reshape that does not keep them whole (")
 
 
 def test_grouped_conv_keeps_one_channel_per_block_at_high_ratios() -> None:
