@@ -170,7 +170,13 @@ def list_studies(storage_url: str) -> list[str]:
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
-    """Load an existing study; a missing one is an error that lists the studies there."""
+    """Load an existing study; a missing one is an error that lists the studies there (a
+    missing SQLite file too: reading must not leave an empty store behind)."""
+    if storage_url.startswith("sqlite:///") and \
+            not Path(storage_url.removeprefix("sqlite:///")).exists():
+        raise AutopruneError(f"--study: no study {name!r}: there is no study store at "
+                             f"{storage_url} (run a search first, or pass --runs-dir or "
+                             "--storage)")
     try:
         return optuna.load_study(study_name=name, storage=storage_for(storage_url))
     except KeyError:

@@ -125,6 +125,10 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
         export_trial("exp", space.storage_url, "smallest", tmp_path / "e")
     with pytest.raises(AutopruneError, match=r"no study 'nope'.*\['exp'\]"):
         export_trial("nope", space.storage_url, "knee", tmp_path / "f")
+    missing = tmp_path / "elsewhere" / "optuna.db"  # e.g. run from another directory
+    with pytest.raises(AutopruneError, match="no study 'exp': there is no study store at"):
+        export_trial("exp", f"sqlite:///{missing}", "knee", tmp_path / "g")
+    assert not missing.exists()
 
 
 def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: Path) -> None:
