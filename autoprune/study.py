@@ -190,13 +190,18 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     """Create the study (once, before any worker starts) or, with ``resume``, load it."""
     storage = storage_for(space.storage_url)
     exists = name in list_studies(space.storage_url)
-    if exists and not resume:
+    if exists and not resume and _has_trials(name, storage):
         raise AutopruneError(f"--study: study {name!r} already exists in {space.storage_url}; "
                              "pass --resume to continue it, or --study NEW_NAME")
+    fresh = not exists or not _has_trials(name, storage)  # an empty study: a start that failed
+    if not fresh:
+        old = optuna.load_study(study_name=name, storage=storage)
+        if old.user_attrs.get("objectives") == list(space.objectives):
+            _check_same_space(name, old, space)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 directions=directions(space.objectives),
                                 sampler=make_sampler(space, seed))
-    if not exists:
+    if fresh:
         study.set_user_attr("space", space.to_dict())
         study.set_user_attr("objectives", list(space.objectives))
         study.set_user_attr("base", base.to_dict())
@@ -208,6 +213,41 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     else:
         study.sampler = make_sampler(space, sampler_seed(seed, study))
     return study
+
+
+# What may change when a study is resumed: how many trials, how many at once, where results go.
+RESUME_MAY_CHANGE = ("search.trials", "search.jobs", "search.device", "runs_dir", "tracking.")
+
+
+def _has_trials(name: str, storage: optuna.storages.BaseStorage) -> bool:
+    return bool(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+
+
+def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> None:
+    """A resumed study must keep its space: its trials were made under it. A changed range
+    would mix trials of two spaces on one front, and leaves NSGA-II without a common search
+    space (it silently falls back to random sampling); a changed model or fine-tune makes the
+    front compare models that were not made alike."""
+    old = study.user_attrs.get("space")
+    if old is None:
+        return
+    before, now = _flat(old), _flat(space.to_dict())
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+               and k != "objectives"]  # checked on its own, below
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise AutopruneError(
+            f"--resume: the space differs from the one study {name!r} was created with ({shown}"
+            f"{'; ...' if len(changed) > 6 else ''}); allowed changes on resume: "
+            f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)}; anything else needs a new "
+            "--study")
 
 
 def sampler_seed(seed: int, study: optuna.Study) -> int:

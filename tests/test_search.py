@@ -185,6 +185,33 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     assert baselines == [0.25, 0.5, 0.75]
 
 
+def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> None:
+    from autoprune.base import BaseMetrics
+    from autoprune.study import open_study
+
+    spec = tiny_space(runs, "same-space", **{"search.baselines": [0.5], "search.trials": 1})
+    run_search(parse_space(spec), quiet=True)
+    changed = tiny_space(runs, "same-space", **{"search.baselines": [0.5],
+                                                "finetune.lr": 0.05,
+                                                "groups.default.high": 0.5})
+    with pytest.raises(AutopruneError, match=r"--resume: the space differs from the one study "
+                                             r"'same-space' was created with \(finetune.lr: "
+                                             r"0.01 -> 0.05; groups.default.high: 0.7 -> 0.5\); "
+                                             r"allowed changes on resume: search.trials"):
+        run_search(parse_space(changed), resume=True, quiet=True)
+    # more trials, more at once: allowed, and nothing was lost by the refusal
+    run_search(parse_space(spec), trials=2, resume=True, quiet=True)
+    assert len(load_study("same-space", parse_space(spec).storage_url).trials) == 2
+
+    # a study left empty by a start that failed (e.g. no Ray cluster) does not block a new start
+    space = parse_space(tiny_space(runs, "empty-start"))
+    base = BaseMetrics.from_dict(load_study("same-space", space.storage_url).user_attrs["base"])
+    open_study(space, "empty-start", resume=False, seed=0, base=base)
+    again = open_study(parse_space(tiny_space(runs, "empty-start", **{"finetune.lr": 0.05})),
+                       "empty-start", resume=False, seed=0, base=base)
+    assert again.user_attrs["space"]["finetune"]["lr"] == 0.05
+
+
 def test_a_resumed_search_draws_new_configs(runs: Path) -> None:
     """On resume the sampler moves on: from its seed again, a random search would re-draw the
     configs it ran before, and each would only reuse a finished trial's result."""
