@@ -90,6 +90,13 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     except Exception as e:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)}; the model "
                           f"{space.model.source!r} rejects it ({type(e).__name__}: {e})") from e
+    if not isinstance(out, torch.Tensor):
+        got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
+               else f"a {type(out).__name__}")
+        raise SourceError(f"model.source: {space.model.source!r} returns {got}; allowed: one "
+                          "tensor of logits, (N, classes). Wrap the model so that forward returns "
+                          "the classifier's output (an auxiliary head left in would be pruned "
+                          "and trained as if it did not matter)")
     batch = next(iter(data.val))
     if tuple(batch[0].shape[1:]) != tuple(space.model.input_shape[1:]):
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "

@@ -100,6 +100,8 @@ class Trainer:
         while self.log.steps < to_step:
             batch = next(self._batches)
             x, y = batch[0].to(self.device), batch[1].to(self.device)
+            if not y.is_floating_point() and y.dtype not in (torch.long, torch.uint8):
+                y = y.long()  # cross-entropy takes int64 (or uint8) class indices, not int32
             loss = self._loss(x, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss {loss.item()} at step "

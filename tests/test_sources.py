@@ -382,3 +382,71 @@ def test_load_sources_checks_the_model_covers_the_data_classes(
                                           r"outputs 5 classes"):
         load_sources(space.replace(model=ModelConfig(
             source=f"{mod}:fixed", input_shape=shape, num_classes=10)))
+
+
+def test_user_loaders_that_cannot_work_fail_at_load_and_say_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def _ds(n):
+            return TensorDataset(torch.randn(n, 1, 8, 8), torch.arange(n) % 10)
+
+        def empty_val():
+            return DataLoader(_ds(16), batch_size=4), DataLoader(_ds(3), batch_size=4,
+                                                                 drop_last=True)
+
+        def generator():
+            return (b for b in DataLoader(_ds(8), batch_size=4)), DataLoader(_ds(8), batch_size=4)
+
+        def dicts():
+            batches = [{"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}]
+            return batches, batches
+    """)
+    shape = (1, 1, 8, 8)
+    for fn, message in (
+            ("empty_val", "the validation loader yielded no batches"),
+            ("generator", "the training loader is a generator; allowed: something iterable "
+                          "more than once with a length"),
+            ("dicts", r"the training loader yields batches of dict with keys \['x', 'y'\]; "
+                      r"allowed: \(inputs, labels\) tuples")):
+        with pytest.raises(SourceError, match=rf"data.source: '{mod}:{fn}': {message}"):
+            build_data(DataConfig(source=f"{mod}:{fn}"), shape)
+
+
+def test_int32_labels_train() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autoprune.finetune import train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 8, 8),
+                                    (torch.arange(16) % 10).to(torch.int32)), batch_size=8)
+    log = train(model, data, 2, 0.1, "sgd", 0.9, 0.0, 0.0, "cpu")
+    assert log.steps == 2
+
+
+def test_a_model_with_several_outputs_is_refused_at_load(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        from torch import nn
+
+        class TwoHeads(nn.Module):
+            def __init__(self, num_classes=10):
+                super().__init__()
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
+                self.fc, self.aux = nn.Linear(16, num_classes), nn.Linear(16, num_classes)
+
+            def forward(self, x):
+                h = self.body(x)
+                return self.fc(h), self.aux(h)
+
+        def build(num_classes=10):
+            return TwoHeads(num_classes)
+    """)
+    with pytest.raises(SourceError, match=rf"model.source: '{mod}:build' returns a tuple; "
+                                          r"allowed: one tensor of logits"):
+        load_sources(space.replace(model=ModelConfig(source=f"{mod}:build",
+                                                     input_shape=(1, 1, 8, 8))))

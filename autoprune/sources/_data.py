@@ -154,5 +154,28 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
         raise SourceError(f"data.source: {cfg.source!r} returned {type(result).__name__}; "
                           "allowed: (train_loader, val_loader) or (train, val, num_classes)")
     num_classes = int(result[2]) if len(result) == 3 else None
+    for name, loader in (("training", result[0]), ("validation", result[1])):
+        _check_loader(cfg.source, name, loader)
     return DataBundle(train=result[0], val=result[1], num_classes=num_classes,
                       description=f"user data from {cfg.source}")
+
+
+def _check_loader(source: str, name: str, loader: Any) -> None:
+    """A user loader must be iterable again and again, with a length (epochs count batches),
+    and yield ``(inputs, labels, ...)`` batches; say so here, not in a traceback later."""
+    where = f"data.source: {source!r}: the {name} loader"
+    if not hasattr(loader, "__len__") or iter(loader) is loader:
+        raise SourceError(f"{where} is a {type(loader).__name__}; allowed: something iterable "
+                          "more than once with a length (a DataLoader, or a list of batches)")
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise SourceError(f"{where} yielded no batches (an empty data set, or fewer samples "
+                          "than one batch with drop_last)") from None
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not all(
+            isinstance(t, torch.Tensor) for t in batch[:2]):
+        got = (f"dict with keys {list(batch)}" if isinstance(batch, dict)
+               else type(batch).__name__ if not isinstance(batch, (tuple, list))
+               else f"{type(batch).__name__} of {[type(t).__name__ for t in batch]}")
+        raise SourceError(f"{where} yields batches of {got}; allowed: (inputs, labels) tuples "
+                          "or lists of tensors (more items after those two are ignored)")
