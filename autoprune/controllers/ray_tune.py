@@ -73,11 +73,19 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
             f"--address {address}: the cluster refused this client's token ({e}). Ray 2.60 "
             "turns token authentication on by default: copy the cluster's token to "
             "~/.ray/auth_token or set RAY_AUTH_TOKEN, and keep RAY_AUTH_MODE the same on the "
-            "head, the workers and this client (see README, 'Ray clusters')") from e
+            "head, the workers and this client (see README, 'On a Ray cluster', "
+            "Authentication)") from e
     except ConnectionError as e:
+        import os
+
+        hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                "; if the head was started with token authentication (Ray's default for `ray "
+                "start`, shown as InvalidAuthToken warnings above), set RAY_AUTH_MODE=token and "
+                "the cluster's token here (see README, 'On a Ray cluster', Authentication)")
         raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there ({e}); "
                              "allowed: auto (a cluster started on this machine with `ray "
-                             "start`), host:port of a head node, or ray://host:10001") from e
+                             "start`), host:port of a head node, or ray://host:10001"
+                             f"{hint}") from e
 
 
 def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
@@ -171,10 +179,13 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         if short <= 0:
             return
         # A trial whose node died before it started can end in Tune with neither a result nor
-        # its config: nothing to record, so the study is short. Run that many more.
+        # its config, and a restored experiment may have had fewer trials left than the new
+        # total asks: either way the study is short. Run that many more.
         then = f"running {short} more" if attempt < ROUNDS - 1 else "giving up"
-        print(f"autoprune: {short} Ray trial(s) ended with nothing to record (their node was "
-              f"lost before they started); {then}", file=sys.stderr)
+        why = ("the restored experiment had no more to run" if resume and attempt == 0
+               else "trials ended with nothing to record: a node lost before they started")
+        print(f"autoprune: the study is {short} trial(s) short of {total} ({why}); {then}",
+              file=sys.stderr)
 
 
 ROUNDS = 3  # Tune experiments per run_ray, when trials are lost before they start
