@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -190,7 +191,11 @@ def prune_model(
     effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / current[n]
                  for n in ratios if kept[n] < current[n]}
     try:
-        with shape_checked_reshapes():  # its own graph must map reshapes like build_graph's
+        with shape_checked_reshapes(), warnings.catch_warnings():
+            # Its own graph must map reshapes like build_graph's. It warns of "unwrapped
+            # parameters" (a ViT's class token and position embedding) on every trial; their
+            # last non-singleton dim is the width, which is what it prunes.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             pruner = tp.pruner.MetaPruner(
                 pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
                 pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
