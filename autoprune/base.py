@@ -129,6 +129,21 @@ def _check_classes(space: SpaceConfig, out: Any, labels: Any, data_classes: int 
                           "classes (set model.num_classes, or the size in model.kwargs)")
 
 
+def _code_digest(source: str) -> str:
+    """For a user's ``module:function``: a hash of the file that defines it, so a trained base
+    model cached for it is not reused after the code changed ("" for the built-in sources)."""
+    kind = source.partition(":")[0]
+    if kind in ("builtin", "torchvision", "imagefolder") or ":" not in source:
+        return ""
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(import_object(source, "source"))
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
+    except (OSError, TypeError, SourceError):
+        return ""
+
+
 def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
                     device: torch.device, evaluate_fn: Any = None) -> Path:
     """The base checkpoint: the space's own, or one trained here and cached under ``runs/``."""
@@ -138,7 +153,8 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
     m = space.model
     key = config_hash(m.source, m.kwargs, m.input_shape, m.num_classes, m.train,
                       space.data.source, space.data.kwargs, space.data.seed,
-                      space.data.batch_size, space.search.seed)
+                      space.data.batch_size, space.search.seed,
+                      *[d for d in (_code_digest(m.source), _code_digest(space.data.source)) if d])
     path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
     if path.exists():
         load_checkpoint(model, path)

@@ -450,3 +450,41 @@ def test_a_model_with_several_outputs_is_refused_at_load(
                                           r"allowed: one tensor of logits"):
         load_sources(space.replace(model=ModelConfig(source=f"{mod}:build",
                                                      input_shape=(1, 1, 8, 8))))
+
+
+def test_cached_base_model_follows_the_user_code(space: SpaceConfig, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base model trained for a user's model/data function is cached by the file that
+    defines them too: after an edit it is trained again, not silently reused."""
+    import importlib
+    import sys
+
+    from autoprune.base import base_checkpoint
+    from autoprune.config import TrainConfig
+
+    code = """
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def build(num_classes=3):
+            return nn.Sequential(nn.Flatten(), nn.Linear(36, num_classes))
+
+        def loaders():
+            ds = TensorDataset(torch.randn(8, 1, 6, 6), torch.arange(8) % 3)
+            return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4)
+    """
+    mod = _user_module(tmp_path, monkeypatch, code)
+    spec = space.replace(
+        model=ModelConfig(source=f"{mod}:build", input_shape=(1, 1, 6, 6),
+                          train=TrainConfig(epochs=1)),
+        data=DataConfig(source=f"{mod}:loaders"), runs_dir=str(tmp_path / "runs"))
+    model, data, _ = load_sources(spec)
+    first = base_checkpoint(spec, model, data, torch.device("cpu"))
+    assert base_checkpoint(spec, model, data, torch.device("cpu")) == first  # cached
+    edited = textwrap.dedent(code).replace("36, num_classes", "36, num_classes, bias=False")
+    (tmp_path / f"{mod}.py").write_text(edited)
+    importlib.reload(sys.modules[mod])
+    model, data, _ = load_sources(spec)
+    second = base_checkpoint(spec, model, data, torch.device("cpu"))
+    assert second != first and first.exists() and second.exists()
