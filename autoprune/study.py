@@ -238,8 +238,9 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
     if old is None:
         return
     before, now = _flat(old), _flat(space.to_dict())
-    changed = [k for k in sorted(set(before) | set(now))
-               if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+    # A key the stored space lacks came with a newer autoprune, not from an edit: let it be.
+    changed = [k for k in sorted(before)
+               if before[k] != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)
                and k != "objectives"]  # checked on its own, below
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
