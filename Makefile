@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 SPACE  ?= search_spaces/digits_resnet.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=   # e.g. --quick, or -k latency
+DEMO_ARGS ?= --resume   # e.g. --study another-name --trials 40
 
 .PHONY: install test demo lint bench ui cluster-search clean
 
@@ -22,7 +23,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/autoprune search $(SPACE)
+	$(VENV)/bin/autoprune search $(SPACE) $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check autoprune tests benchmarks examples
