@@ -103,7 +103,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                          args.backend, ray_options, quiet=args.quiet)
     print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
           f"Pareto front ({len(summary.front)} trials):")
-    print(format_front(summary.front))
+    print(format_front(summary.front, space.objectives))
     if summary.errors:
         print("\nfailed trials, by error (the full tracebacks: the `error` column of trials.csv, "
               "and each trial's MLflow run):")
@@ -143,7 +143,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     else:
         print(f"study {args.study}: base accuracy {base.get('accuracy', float('nan')):.4f}, "
               f"latency {base.get('latency_ms', float('nan')):.3f} ms")
-        print(format_front(front))
+        print(format_front(front, study.user_attrs.get("objectives", [])))
     return 0
 
 

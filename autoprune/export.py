@@ -178,7 +178,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     try:
         number = pick(front, rule, _cost_column(study.user_attrs.get("objectives", [])))
     except ValueError as e:
-        table = summary_columns(front).to_string(index=False) if not front.empty else "(empty)"
+        table = (summary_columns(front, study.user_attrs.get("objectives", [])).to_string(
+            index=False) if not front.empty else "(empty)")
         raise AutopruneError(f"{e}\nthe front of study {study_name!r}:\n{table}") from None
     trial = study.trials[number]
     model, record, extra, state = trial_model(space, base, study_name, number,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,10 @@ def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     return df[df["pareto"]].sort_values("accuracy", ascending=False).reset_index(drop=True)
 
 
-def summary_columns(df: pd.DataFrame) -> pd.DataFrame:
+def summary_columns(df: pd.DataFrame, objectives: Sequence[str] = ()) -> pd.DataFrame:
+    """The columns a front table shows (parameters too, when they are an objective)."""
     cols = ["trial", "baseline", "mean_ratio", "accuracy", "proxy_accuracy", "macs_ratio",
-            "latency_ms", "speedup"]
+            *(["params_ratio"] if "params" in objectives else []), "latency_ms", "speedup"]
     return df[[c for c in cols if c in df.columns]]
 
 

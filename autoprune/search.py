@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,8 +292,8 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def format_front(front: pd.DataFrame) -> str:
+def format_front(front: pd.DataFrame, objectives: Sequence[str] = ()) -> str:
     if front.empty:
         return "(no feasible completed trial yet)"
     with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
-        return summary_columns(front).to_string(index=False)
+        return summary_columns(front, objectives).to_string(index=False)

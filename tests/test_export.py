@@ -167,6 +167,18 @@ def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: 
         verify(model, space, data, evaluate_fn, logged, other)
 
 
+def test_front_table_shows_parameters_when_they_are_an_objective() -> None:
+    import pandas as pd
+
+    from autoprune.report import summary_columns
+
+    front = pd.DataFrame({"trial": [0], "accuracy": [0.9], "macs_ratio": [0.5],
+                          "params_ratio": [0.4], "latency_ms": [1.0]})
+    assert "params_ratio" not in summary_columns(front, ["accuracy", "macs"]).columns
+    shown = summary_columns(front, ["accuracy", "macs", "params"]).columns
+    assert list(shown) == ["trial", "accuracy", "macs_ratio", "params_ratio", "latency_ms"]
+
+
 def test_knee_is_the_best_trade_off_never_a_point_below_the_chord() -> None:
     # (cost, accuracy), normalised: the middle point lies below the chord from (0, 0) to (1, 1)
     cost = np.array([0.1, 0.5, 0.8, 0.9])
