@@ -108,12 +108,13 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     return model, data, evaluate_fn
 
 
-def _check_classes(space: SpaceConfig, out: Any, labels: Any, data_classes: int | None) -> None:
+def _check_classes(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
+                   data_classes: int | None) -> None:
     """A classifier's outputs must cover the data's classes: fail here, before any training,
     rather than with an index error deep inside the cross-entropy loss (checked for (N, K)
     logits and integer class labels)."""
-    if not (isinstance(out, torch.Tensor) and out.ndim == 2 and isinstance(labels, torch.Tensor)
-            and labels.ndim == 1 and not labels.is_floating_point() and labels.numel()):
+    if not (out.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point()
+            and labels.numel()):
         return
     k, m = int(out.shape[1]), space.model
     if m.num_classes is not None and k != m.num_classes:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -537,6 +538,18 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Spa
 def dump_space(space: SpaceConfig, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+
+
+def flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); an empty
+    mapping stays a value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def config_hash(*parts: Any) -> str:

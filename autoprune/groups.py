@@ -252,15 +252,28 @@ def fixed_width_modules(model: nn.Module) -> list[nn.Module]:
             and any(isinstance(c, nn.Linear) for c in m.children())]
 
 
-def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterable[Any]:
-    """The searchable groups: not rooted in ``ignored``, not crossing an opaque reshape and not
-    touching a fixed-width module (on either side of its layers)."""
+def _judged_groups(graph: tp.DependencyGraph,
+                   ignored: Sequence[nn.Module]) -> Iterable[tuple[Any, str | None]]:
+    """Every group not rooted in ``ignored``, with why it cannot be searched (None: it can)."""
     ignored_all = [sub for m in ignored for sub in m.modules()]
     fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
     for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
-        if not any(getattr(dep.target, "opaque", None) or dep.target.module in fixed
-                   for dep, _ in group):
-            yield group
+        why = None
+        for dep, _ in group:
+            if opaque := getattr(dep.target, "opaque", None):
+                why = f"its channels cross a reshape that does not keep them whole ({opaque})"
+            elif dep.target.module in fixed:
+                why = (f"it touches {graph._module2name.get(dep.target.module, '?')}, whose "
+                       "width is fixed")
+            if why:
+                break
+        yield group, why
+
+
+def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterable[Any]:
+    """The searchable groups: not rooted in ``ignored``, not crossing an opaque reshape and not
+    touching a fixed-width module (on either side of its layers)."""
+    return (group for group, why in _judged_groups(graph, ignored) if why is None)
 
 
 def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
@@ -270,21 +283,8 @@ def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
     model = model.eval()
     graph = build_graph(model, example_inputs)
     ignored = ignored_modules(model, example_inputs, ignore)
-    ignored_all = [sub for m in ignored for sub in m.modules()]
-    fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
-    names = {m: n for n, m in model.named_modules()}
-    out: dict[str, str] = {}
-    for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
-        for dep, _ in group:
-            if why := getattr(dep.target, "opaque", None):
-                out[names.get(root_module(group), "?")] = f"its channels cross a reshape " \
-                    f"that does not keep them whole ({why})"
-                break
-            if dep.target.module in fixed:
-                out[names.get(root_module(group), "?")] = \
-                    f"it touches {names.get(dep.target.module, '?')}, whose width is fixed"
-                break
-    return out
+    return {graph._module2name.get(root_module(group), "?"): why
+            for group, why in _judged_groups(graph, ignored) if why}
 
 
 def channel_groups(graph: tp.DependencyGraph, group: Any,

@@ -20,7 +20,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.base import BaseMetrics
-from autoprune.config import Range, SpaceConfig
+from autoprune.config import Range, SpaceConfig, flat_items, parse_space
 from autoprune.errors import AutopruneError
 from autoprune.fill import FILL_ATTR, FrontFill, fill_axes
 from autoprune.groups import GroupInfo
@@ -187,31 +187,35 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
 
 def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
                base: BaseMetrics) -> optuna.Study:
-    """Create the study (once, before any worker starts) or, with ``resume``, load it."""
+    """Create the study (once, before any worker starts) or, with ``resume``, load it.
+
+    A study without trials (left by a start that failed, e.g. on an unreachable Ray cluster)
+    is made again from this space."""
     storage = storage_for(space.storage_url)
-    exists = name in list_studies(space.storage_url)
-    if exists and not resume and _has_trials(name, storage):
-        raise AutopruneError(f"--study: study {name!r} already exists in {space.storage_url}; "
-                             "pass --resume to continue it, or --study NEW_NAME")
-    fresh = not exists or not _has_trials(name, storage)  # an empty study: a start that failed
-    if not fresh:
-        old = optuna.load_study(study_name=name, storage=storage)
-        if old.user_attrs.get("objectives") == list(space.objectives):
-            _check_same_space(name, old, space)
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+    old = (optuna.load_study(study_name=name, storage=storage)
+           if name in list_studies(space.storage_url) else None)
+    if old is not None and not old.get_trials(deepcopy=False):
+        optuna.delete_study(study_name=name, storage=storage)
+        old = None
+    if old is not None:
+        if not resume:
+            raise AutopruneError(f"--study: study {name!r} already exists in "
+                                 f"{space.storage_url}; pass --resume to continue it, or "
+                                 "--study NEW_NAME")
+        if old.user_attrs.get("objectives") != list(space.objectives):
+            raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} "
+                                 f"was created with {old.user_attrs.get('objectives')}; allowed: "
+                                 "the same objectives, or a new --study")
+        _check_same_space(name, old, space)
+        old.sampler = make_sampler(space, sampler_seed(seed, old))
+        return old
+    study = optuna.create_study(study_name=name, storage=storage,
                                 directions=directions(space.objectives),
                                 sampler=make_sampler(space, seed))
-    if fresh:
-        study.set_user_attr("space", space.to_dict())
-        study.set_user_attr("objectives", list(space.objectives))
-        study.set_user_attr("base", base.to_dict())
-        study.set_user_attr("seed", seed)
-    elif study.user_attrs.get("objectives") != list(space.objectives):
-        raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} was "
-                             f"created with {study.user_attrs.get('objectives')}; allowed: the "
-                             "same objectives, or a new --study")
-    else:
-        study.sampler = make_sampler(space, sampler_seed(seed, study))
+    study.set_user_attr("space", space.to_dict())
+    study.set_user_attr("objectives", list(space.objectives))
+    study.set_user_attr("base", base.to_dict())
+    study.set_user_attr("seed", seed)
     return study
 
 
@@ -219,29 +223,21 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
 RESUME_MAY_CHANGE = ("search.trials", "search.jobs", "search.device", "runs_dir", "tracking.")
 
 
-def _has_trials(name: str, storage: optuna.storages.BaseStorage) -> bool:
-    return bool(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-
-
 def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> None:
     """A resumed study must keep its space: its trials were made under it. A changed range
     would mix trials of two spaces on one front, and leaves NSGA-II without a common search
     space (it silently falls back to random sampling); a changed model or fine-tune makes the
     front compare models that were not made alike."""
-    old = study.user_attrs.get("space")
-    if old is None:
+    stored = study.user_attrs.get("space")
+    if stored is None:
         return
-    before, now = _flat(old), _flat(space.to_dict())
-    # A key the stored space lacks came with a newer autoprune, not from an edit: let it be.
-    changed = [k for k in sorted(before)
-               if before[k] != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)
-               and k != "objectives"]  # checked on its own, below
+    try:  # parsed again, so fields a newer autoprune added hold their defaults, not an edit
+        stored = parse_space(stored).to_dict()
+    except AutopruneError:
+        pass
+    before, now = flat_items(stored), flat_items(space.to_dict())
+    changed = [k for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise AutopruneError(

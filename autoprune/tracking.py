@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from autoprune.base import BaseMetrics
-from autoprune.config import SpaceConfig
+from autoprune.config import SpaceConfig, flat_items
 from autoprune.study import origin
 
 TRIAL_TAG = "autoprune.trial"
@@ -189,16 +189,9 @@ def _latency_setup(lat: Mapping[str, Any]) -> str:
             f"repeats={lat.get('repeats')}")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted keys; characters MLflow rejects in names (glob ``*``, ``?``, ``[``) become ``_``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{k}")
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return {re.sub(r"[^\w\-. :/]", "_", k): v for k, v in flat_items(d).items()}
 
 
 def default_artifact_dir(runs_dir: str) -> Path:
