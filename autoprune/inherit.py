@@ -203,11 +203,12 @@ def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mappin
         presult = rerun(ctx, originals, up.user_attrs, up.params)
         parent = parent_of(presult)
         if parent is None:
-            raise AutopruneError(f"re-running the parent trial failed: {presult.error}")
+            raise AutopruneError(f"re-running the parent trial {up.number} ended "
+                                 f"{presult.state}: {presult.error or 'no model'}")
         inherit = lambda kept: parent  # noqa: E731 - the recorded parent, whatever it keeps
     seed = attrs.get("seed")
     return run_trial(ctx, ratios, None if seed is None else int(seed), keep_model=True,
-                     inherit=inherit)
+                     inherit=inherit, constraints=False)
 
 
 def originals_by_key(study: optuna.Study) -> dict[str, FrozenTrial]:

@@ -161,7 +161,7 @@ def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, floa
 def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
               keep_model: bool = False, finetune_steps: int | None = None,
               promote: Promote | None = None, reuse: Reuse | None = None,
-              inherit: Inherit | None = None) -> TrialResult:
+              inherit: Inherit | None = None, constraints: bool = True) -> TrialResult:
     """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
 
     Never raises for a failure inside the trial: the result has ``state="failed"`` and the
@@ -182,13 +182,16 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         inherit: ``inherit(kept channels)`` returns a finished trial's fine-tuned model that
             keeps at least those channels in every group (see :mod:`autoprune.inherit`), or
             None; the trial then prunes that model down instead of the base model.
+        constraints: stop an infeasible candidate before fine-tuning. A re-run of a recorded
+            trial (export) passes False: it remakes that trial's model, and a measured latency
+            that comes out over a limit this time must not stop it.
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
     result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
     t0 = time.perf_counter()
     try:
-        _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit)
+        _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit, constraints)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
         result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
@@ -206,7 +209,7 @@ def _cost(ctx: TrialContext, result: TrialResult) -> float:
 
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
          finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None,
-         inherit: Inherit | None) -> None:
+         inherit: Inherit | None, constraints: bool = True) -> None:
     space, dev = ctx.space, ctx.device
     seed_everything(result.seed)
     p = space.pruning
@@ -257,7 +260,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     # reports its proxy accuracy.
     result.accuracy = result.proxy_accuracy
     result.constraints = constraint_values(space, result)
-    if any(v > 0 for k, v in result.constraints.items() if k != "accuracy"):
+    if constraints and any(v > 0 for k, v in result.constraints.items() if k != "accuracy"):
         result.state = "infeasible"
         return
     fid = space.search.fidelity
@@ -277,7 +280,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     _log(result, trainer.advance(trainer.total))
     result.accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
     result.constraints = constraint_values(space, result)
-    result.state = "complete" if result.feasible else "infeasible"
+    result.state = "complete" if result.feasible or not constraints else "infeasible"
     if keep_model:
         result.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
