@@ -125,7 +125,7 @@ def _storage(args: argparse.Namespace) -> str:
         from autoprune.config import load_space
 
         return load_space(args.space).storage_url
-    return f"sqlite:///{Path(args.runs_dir) / 'optuna.db'}"
+    return f"sqlite:///{Path(args.runs_dir or 'runs') / 'optuna.db'}"
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -163,11 +163,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoprune.export import export_trial
 
     res = export_trial(args.study, _storage(args), args.pick, args.out, args.register,
-                       args.alias)
+                       args.alias, args.runs_dir)
     t = res.config["metrics"]["trial"]
     print(f"exported trial {res.trial} of study {args.study} to {res.out_dir}: accuracy "
           f"{t['accuracy']:.4f}, MACs ratio {t['macs_ratio']:.3f}, speed-up {t['speedup']:.2f}x")
-    for f in ("prune_config.json", "model.onnx", "weights.pt", "model_card.md"):
+    for f in ("prune_config.json", *res.config["files"].values()):
         print(f"  {res.out_dir / f}")
     if res.registered_version:
         print(f"registered {args.register} version {res.registered_version} as "
@@ -178,19 +178,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from autoprune.measure import count_cost, export_onnx
+    from autoprune.errors import AutopruneError
+    from autoprune.export import check_formats, write_model_files
+    from autoprune.measure import count_cost
     from autoprune.rebuild import read_config, rebuild
 
     config = read_config(args.config)
+    if args.weights is None and not args.untrained:
+        raise AutopruneError(
+            "apply: --weights is missing; without it the pruned model keeps the base model's "
+            "weights, never fine-tuned (far below the trial's accuracy); allowed: --weights "
+            "WEIGHTS.pt (the export's weights.pt), or --untrained --checkpoint BASE.pt for that "
+            "architecture with the base weights, to fine-tune yourself")
+    if args.untrained and (args.weights is not None or args.checkpoint is None):
+        raise AutopruneError("apply: --untrained takes --checkpoint (the base weights) and no "
+                             "--weights")
     model = rebuild(config, args.checkpoint, args.weights, args.force)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory")
     shape = tuple(config["model"]["input_shape"])
-    export_onnx(model, shape, out / "model.onnx")
-    torch.save(model.state_dict(), out / "weights.pt")
+    x = torch.randn(max(2, shape[0]), *shape[1:], generator=torch.Generator().manual_seed(0))
+    files, _ = write_model_files(model, shape, out,
+                                 lambda onnx, program: check_formats(model, x, onnx, program))
+    if args.weights is not None:  # the exported model itself: its config goes with it
+        (out / "prune_config.json").write_text(json.dumps(
+            {**config, "files": {**config["files"], **files}}, indent=2))
     cost = count_cost(model, shape)
     print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
-          f"{cost.params:,} params; wrote {out / 'model.onnx'} and {out / 'weights.pt'}")
+          f"{cost.params:,} params{' (base weights, not fine-tuned)' if args.untrained else ''}"
+          f"; wrote " + ", ".join(str(out / f) for f in files.values()))
     return 0
 
 
@@ -282,7 +299,9 @@ def _study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--study", required=True)
     p.add_argument("--space", help="read the storage from this space file")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", help="the study's runs directory (default runs/; export also "
+                                      "finds the base checkpoint, kept weights and MLflow "
+                                      "store there)")
     return p
 
 
@@ -338,8 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = sub.add_parser("apply", help="rebuild a pruned model from prune_config.json")
     ap.add_argument("config")
-    ap.add_argument("--checkpoint", required=True, help="the base model checkpoint")
-    ap.add_argument("--weights", help="the pruned model's fine-tuned weights")
+    ap.add_argument("--weights", help="the pruned model's fine-tuned weights (the export's "
+                                      "weights.pt)")
+    ap.add_argument("--checkpoint", help="the base model checkpoint (its hash must match the "
+                                         "config's); needed with --untrained")
+    ap.add_argument("--untrained", action="store_true",
+                    help="no --weights: the pruned architecture with the base weights")
     ap.add_argument("--out", required=True)
     ap.add_argument("--force", action="store_true", help="accept a different base checkpoint")
     ap.set_defaults(fn=cmd_apply)

@@ -9,8 +9,12 @@ seed, which gives the same model).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
+import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +55,8 @@ class ExportResult:
 
 def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
                 num_classes: int | None, trial_metrics: dict[str, Any],
-                source: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]:
+                source: dict[str, Any], verified: dict[str, Any],
+                files: dict[str, str]) -> dict[str, Any]:
     m = space.model
     return validate_config({
         "schema_version": SCHEMA_VERSION,
@@ -61,7 +66,7 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
         "source": source,
         "model": {"source": m.source, "kwargs": m.kwargs, "input_shape": list(m.input_shape),
                   "num_classes": num_classes, "checkpoint":
-                  base.checkpoint, "checkpoint_sha256": base.checkpoint_sha256},
+                  os.path.abspath(base.checkpoint), "checkpoint_sha256": base.checkpoint_sha256},
         "pruning": {"importance": record.importance, "round_to": record.round_to,
                     "ignore": list(record.ignore), "ratios": record.ratios,
                     "kept_channels": record.kept_channels,
@@ -72,12 +77,41 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
         "metrics": {"trial": trial_metrics, "base": {
             "accuracy": base.accuracy, "macs": base.macs, "params": base.params,
             "latency_ms": base.latency_ms, "latency": base.latency}, "verified": verified},
-        "files": {"onnx": "model.onnx", "weights": "weights.pt", "model_card": "model_card.md"},
+        "files": {**files, "model_card": "model_card.md"},
     }, "prune_config.json (as written)")
 
 
+def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+    """The model as a self-contained PyTorch program (``torch.export``, dynamic batch axis):
+    ``torch.export.load(path).module()`` runs it with nothing but torch installed (no
+    autoprune, Torch-Pruning or model source code)."""
+    import copy
+
+    m = copy.deepcopy(model).cpu().eval()
+    example = torch.randn(max(2, input_shape[0]), *input_shape[1:])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(m, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
+def _max_diff(out: np.ndarray, ref: np.ndarray, what: str) -> float:
+    """The largest difference of ``out`` from PyTorch's ``ref``; beyond the tolerance
+    (ONNX_ATOL + ONNX_RTOL x the largest output) an error."""
+    diff = float(np.abs(out - ref).max())
+    scale = float(np.abs(ref).max())
+    tol = ONNX_ATOL + ONNX_RTOL * scale
+    if not diff <= tol:  # NaN fails too
+        raise AutopruneError(f"verification: {what} output differs from PyTorch by "
+                             f"{diff:.2e} (> {tol:.2e} = {ONNX_ATOL} + {ONNX_RTOL} x the "
+                             f"largest |output|, {scale:.3g})")
+    return diff
+
+
 def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
-           logged: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
+           logged: dict[str, Any], onnx_path: Path,
+           program_path: Path | None = None) -> dict[str, Any]:
     """Re-measure the exported model and compare with what the trial logged.
 
     Raises:
@@ -92,27 +126,93 @@ def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
     if abs(macs - float(logged["macs"])) > MACS_RTOL * float(logged["macs"]):
         raise AutopruneError(f"verification: exported MACs {macs:.0f} differ from the trial's "
                              f"{logged['macs']:.0f}")
+    x = next(iter(data.val))[0][:16].float()
+    return {"accuracy": acc, "macs": macs, "accuracy_tolerance": ACCURACY_TOLERANCE,
+            **check_formats(model, x, onnx_path, program_path)}
+
+
+def check_formats(model: nn.Module, x: torch.Tensor, onnx_path: Path,
+                  program_path: Path | None = None) -> dict[str, Any]:
+    """ONNX Runtime's (and the torch.export program's) outputs on ``x`` against PyTorch's."""
     import onnxruntime as ort
 
-    x = next(iter(data.val))[0][:16].float()
     with torch.no_grad():
         ref = model(x).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    diff = float(np.abs(out - ref).max())
-    scale = float(np.abs(ref).max())
-    tol = ONNX_ATOL + ONNX_RTOL * scale
-    if not diff <= tol:  # NaN fails too
-        raise AutopruneError(f"verification: ONNX Runtime output differs from PyTorch by "
-                             f"{diff:.2e} (> {tol:.2e} = {ONNX_ATOL} + {ONNX_RTOL} x the "
-                             f"largest |output|, {scale:.3g})")
-    return {"accuracy": acc, "macs": macs, "onnx_max_abs_diff": diff,
-            "onnx_batch": int(x.shape[0]), "accuracy_tolerance": ACCURACY_TOLERANCE,
-            "onnx_atol": ONNX_ATOL, "onnx_rtol": ONNX_RTOL, "onnx_output_scale": scale}
+    checked = {"onnx_max_abs_diff": _max_diff(out, ref, "ONNX Runtime"),
+               "onnx_batch": int(x.shape[0]), "onnx_atol": ONNX_ATOL, "onnx_rtol": ONNX_RTOL,
+               "onnx_output_scale": float(np.abs(ref).max())}
+    if program_path is not None:
+        with torch.no_grad():
+            got = torch.export.load(str(program_path)).module()(x).numpy()
+        checked["program_max_abs_diff"] = _max_diff(got, ref, "the torch.export program")
+    return checked
 
 
-def space_of(study_attrs: dict[str, Any]) -> tuple[SpaceConfig, BaseMetrics]:
-    return parse_space(study_attrs["space"]), BaseMetrics.from_dict(study_attrs["base"])
+def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
+                      check: Callable[[Path, Path | None], dict[str, Any]] | None = None,
+                      ) -> tuple[dict[str, str], dict[str, Any]]:
+    """Write ``model.onnx``, ``model.pt2`` (when ``torch.export`` can take the model) and
+    ``weights.pt`` into ``out``, for export and ``apply`` alike; ``check(onnx, pt2)`` verifies
+    them first. Nothing unverified is left behind.
+
+    Returns:
+        The files written (by kind) and what ``check`` returned.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path, program_path = out / "model.onnx", out / "model.pt2"
+    files = {"onnx": onnx_path.name, "weights": "weights.pt"}
+    written = [onnx_path, onnx_path.with_name(onnx_path.name + ".data"), program_path]
+    try:
+        export_onnx(model, input_shape, onnx_path)
+        try:
+            export_program(model, input_shape, program_path)
+            files["program"] = program_path.name
+        except Exception as e:  # noqa: BLE001 - ONNX and weights.pt still serve
+            program_path.unlink(missing_ok=True)
+            warnings.warn(f"model.pt2 not written: torch.export could not take the model "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                          stacklevel=2)
+        verified = check(onnx_path, program_path if "program" in files else None) \
+            if check is not None else {}
+    except BaseException:  # leave no unverified model behind for a pipeline to pick up
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    torch.save(model.state_dict(), out / files["weights"])
+    return files, verified
+
+
+def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
+             runs_dir: str | None = None) -> tuple[SpaceConfig, BaseMetrics]:
+    """The study's space and base model, with the paths the search recorded moved to where its
+    runs directory is now (see :func:`runs_dir_now`)."""
+    space = parse_space(study_attrs["space"])
+    base = BaseMetrics.from_dict(study_attrs["base"])
+    now = runs_dir_now(space, storage_url, runs_dir)
+    moved = _moved(base.checkpoint, space.runs_dir, now)
+    return (dataclasses.replace(space, runs_dir=now),
+            dataclasses.replace(base, checkpoint=moved))
+
+
+def runs_dir_now(space: SpaceConfig, storage_url: str | None, runs_dir: str | None) -> str:
+    """Where the study's runs directory is now: the one given (``--runs-dir``); else, when the
+    study lives in its default SQLite store (``<runs_dir>/optuna.db``), that file's folder;
+    else the one the search recorded (relative paths are read from the current directory)."""
+    if runs_dir:
+        return str(runs_dir)
+    if space.search.storage is None and storage_url and storage_url.startswith("sqlite:///"):
+        return str(Path(storage_url.removeprefix("sqlite:///")).parent)
+    return space.runs_dir
+
+
+def _moved(path: str, old_root: str, new_root: str) -> str:
+    """``path``, when it lies under ``old_root``, moved under ``new_root``."""
+    try:
+        return str(Path(new_root) / Path(path).relative_to(old_root))
+    except ValueError:
+        return path
 
 
 def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: int,
@@ -123,6 +223,11 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
     from autoprune.search import study_dir
 
     model, data, evaluate_fn = load_sources(space)
+    if not Path(base.checkpoint).is_file():
+        raise CheckpointError(
+            f"the study's base checkpoint {base.checkpoint} is not there (looked from "
+            f"{Path.cwd()}); run export from the directory the search ran in, or pass "
+            f"--runs-dir: the study's runs directory, where it keeps base/ and studies/")
     if sha256_file(base.checkpoint) != base.checkpoint_sha256:
         raise CheckpointError(f"base checkpoint {base.checkpoint} changed since the search")
     load_checkpoint(model, base.checkpoint)
@@ -140,12 +245,28 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         attrs = study.trials[number].user_attrs if study is not None else {}
         result = rerun(ctx, originals_by_key(study) if study is not None else {}, attrs, ratios)
         if result.state_dict is None:
-            raise AutopruneError(f"re-running trial {number} failed: {result.error}")
+            raise AutopruneError(f"re-running trial {number} ended {result.state}: "
+                                 f"{result.error or 'no model'}")
         record = PruneRecord.from_dict(result.record)
         pruned = replay(model, example, record)
         state = result.state_dict
     load_state_dict_strict(pruned, state, f"trial {number} weights")
     return pruned.eval(), record, {"data": data, "evaluate_fn": evaluate_fn}, state
+
+
+def _trial_state(study: Any, rule: str) -> str:
+    """For ``trial:N`` off the front: what trial N is."""
+    try:
+        n = int(rule.strip().removeprefix("trial:")) if rule.strip().startswith("trial:") else None
+    except ValueError:
+        return ""
+    if n is None or not study.trials:
+        return ""
+    if not 0 <= n < len(study.trials):
+        return f" (the study has no trial {n}: its trials are 0-{len(study.trials) - 1})"
+    t = study.trials[n]
+    state = t.user_attrs.get("state", t.state.name.lower())
+    return f" (it is {state}{', dominated' if state == 'complete' else ''})"
 
 
 def _cost_column(objectives: list[str]) -> str:
@@ -157,7 +278,8 @@ def _cost_column(objectives: list[str]) -> str:
 
 
 def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Path,
-                 register: str | None = None, alias: str = "champion") -> ExportResult:
+                 register: str | None = None, alias: str = "champion",
+                 runs_dir: str | None = None) -> ExportResult:
     """Export the front point that ``rule`` picks (see :func:`autoprune.pareto.pick`).
 
     Args:
@@ -168,42 +290,47 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         out_dir: where the files go.
         register: register the model in MLflow's Model Registry under this name.
         alias: the registry alias for the new version.
+        runs_dir: where the study's runs directory is now (default: see
+            :func:`runs_dir_now`); base checkpoint, kept weights and the default MLflow store
+            are found there, whatever directory the search ran in.
     """
     from autoprune.report import pareto_frame, summary_columns
     from autoprune.study import load_study
 
     study = load_study(study_name, storage_url)
-    space, base = space_of(study.user_attrs)
+    space, base = space_of(study.user_attrs, storage_url, runs_dir)
     front = pareto_frame(study)
     try:
         number = pick(front, rule, _cost_column(study.user_attrs.get("objectives", [])))
     except ValueError as e:
+        e = ValueError(f"{e}{_trial_state(study, rule)}")
         table = (summary_columns(front, study.user_attrs.get("objectives", [])).to_string(
             index=False) if not front.empty else "(empty)")
         raise AutopruneError(f"{e}\nthe front of study {study_name!r}:\n{table}") from None
     trial = study.trials[number]
-    model, record, extra, state = trial_model(space, base, study_name, number,
-                                              dict(trial.params), study)
+    run_id = _trial_run_id(space, study_name, number)
+    if register and run_id is None and _missing_store(space.tracking_uri):
+        raise AutopruneError(f"--register: the study's MLflow store {space.tracking_uri} is not "
+                             f"there (looked from {Path.cwd()}); pass --runs-dir, the study's "
+                             "runs directory")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / "model.onnx"
-    try:
-        export_onnx(model, space.model.input_shape, onnx_path)
-        verified = verify(model, space, extra["data"], extra["evaluate_fn"], trial.user_attrs,
-                          onnx_path)
-    except BaseException:  # leave no unverified model behind for a pipeline to pick up
-        for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
-            f.unlink(missing_ok=True)
-        raise
-    torch.save(state, out / "weights.pt")
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory (new or "
+                             "existing)")
+    model, record, extra, _ = trial_model(space, base, study_name, number,
+                                              dict(trial.params), study)
+    files, verified = write_model_files(
+        model, space.model.input_shape, out,
+        lambda onnx, program: verify(model, space, extra["data"], extra["evaluate_fn"],
+                                     trial.user_attrs, onnx, program))
+    onnx_path = out / files["onnx"]
     keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
             "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
     metrics = {k: trial.user_attrs.get(k) for k in keys}
-    run_id = _trial_run_id(space, study_name, number)
     source = {"study": study_name, "trial": number, "pick": rule, "mlflow_run_id": run_id,
-              "tracking_uri": space.tracking_uri}
+              "tracking_uri": _absolute_uri(space.tracking_uri)}
     num_classes = space.model.num_classes or extra["data"].num_classes
-    config = make_config(space, base, record, num_classes, metrics, source, verified)
+    config = make_config(space, base, record, num_classes, metrics, source, verified, files)
     (out / "prune_config.json").write_text(json.dumps(config, indent=2))
     (out / "model_card.md").write_text(model_card(config, front, number, space))
     version = None
@@ -215,8 +342,22 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     return ExportResult(out, number, config, version)
 
 
+def _missing_store(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def _absolute_uri(uri: str) -> str:
+    """A SQLite tracking URI with an absolute path (a relative one means nothing elsewhere)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    return uri
+
+
 def _trial_run_id(space: SpaceConfig, study: str, number: int) -> str | None:
     from autoprune.tracking import Tracker, default_artifact_dir
+
+    if _missing_store(space.tracking_uri):
+        return None  # not there from here: opening it would make an empty store
 
     tracker = Tracker(space.tracking_uri, space.experiment_name, study,
                       default_artifact_dir(space.runs_dir))
@@ -271,6 +412,8 @@ and {lat.get('repeats')} timed runs. Verified at export: accuracy
 
 ## Files
 - `model.onnx`: dynamic batch axis, input `input`, output `output`.
+- `model.pt2` (when written): the same model as a `torch.export` program;
+  `torch.export.load("model.pt2").module()` runs it with torch alone.
 - `weights.pt`: the pruned model's state dict; rebuild with
   `autoprune.load_pruned("prune_config.json", "weights.pt")`.
 - `prune_config.json`: schema version {config['schema_version']}, validated on read.

@@ -130,7 +130,11 @@ def pick(front: pd.DataFrame, rule: str, cost: str = "macs_ratio") -> int:
         raise ValueError("the front is empty: no feasible trial has completed")
     rule = rule.strip()
     if rule.startswith("trial:"):
-        n = int(rule.split(":", 1)[1])
+        try:
+            n = int(rule.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--pick: got {rule!r}; allowed: trial:N, N a trial number of "
+                             "the front") from None
         if n not in set(front["trial"]):
             raise ValueError(f"--pick {rule}: trial {n} is not on the front")
         return n

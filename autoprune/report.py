@@ -43,7 +43,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["error"] = (t.user_attrs.get("error") or "").split("\n")[0] or None
         row.update({f"ratio.{k}": v for k, v in t.params.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in ("duplicate_of", "inherits_trial"):  # trial numbers: integers, or missing
+        if col in df:
+            df[col] = df[col].astype("Int64")
+    return df
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:

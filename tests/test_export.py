@@ -83,6 +83,25 @@ def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
     assert np.abs(out - ref).max() < 1e-4
     card = (exported / "model_card.md").read_text()
     assert f"trial {trial.number}" in card and "base" in card
+    assert config["files"]["program"] == "model.pt2" and "model.pt2" in card
+
+
+def test_the_exported_program_runs_with_torch_alone(exported: Path) -> None:
+    """A deployment box may have torch and nothing else: model.pt2 needs no autoprune,
+    Torch-Pruning or model code (both are blocked from importing here)."""
+    model = autoprune.load_pruned(exported / "prune_config.json", exported / "weights.pt")
+    x = torch.randn(5, 1, 8, 8)
+    torch.save(x, exported.parent / "x.pt")
+    script = (
+        "import sys, torch; sys.modules['autoprune'] = None; sys.modules['torch_pruning'] = None\n"
+        f"m = torch.export.load({str(exported / 'model.pt2')!r}).module()\n"
+        f"x = torch.load({str(exported.parent / 'x.pt')!r})\n"
+        f"torch.save(m(x), {str(exported.parent / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=exported.parent)
+    with torch.no_grad():
+        ref = model(x)
+    got = torch.load(exported.parent / "y.pt")
+    assert got.shape == (5, 10) and torch.allclose(got, ref, atol=1e-5)
 
 
 def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
@@ -99,10 +118,24 @@ def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
     outs = [ort.InferenceSession(str(p / "model.onnx")).run(None, {"input": x})[0]
             for p in (exported, tmp_path / "applied")]
     assert np.array_equal(outs[0], outs[1])
-    # without weights: the architecture alone, from base checkpoint + record
-    bare = rebuild(read_config(exported / "prune_config.json"), checkpoint=ckpt)
-    assert {k: tuple(v.shape) for k, v in bare.state_dict().items()} == \
+    # the folder is an export again: its config, and the torch.export program
+    again = autoprune.load_pruned(tmp_path / "applied" / "prune_config.json",
+                                  tmp_path / "applied" / "weights.pt")
+    assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
+    assert (tmp_path / "applied" / "model.pt2").is_file()
+    # no --checkpoint needed with --weights: the record fixes the architecture
+    assert cli(["apply", str(exported / "prune_config.json"), "--weights",
+                str(exported / "weights.pt"), "--out", str(tmp_path / "w")]) == 0
+    # without weights: an error, unless the untrained architecture is what is asked for
+    assert cli(["apply", str(exported / "prune_config.json"), "--checkpoint", ckpt,
+                "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+    assert cli(["apply", str(exported / "prune_config.json"), "--checkpoint", ckpt,
+                "--untrained", "--out", str(tmp_path / "bare")]) == 0
+    bare = torch.load(tmp_path / "bare" / "weights.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in bare.items()} == \
         {k: tuple(v.shape) for k, v in a.items()}
+    assert not (tmp_path / "bare" / "prune_config.json").exists()  # not the export's model
 
 
 def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
@@ -125,10 +158,62 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
         export_trial("exp", space.storage_url, "smallest", tmp_path / "e")
     with pytest.raises(AutopruneError, match=r"no study 'nope'.*\['exp'\]"):
         export_trial("nope", space.storage_url, "knee", tmp_path / "f")
+    with pytest.raises(AutopruneError, match=r"allowed: trial:N"):
+        export_trial("exp", space.storage_url, "trial:abc", tmp_path / "h")
+    with pytest.raises(AutopruneError, match=r"the study has no trial 999: its trials are 0-"):
+        export_trial("exp", space.storage_url, "trial:999", tmp_path / "i")
+    off = [t for t in study.trials if t.number not in front_numbers(study)]
+    if off:  # a dominated or infeasible trial: the message says which
+        with pytest.raises(AutopruneError,
+                           match=rf"trial {off[0].number} is not on the front \(it is \w+"):
+            export_trial("exp", space.storage_url, f"trial:{off[0].number}", tmp_path / "j")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(AutopruneError, match=r"--out: got .*afile', a file"):
+        export_trial("exp", space.storage_url, "knee", tmp_path / "afile")
     missing = tmp_path / "elsewhere" / "optuna.db"  # e.g. run from another directory
     with pytest.raises(AutopruneError, match="no study 'exp': there is no study store at"):
         export_trial("exp", f"sqlite:///{missing}", "knee", tmp_path / "g")
     assert not missing.exists()
+
+
+def test_export_finds_a_relative_runs_dir_from_another_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default runs_dir is relative: a pipeline that exports from elsewhere names the runs
+    directory (or the study store in it) and gets the base checkpoint, kept weights and MLflow
+    run from there, with absolute paths in the config."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "proj")
+    run_search(parse_space(tiny_space(Path("runs"), "rel", objectives=["accuracy", "macs"],
+                                      **{"search.trials": 4})), quiet=True)
+    runs = tmp_path / "proj" / "runs"
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli(["export", "--study", "rel", "--pick", "knee", "--out", "a"]) == 2  # no store here
+    for i, flags in enumerate((["--runs-dir", str(runs)],
+                               ["--storage", f"sqlite:///{runs / 'optuna.db'}"])):
+        assert cli(["export", "--study", "rel", "--pick", "knee", "--out", f"out{i}",
+                    *flags]) == 0
+        config = read_config(Path(f"out{i}") / "prune_config.json")
+        assert Path(config["model"]["checkpoint"]) == runs / "base" / Path(
+            config["model"]["checkpoint"]).name
+        assert config["source"]["mlflow_run_id"] is not None
+        assert config["source"]["tracking_uri"] == f"sqlite:///{runs / 'mlflow.db'}"
+    assert not Path("runs").exists()  # no stray, empty stores made here
+
+
+def test_a_rerun_remakes_the_recorded_model_whatever_the_constraints_say(tmp_path: Path) -> None:
+    """Export re-runs a trial whose weights were not kept; the latency it measures again may
+    come out over a limit the trial met. It must still remake (fine-tune) the model."""
+    from autoprune.inherit import rerun
+    from autoprune.trial import TrialContext, run_trial
+
+    ctx = TrialContext.build(parse_space(tiny_space(
+        tmp_path / "runs", "cons", **{"constraints.max_latency_ms": 1e-9})))
+    ratios = {g.name: 0.3 for g in ctx.groups}
+    assert run_trial(ctx, ratios).state == "infeasible"  # the search stops it before fine-tuning
+    again = rerun(ctx, {}, {"seed": 0}, ratios)
+    assert again.state == "complete" and again.state_dict is not None
+    assert again.finetune_steps == 4
 
 
 def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: Path) -> None:
