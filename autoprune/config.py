@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -318,6 +319,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, value, "a number")
+        if not math.isfinite(value):
+            raise ConfigError(path, value, "a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -368,6 +371,9 @@ def _check_range(r: Range, path: str) -> None:
         raise ConfigError(f"{path}.low", r.low, f"<= high ({r.high})")
     if r.step is not None and not 0.0 < r.step <= 1.0:
         raise ConfigError(f"{path}.step", r.step, "a number in (0, 1], or null for continuous")
+    if r.step is not None and r.high > r.low and r.step > r.high - r.low + 1e-9:
+        raise ConfigError(f"{path}.step", r.step, f"at most high - low ({r.high - r.low:g}): a "
+                          "larger step leaves only low to search")
 
 
 def _positive(value: float | int | None, path: str, allow_zero: bool = False) -> None:
@@ -449,8 +455,49 @@ def _validate(space: SpaceConfig) -> None:
         raise ConfigError("objectives", list(space.objectives), "each objective at most once")
     if "accuracy" not in space.objectives:
         raise ConfigError("objectives", list(space.objectives), "a list that includes 'accuracy'")
-    if not space.name or any(c in space.name for c in "/\\ "):
-        raise ConfigError("name", space.name, "a non-empty name without spaces or slashes")
+    check_name(space.name, "name")
+    for key, seed in (("search.seed", space.search.seed), ("data.seed", space.data.seed)):
+        check_seed(seed, key)
+    if space.search.storage is not None:
+        _check_storage(space.search.storage)
+    if space.tracking.uri is not None:
+        _check_tracking_uri(space.tracking.uri)
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
+def check_name(name: str, field: str) -> None:
+    """A study or space name: it names a folder under ``runs_dir/studies``."""
+    if not name or any(c in name for c in "/\\ ") or name in (".", ".."):
+        raise ConfigError(field, name, "a non-empty name without spaces or slashes")
+
+
+def check_seed(seed: int, field: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(field, seed, f"an integer in [0, {MAX_SEED}]")
+
+
+def _check_storage(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url)
+    except Exception:  # noqa: BLE001 - any parse failure is the user's string
+        raise ConfigError("search.storage", url, "an Optuna storage URL, e.g. "
+                          "sqlite:////abs/path/optuna.db or postgresql://user@host/db") from None
+
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file",
+                    "databricks")
+
+
+def _check_tracking_uri(uri: str) -> None:
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if "://" in uri and scheme not in TRACKING_SCHEMES:
+        schemes = ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
+        raise ConfigError("tracking.uri", uri, f"an MLflow tracking URI ({schemes}) or a "
+                          "local folder")
 
 
 def _normalise_groups(raw: Any) -> Any:
@@ -504,6 +551,21 @@ def _resolve_paths(space: SpaceConfig, base_dir: Path) -> SpaceConfig:
     return dataclasses.replace(space, model=model, data=data)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SpaceConfig:
     """Load and validate a search-space YAML file.
 
@@ -515,7 +577,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Spa
     if not path.exists():
         raise ConfigError("space", str(path), "an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError("space", str(path), f"valid YAML ({e})") from e
     if overrides and not isinstance(data, dict):

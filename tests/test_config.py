@@ -150,6 +150,17 @@ def test_wrong_types(space_dict: dict[str, Any], mutate: Mutation, path: str,
     (lambda d: d.__setitem__("objectives", ["accuracy", "accuracy"]), "objectives",
      "at most once"),
     (lambda d: d.__setitem__("name", "my space"), "name", "without spaces"),
+    (lambda d: d["finetune"].__setitem__("lr", float("nan")), "finetune.lr", "a finite number"),
+    (lambda d: d["finetune"].__setitem__("epochs", float("inf")), "finetune.epochs",
+     "a finite number"),
+    (lambda d: d["search"].__setitem__("seed", -1), "search.seed", "[0, 4294967295]"),
+    (lambda d: d["search"].__setitem__("seed", 2**40), "search.seed", "[0, 4294967295]"),
+    (lambda d: d["groups"].__setitem__("default", {"low": 0.0, "high": 0.3, "step": 0.5}),
+     "groups.default.step", "at most high - low"),
+    (lambda d: d["search"].__setitem__("storage", "notaurl"), "search.storage",
+     "an Optuna storage URL"),
+    (lambda d: d.__setitem__("tracking", {"uri": "htp://nowhere"}), "tracking.uri",
+     "an MLflow tracking URI"),
 ])
 def test_value_checks(space_dict: dict[str, Any], mutate: Mutation, path: str,
                       allowed: str) -> None:
@@ -266,6 +277,12 @@ def test_missing_empty_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_space(tmp_path / "bad.yaml")
     assert "valid YAML" in info.value.allowed
+    # plain YAML keeps the last of two equal keys without a word
+    (tmp_path / "twice.yaml").write_text("name: a\nmodel: {source: builtin:resnet_tiny, "
+                                         "input_shape: [1, 1, 8, 8]}\ndata: {source: "
+                                         "builtin:digits}\nname: b\n")
+    with pytest.raises(ConfigError, match="the key 'name' is given twice"):
+        load_space(tmp_path / "twice.yaml")
 
 
 def test_relative_checkpoint_resolves_against_the_space_folder(space_dict: dict[str, Any],
