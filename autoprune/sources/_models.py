@@ -54,20 +54,41 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
         kwargs.setdefault("in_channels", input_shape[1])
-        return _REGISTRY[name](**kwargs)
+        return _call(_REGISTRY[name], kwargs, source)
     if kind == "torchvision":
         return _torchvision_model(name, num_classes, kwargs)
     if ":" in source:
         factory = import_object(source, "model.source")
         if num_classes is not None and _takes(factory, "num_classes"):
             kwargs.setdefault("num_classes", num_classes)
-        model = factory(**kwargs)
+        model = _call(factory, kwargs, source)
         if not isinstance(model, nn.Module):
             raise SourceError(f"model.source: {source!r} returned {type(model).__name__}, "
                               "allowed: a torch.nn.Module")
         return model
     raise SourceError(f"model.source: got {source!r}; allowed: 'builtin:<name>', "
                       "'torchvision:<name>' or 'package.module:function'")
+
+
+def _call(factory: Any, kwargs: dict[str, Any], source: str) -> Any:
+    """``factory(**kwargs)``; arguments it does not take are a ``model.kwargs`` error."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call tell
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise SourceError(f"model.kwargs: got {unknown} for {source}; allowed: its "
+                              f"parameters {sorted(params)}")
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise SourceError(f"model.kwargs: {source} does not take them ({e})") from None
 
 
 def _takes(fn: Any, name: str) -> bool:
@@ -102,7 +123,8 @@ def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any
         # is slow.
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", False)
-    return torchvision.models.get_model(name, **kwargs)
+    return _call(lambda **kw: torchvision.models.get_model(name, **kw), kwargs,
+                 f"torchvision:{name}")
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.checkpoint") -> None:
@@ -114,7 +136,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
         raise CheckpointError(f"{field}: cannot read {str(path)!r} as a state dict with "
-                              f"weights_only=True ({e})") from e
+                              f"weights_only=True: {_unreadable(e)}; allowed: a file written by "
+                              "torch.save(model.state_dict(), path)") from e
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -122,6 +145,22 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
         raise CheckpointError(f"{field}: {str(path)!r} holds {type(state).__name__}; "
                               "allowed: a state dict (mapping of tensor names to tensors)")
     load_state_dict_strict(model, state, field)
+
+
+def _unreadable(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to unpickle
+    arbitrary objects (wrong for a corrupt file, unsafe for one from elsewhere)."""
+    import re
+
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a pickled {found.group(1)} object, not only tensors (load it in your "
+                "own code and save its state_dict())")
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        return f"it is not a torch state dict file ({found.group(1).strip()})"
+    return text.split("\n")[0].strip() or type(e).__name__
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) -> None:
