@@ -282,6 +282,40 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer > 0 (trials, jobs, concurrency)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: an integer > 0")
+    return value
+
+
+def _seed(text: str) -> int:
+    from autoprune.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: an integer in [0, {MAX_SEED}]")
+    return value
+
+
+def _share(text: str) -> float:
+    """An argparse type: a resource share >= 0 (CPUs or GPUs per trial)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: a number >= 0")
+    return value
+
+
 def _ratios(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -321,19 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="search per-group pruning ratios")
     se.add_argument("space", help="search space YAML")
-    se.add_argument("--trials", type=int, help="total trials in the study (default: the space's)")
+    se.add_argument("--trials", type=_count,
+                    help="total trials in the study (default: the space's)")
     se.add_argument("--study", help="study name (default: the space's name)")
-    se.add_argument("--jobs", type=int, help="parallel trials on this machine")
+    se.add_argument("--jobs", type=_count, help="parallel trials on this machine")
     se.add_argument("--resume", action="store_true", help="continue an existing study")
-    se.add_argument("--seed", type=int)
+    se.add_argument("--seed", type=_seed)
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
                                        "(default: the space's runs_dir, runs/)")
     se.add_argument("--backend", choices=["local", "ray"], default="local")
     se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port)")
-    se.add_argument("--concurrency", type=int, help="Ray: trials at once")
-    se.add_argument("--cpus-per-trial", type=float, default=1.0)
-    se.add_argument("--gpus-per-trial", type=float, default=0.0)
+    se.add_argument("--concurrency", type=_count, help="Ray: trials at once")
+    se.add_argument("--cpus-per-trial", type=_share, default=1.0)
+    se.add_argument("--gpus-per-trial", type=_share, default=0.0)
     se.set_defaults(fn=cmd_search)
 
     sn = sub.add_parser("sensitivity", help="scan each group's accuracy vs pruning ratio")
@@ -372,11 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
                                       "(default: RAY_ADDRESS or the local cluster)")
     sb.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
-    sb.add_argument("--trials", type=int)
+    sb.add_argument("--trials", type=_count)
     sb.add_argument("--study")
-    sb.add_argument("--concurrency", type=int)
-    sb.add_argument("--cpus-per-trial", type=float, default=1.0)
-    sb.add_argument("--seed", type=int)
+    sb.add_argument("--concurrency", type=_count)
+    sb.add_argument("--cpus-per-trial", type=_share, default=1.0)
+    sb.add_argument("--seed", type=_seed)
     sb.add_argument("--resume", action="store_true")
     sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "
                                        "(default: runs/ inside the job's working dir)")
@@ -400,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autoprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("autoprune: interrupted", file=sys.stderr)
+        again = (" (finished trials are kept: the same command with --resume goes on)"
+                 if args.command == "search" else "")
+        print(f"autoprune: interrupted{again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `autoprune pareto | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -12,7 +12,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.pareto import hypervolume_2d, pareto_mask
-from autoprune.study import front_numbers, origin
+from autoprune.study import INTERRUPTED, front_numbers, origin
 
 METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
                   "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
@@ -28,7 +28,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         ratios = list(t.params.values())
         row: dict[str, Any] = {
             "trial": t.number,
-            "state": t.user_attrs.get("state", t.state.name.lower()),
+            "state": ("interrupted" if t.user_attrs.get(INTERRUPTED) else
+                      t.user_attrs.get("state", t.state.name.lower())),
             "baseline": bool(t.user_attrs.get("baseline", False)),
             "origin": origin(t.user_attrs),
             "duplicate_of": t.user_attrs.get("duplicate_of"),

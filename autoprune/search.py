@@ -8,6 +8,7 @@ controller.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ import pandas as pd
 import torch
 from optuna.trial import FrozenTrial
 
-from autoprune.config import SpaceConfig, dump_space
+from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
+from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
@@ -30,6 +32,7 @@ from autoprune.study import (
     done_count,
     enqueue_points,
     front_numbers,
+    list_studies,
     open_study,
     recover_interrupted,
     seed_points,
@@ -171,6 +174,18 @@ class Recorder:
         return len(missing)
 
 
+def _check_runs_dir(path: str) -> None:
+    """``runs_dir`` must be a folder autoprune can make and write, before any work."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError("runs_dir", path, f"a folder autoprune can create and write "
+                          f"({e.strerror or e})") from None
+
+
 def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
                jobs: int | None = None, resume: bool = False, seed: int | None = None,
                backend: str = "local", ray_options: dict[str, Any] | None = None,
@@ -190,10 +205,17 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     """
     from tqdm import tqdm
 
+    for flag, count in (("--trials", trials), ("--jobs", jobs)):
+        if count is not None and count <= 0:
+            raise ConfigError(flag, count, "an integer > 0")
+    if study_name is not None:
+        check_name(study_name, "--study")
     if seed is not None:
+        check_seed(seed, "--seed")
         space = space.replace(search=_replace(space.search, seed=seed))
     name = study_name or space.name
     total = trials or space.search.trials
+    _check_runs_dir(space.runs_dir)
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
@@ -204,6 +226,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
 
+    if resume and name not in list_studies(space.storage_url):
+        log(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
     study = open_study(space, name, resume, space.search.seed, ctx.base)
     lost = recover_interrupted(study) if resume else []
     if lost:

@@ -185,6 +185,31 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     assert baselines == [0.25, 0.5, 0.75]
 
 
+def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> None:
+    from autoprune.cli import main as cli
+
+    spec = tiny_space(runs, "options")
+    space = parse_space(spec)
+    with pytest.raises(ConfigError, match=r"--study: got '\.\./escaped'.*without spaces or "
+                                          "slashes"):
+        run_search(space, study_name="../escaped", quiet=True)
+    for flag, bad in (("--trials", "0"), ("--jobs", "-2"), ("--seed", "-1")):
+        with pytest.raises(SystemExit):  # argparse: "got '0'; allowed: an integer > 0"
+            cli(["search", "x.yaml", flag, bad])
+    with pytest.raises(ConfigError, match="--trials: got 0"):
+        run_search(space, trials=0, quiet=True)
+    (tmp_path / "afile").write_text("")
+    blocked = tmp_path / "afile" / "runs"
+    with pytest.raises(ConfigError, match=r"runs_dir: got .*afile/runs'; allowed: a folder "
+                                          "autoprune can create and write"):
+        run_search(parse_space(tiny_space(blocked, "options")), quiet=True)
+    away = tmp_path / "away"
+    with pytest.raises(SourceError, match=r"model.kwargs: got \['widht'\] for "
+                                          r"builtin:resnet_tiny; allowed: its parameters"):
+        run_search(parse_space(tiny_space(away, "options", **{"model.kwargs": {"widht": 8}})),
+                   quiet=True)
+
+
 def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> None:
     from autoprune.base import BaseMetrics
     from autoprune.study import open_study
