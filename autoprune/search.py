@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from autoprune.study import (
     seed_points,
     tell,
 )
-from autoprune.tracking import Tracker, default_artifact_dir
+from autoprune.tracking import Tracker, check_server, default_artifact_dir
 from autoprune.trial import TrialContext, TrialResult
 
 REPORT_EVERY = 5  # trials between refreshes of the parent run's tables and plots
@@ -74,6 +74,33 @@ class Recorder:
         self.space, self.study, self.tracker, self.out = space, study, tracker, out
         self.progress = progress
         self.since_report = 0
+        self.tracking_down = False  # MLflow failed: go on without it, catch up at the end
+
+    def track(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """An MLflow call that cannot stop the search: on the first failure (a server that
+        went away, after MLflow's own retries) the search goes on without MLflow, and
+        :meth:`catch_up` logs what it missed at the end (or ``--resume`` does)."""
+        if self.tracking_down:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never lose a trial
+            self.tracking_down = True
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _warn(f"autoprune: MLflow ({self.tracker.uri}) failed while {what}: "
+                  f"{type(e).__name__}: {first}\nautoprune: the search goes on without MLflow; "
+                  f"every trial is kept in the Optuna study ({self.space.storage_url}) and is "
+                  "logged to MLflow at the end of the search, or by the next --resume")
+            return None
+
+    def catch_up(self) -> None:
+        """After MLflow failed: try once more to log the trials it missed."""
+        if not self.tracking_down:
+            return
+        self.tracking_down = False
+        n = self.track("logging the trials it missed", self.reconcile)
+        if n is not None:
+            _warn(f"autoprune: MLflow is back: logged the {n} trial(s) it missed")
 
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
@@ -97,10 +124,10 @@ class Recorder:
 
     def _after(self, frozen: FrozenTrial, result: TrialResult, start: float | None) -> None:
         artifacts = self._keep(frozen.number, result)
-        self.tracker.log_trial(frozen.number, frozen.user_attrs, frozen.params,
-                               pruning_settings(self.space), result.finetune_losses, start,
-                               time.time(), artifacts)
-        self.tracker.update_front(front_numbers(self.study))
+        self.track(f"logging trial {frozen.number}", self.tracker.log_trial, frozen.number,
+                   frozen.user_attrs, frozen.params, pruning_settings(self.space),
+                   result.finetune_losses, start, time.time(), artifacts)
+        self.track("tagging the front", self.tracker.update_front, front_numbers(self.study))
         self.since_report += 1
         if self.since_report >= REPORT_EVERY:
             self.report()
@@ -139,8 +166,8 @@ class Recorder:
         self.since_report = 0
         df, tables = write_tables(self.study, self.out)
         plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots", html=final)
-        self.tracker.log_artifacts(tables)
-        self.tracker.log_artifacts(plots, "plots")
+        self.track("logging the tables", self.tracker.log_artifacts, tables)
+        self.track("logging the plots", self.tracker.log_artifacts, plots, "plots")
         done = df[df["state"] == "complete"] if not df.empty else df
         if not done.empty:
             metrics = {"front_size": float(df["pareto"].sum()),
@@ -157,7 +184,8 @@ class Recorder:
             if rho is not None:
                 metrics["proxy_partial_rho"] = rho
                 self.study.set_user_attr("proxy_partial_rho", rho)
-            self.tracker.log_parent_metrics(metrics, step=done_count(self.study))
+            self.track("logging the search's metrics", self.tracker.log_parent_metrics,
+                       metrics, step=done_count(self.study))
         return df
 
     def reconcile(self) -> int:
@@ -172,6 +200,12 @@ class Recorder:
                                    t.datetime_complete.timestamp() if t.datetime_complete
                                    else None)
         return len(missing)
+
+
+def _warn(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)  # above a progress bar, when there is one
 
 
 def _check_runs_dir(path: str) -> None:
@@ -216,6 +250,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     name = study_name or space.name
     total = trials or space.search.trials
     _check_runs_dir(space.runs_dir)
+    check_server(space.tracking_uri)  # before any work: an MLflow server that does not answer
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
@@ -281,8 +316,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     finally:
         if progress is not None:
             progress.close()
+        recorder.catch_up()
         df = recorder.report(final=True)
-        tracker.finish_parent(status)
+        recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
                          recorder.errors())

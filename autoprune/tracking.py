@@ -19,11 +19,41 @@ from mlflow.entities import Metric, Param, RunTag
 
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, flat_items
+from autoprune.errors import AutopruneError
 from autoprune.study import origin
 
 TRIAL_TAG = "autoprune.trial"
 STUDY_TAG = "autoprune.study"
 _PARAM_MAX = 6000  # MLflow's param value length limit (chars)
+
+
+# MLflow retries a failed HTTP request 7 times with a doubling back-off (minutes in all) before
+# it gives up. A search that loses its server goes on without it (see search.Recorder.track),
+# so a shorter wait serves better; an environment setting of the user's wins.
+HTTP_RETRIES = "4"
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """An ``http(s)://`` tracking URI must answer MLflow's ``/health`` before a search starts.
+
+    Raises:
+        AutopruneError: the server does not answer, naming ``tracking.uri``.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:  # it answered (auth, or no /health route): a server
+        return
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise AutopruneError(f"tracking.uri: got {uri!r}, which does not answer ({reason}); "
+                             "allowed: a running MLflow server, or null for the local store "
+                             "under runs_dir") from None
 
 
 def _ms(t: float | None = None) -> int:
@@ -43,6 +73,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, study: str, artifact_dir: str | Path) -> None:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
         self.client = MlflowClient(tracking_uri=uri)
         self.uri, self.study = uri, study
         exp = self.client.get_experiment_by_name(experiment)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +71,45 @@ def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: i
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server_process(store: Path, port: int | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 with its store in ``store``; yields its URL."""
+    port = port or free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow") or "mlflow",
+           "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+           "--artifacts-destination", str(store / "server-artifacts")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "mlflow server exited"
+            assert time.time() < deadline, "mlflow server did not start in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        # SIGINT, not SIGTERM: SIGTERM was seen to leave the server's workers orphaned
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

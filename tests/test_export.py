@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from _helpers import tiny_space
+from _helpers import mlflow_server_process, tiny_space
 
 import autoprune
 from autoprune.cli import main as cli
@@ -313,45 +307,10 @@ def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], e
 # The registry, against a real `mlflow server` on 127.0.0.1.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow") or "mlflow",
-           "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not start in 90 s"
-            time.sleep(0.5)
+    with mlflow_server_process(tmp_path) as url:
         yield url
-    finally:
-        # SIGINT, not SIGTERM: SIGTERM was seen to leave the server's workers orphaned
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_register_and_consume_from_a_real_mlflow_server(mlflow_server: str,

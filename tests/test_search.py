@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 import pytest
-from _helpers import kill_when_finished, tiny_space
+from _helpers import free_port, kill_when_finished, mlflow_server_process, tiny_space
 from mlflow import MlflowClient
 
 from autoprune.config import parse_space
@@ -203,11 +203,66 @@ def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"runs_dir: got .*afile/runs'; allowed: a folder "
                                           "autoprune can create and write"):
         run_search(parse_space(tiny_space(blocked, "options")), quiet=True)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     away = tmp_path / "away"
+    with pytest.raises(AutopruneError, match=r"tracking.uri: got 'http://127.0.0.1:\d+', which "
+                                             "does not answer"):
+        run_search(parse_space(tiny_space(away, "options", tracking={"uri": down})), quiet=True)
+    assert not (away / "base").exists()  # nothing trained before the check
     with pytest.raises(SourceError, match=r"model.kwargs: got \['widht'\] for "
                                           r"builtin:resnet_tiny; allowed: its parameters"):
         run_search(parse_space(tiny_space(away, "options", **{"model.kwargs": {"widht": 8}})),
                    quiet=True)
+
+
+def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None:
+    """The server goes away mid-search: the search finishes every trial (kept in Optuna), says
+    so, and a --resume with the server back logs what MLflow missed, once each."""
+    import os
+    import subprocess
+    import time
+
+    import yaml
+
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    run_search(parse_space(tiny_space(runs, "outage-warm", **{"search.trials": 1})), quiet=True)
+    with mlflow_server_process(store, port) as url:
+        spec = tiny_space(runs, "outage", tracking={"uri": url}, **{"search.trials": 6})
+        (tmp_path / "outage.yaml").write_text(yaml.safe_dump(spec))
+        space = parse_space(spec)
+        env = dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+                   MLFLOW_HTTP_REQUEST_TIMEOUT="5")  # the user's setting wins over autoprune's
+        proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search",
+                                 str(tmp_path / "outage.yaml"), "--quiet"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                study = load_study("outage", space.storage_url)
+            except AutopruneError:
+                continue
+            if sum(t.state.is_finished() for t in study.trials) >= 2:
+                break
+        assert proc.poll() is None, "the search ended before the server went away"
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "the search goes on without MLflow" in err
+    study = load_study("outage", space.storage_url)
+    assert sum(t.state.is_finished() for t in study.trials) == 6
+    with mlflow_server_process(store, port) as url:
+        run_search(space, resume=True, quiet=True)
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("outage")
+        assert exp is not None
+        logged = [int(r.data.tags["autoprune.trial"])
+                  for r in client.search_runs([exp.experiment_id], max_results=1000)
+                  if r.data.tags.get("autoprune.role") == "trial"]
+    assert sorted(logged) == sorted(t.number for t in study.trials if t.state.is_finished())
 
 
 def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> None:
