@@ -251,6 +251,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     total = trials or space.search.trials
     _check_runs_dir(space.runs_dir)
     check_server(space.tracking_uri)  # before any work: an MLflow server that does not answer
+    if backend == "ray":
+        from autoprune.controllers.ray_tune import check_address
+
+        check_address((ray_options or {}).get("address"))
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 

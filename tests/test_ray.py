@@ -54,6 +54,23 @@ def trial_runs(space: Any, name: str) -> list[Any]:
             if r.data.tags.get("autoprune.role") == "trial"]
 
 
+def test_an_unreachable_address_fails_in_seconds_before_any_work(tmp_path: Path) -> None:
+    from _helpers import free_port
+
+    from autoprune.controllers.ray_tune import check_address
+
+    runs = tmp_path / "runs"
+    t0 = time.time()
+    with pytest.raises(AutopruneError, match=r"--address 127.0.0.1:\d+: cannot reach a Ray "
+                                             "cluster there"):
+        run_search(parse_space(ray_space(runs, "nowhere", trials=2)), backend="ray",
+                   ray_options={"address": f"127.0.0.1:{free_port()}"}, quiet=True)
+    assert time.time() - t0 < 30
+    assert not (runs / "base").exists() and not (runs / "optuna.db").exists()
+    with pytest.raises(AutopruneError, match="--address: got 'headnode'; allowed: auto"):
+        check_address("headnode")
+
+
 def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
     space = parse_space(ray_space(tmp_path / "runs", "ray2", trials=6))
     run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
@@ -125,6 +142,37 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
     assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
     numbers = [int(r.data.tags["autoprune.trial"]) for r in trial_runs(space, "raydrv")]
     assert len(numbers) == len(set(numbers)) == 7
+
+
+def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
+                                                         tmp_path: Path) -> None:
+    """Tune catches the first Ctrl-C and returns as if done; the search must stop there (it
+    used to take the short study for lost nodes and run every trial again) and resume."""
+    import signal
+
+    runs = tmp_path / "runs"
+    spec = ray_space(runs, "rayint", trials=7)
+    space_file = tmp_path / "rayint.yaml"
+    space_file.write_text(yaml.safe_dump(spec))
+    space = parse_space(spec)
+    run_search(parse_space(ray_space(runs, "rayint-warm", trials=1)), quiet=True)
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet",
+           "--backend", "ray", "--address", cluster.address, "--concurrency", "1"]
+    outcome: dict[str, Any] = {}
+    kill_when_finished(cmd, "rayint", space.storage_url, finished=2, sig=signal.SIGINT,
+                       outcome=outcome)
+    assert outcome["rc"] == 130, outcome["stderr"][-2000:]
+    assert "interrupted (finished trials are kept" in outcome["stderr"]
+    assert "short of" not in outcome["stderr"]
+    study = load_study("rayint", space.storage_url)
+    assert sum(t.state.is_finished() for t in study.trials) < 7
+
+    run_search(space, resume=True, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True)
+    study = load_study("rayint", space.storage_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 7
+    ray_ids = [t.user_attrs["ray_trial_id"] for t in finished]
+    assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
 
 
 def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:

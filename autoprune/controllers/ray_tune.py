@@ -12,12 +12,16 @@ trials as complete, with under-trained accuracy, and pollute the front.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +53,25 @@ if TYPE_CHECKING:
     from autoprune.search import Recorder
 
 _CTX: TrialContext | None = None  # one per worker process, reused across trials
+
+
+ADDRESS_FORMS = ("auto (a cluster started on this machine with `ray start`), host:port of a "
+                 "head node, or ray://host:10001")
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept a connection, checked in
+    seconds before any work: ``ray.init`` retries an unreachable one for minutes."""
+    if address in (None, "", "local", "auto"):
+        return
+    host, _, port = str(address).split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise AutopruneError(f"--address: got {address!r}; allowed: {ADDRESS_FORMS}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there ({e}); "
+                             f"allowed: {ADDRESS_FORMS}") from None
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -83,9 +106,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
                 "start`, shown as InvalidAuthToken warnings above), set RAY_AUTH_MODE=token and "
                 "the cluster's token here (see README, 'On a Ray cluster', Authentication)")
         raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there ({e}); "
-                             "allowed: auto (a cluster started on this machine with `ray "
-                             "start`), host:port of a head node, or ray://host:10001"
-                             f"{hint}") from e
+                             f"allowed: {ADDRESS_FORMS}{hint}") from e
 
 
 def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
@@ -268,10 +289,40 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
                 stop=EnoughTrials(space.storage_url, study.study_name, total),
                 callbacks=[callback], verbose=0))
     try:
-        _record_missing(tuner.fit(), callback)
+        with _watch_sigint() as ctrl_c:
+            results = tuner.fit()
+        _record_missing(results, callback)
+        if ctrl_c["hit"]:  # Tune saved the experiment and returned: stop, for --resume
+            raise KeyboardInterrupt
     finally:
         if address in (None, "", "local"):
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _watch_sigint() -> Iterator[dict[str, bool]]:
+    """Whether a Ctrl-C reached ``tuner.fit()``. Tune catches the first SIGINT itself, saves
+    the experiment, returns as if done, and puts the handler it found back; that handler is
+    ours, so finding it installed again afterwards means Tune caught one. Without that, the
+    short study looked like trials lost with a node, and a new round ran them all again."""
+    state = {"hit": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def ours(sig: int, frame: Any) -> None:  # Tune's own handler off: a plain interrupt
+        state["hit"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, ours)
+    try:
+        yield state
+    finally:
+        tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        if tune_catches and signal.getsignal(signal.SIGINT) is ours:
+            state["hit"] = True
+        signal.signal(signal.SIGINT, previous)
 
 
 class AutopruneSearch(OptunaSearch):
