@@ -130,7 +130,7 @@ def _check_classes(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
                           "classes (set model.num_classes, or the size in model.kwargs)")
 
 
-def _code_digest(source: str) -> str:
+def code_digest(source: str) -> str:
     """For a user's ``module:function``: a hash of the file that defines it, so a trained base
     model cached for it is not reused after the code changed ("" for the built-in sources)."""
     kind = source.partition(":")[0]
@@ -155,7 +155,7 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
     key = config_hash(m.source, m.kwargs, m.input_shape, m.num_classes, m.train,
                       space.data.source, space.data.kwargs, space.data.seed,
                       space.data.batch_size, space.search.seed,
-                      *[d for d in (_code_digest(m.source), _code_digest(space.data.source)) if d])
+                      *[d for d in (code_digest(m.source), code_digest(space.data.source)) if d])
     path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
     if path.exists():
         load_checkpoint(model, path)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from optuna.distributions import FloatDistribution
 
+from autoprune.base import code_digest
 from autoprune.config import config_hash
 from autoprune.groups import GroupInfo
 
@@ -69,10 +70,15 @@ def scan(ctx: TrialContext, ratios: Sequence[float]) -> Sensitivity:
 
 def cache_path(ctx: TrialContext, ratios: Sequence[float]) -> Path:
     s = ctx.space
+    # Everything the scan's accuracies depend on: the batches (adaptive BN, evaluation), the
+    # evaluate function, and the code of a user's module:function sources.
+    code = [d for d in map(code_digest, (s.model.source, s.data.source, s.data.evaluate or ""))
+            if d]
     key = config_hash(s.model.source, s.model.kwargs, s.model.input_shape,
                       ctx.base.checkpoint_sha256, s.data.source, s.data.kwargs, s.data.seed,
+                      s.data.batch_size, s.data.eval_batch_size, s.data.evaluate,
                       s.pruning, s.groups.ignore, s.finetune.bn_calibration_batches,
-                      list(ratios), [g.name for g in ctx.groups])
+                      list(ratios), [g.name for g in ctx.groups], *code)
     return Path(s.runs_dir) / "sensitivity" / f"{s.name}-{key}.json"
 
 

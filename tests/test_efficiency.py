@@ -178,6 +178,27 @@ def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
     assert parent.data.metrics["proxy_partial_rho"] == study.user_attrs["proxy_partial_rho"]
 
 
+def test_sensitivity_cache_follows_the_batches_and_the_evaluate_code(
+        ctx: TrialContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan's accuracies depend on the batches and on a user's evaluate function (and its
+    code): each change must miss the cache, not reuse a stale scan."""
+    import dataclasses
+
+    from autoprune.sensitivity import cache_path
+
+    def key(**data: Any) -> Path:
+        space = ctx.space.replace(data=dataclasses.replace(ctx.space.data, **data))
+        return cache_path(dataclasses.replace(ctx, space=space), [0.4])
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_eval.py").write_text("def score(model, loader):\n    return 0.5\n")
+    keys = [key(), key(batch_size=4), key(eval_batch_size=7), key(evaluate="my_eval:score")]
+    assert len(set(keys)) == 4
+    (tmp_path / "my_eval.py").write_text("def score(model, loader):\n    return 0.25\n")
+    assert key(evaluate="my_eval:score") != keys[3]  # the same name, other code
+    assert key() == keys[0]
+
+
 def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext) -> None:
     first, cached = cached_scan(ctx, [0.3, 0.6])
     assert not cached
