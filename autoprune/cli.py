@@ -43,9 +43,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
         num_classes, kwargs, ignore = space.model.num_classes, space.model.kwargs, \
             space.groups.ignore
         ckpt = space.model.checkpoint
+        data = space.to_dict()["data"]
     elif args.model and args.input_shape:
         source, shape, num_classes, kwargs, ignore, ckpt = (
             args.model, args.input_shape, args.num_classes, {}, (), args.checkpoint)
+        data = None
     else:
         print("autoprune layers: give a SPACE.yaml, or --model and --input-shape",
               file=sys.stderr)
@@ -59,7 +61,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if args.write_space:
         from autoprune.space_writer import starter_space
 
-        Path(args.write_space).write_text(starter_space(source, shape, groups, num_classes))
+        Path(args.write_space).write_text(starter_space(source, shape, groups, num_classes,
+                                                        kwargs, ckpt, ignore, data))
         print(f"wrote a starter search space with {len(groups)} groups to {args.write_space}",
               file=sys.stderr)
     if args.json:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -10,16 +11,24 @@ from autoprune.groups import GroupInfo
 
 
 def starter_space(source: str, input_shape: Sequence[int], groups: Sequence[GroupInfo],
-                  num_classes: int | None) -> str:
-    """YAML text of a search space to edit: the data source is a placeholder to fill in."""
+                  num_classes: int | None, kwargs: Mapping[str, Any] | None = None,
+                  checkpoint: str | None = None, ignore: Sequence[str] = (),
+                  data: Mapping[str, Any] | None = None) -> str:
+    """YAML text of a search space to edit, for the model the groups were listed for (its
+    kwargs, checkpoint and ignored modules); without ``data`` the data source is a placeholder
+    to fill in."""
     name = source.split(":")[-1].replace(".", "-").replace("_", "-")
+    model: dict[str, Any] = {"source": source, "input_shape": list(input_shape),
+                             "checkpoint": checkpoint, "num_classes": num_classes}
+    if kwargs:
+        model["kwargs"] = dict(kwargs)
     space = {
         "name": name,
-        "model": {"source": source, "input_shape": list(input_shape), "checkpoint": None,
-                  "num_classes": num_classes},
-        "data": {"source": "imagefolder:data/my_dataset", "batch_size": 64},
+        "model": model,
+        "data": dict(data) if data else {"source": "imagefolder:data/my_dataset",
+                                         "batch_size": 64},
         # 0.8 keeps at least a fifth of every group; thin groups (few channels) go less far.
-        "groups": {"default": {"low": 0.0, "high": 0.8, "step": 0.05}, "ignore": []},
+        "groups": {"default": {"low": 0.0, "high": 0.8, "step": 0.05}, "ignore": list(ignore)},
         "pruning": {"importance": "l2", "round_to": 8},
         "finetune": {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9},
         "objectives": ["accuracy", "macs", "latency"],
@@ -31,5 +40,6 @@ def starter_space(source: str, input_shape: Sequence[int], groups: Sequence[Grou
     header = (f"# Starter search space for {source}, "
               "written by `autoprune layers --write-space`.\n"
               f"# {len(groups)} groups: " + ", ".join(g.name for g in groups[:8])
-              + (" ..." if len(groups) > 8 else "") + "\n# Set data.source to your data.\n")
+              + (" ..." if len(groups) > 8 else "") + "\n"
+              + ("" if data else "# Set data.source to your data.\n"))
     return header + yaml.safe_dump(space, sort_keys=False)

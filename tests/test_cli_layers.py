@@ -89,6 +89,27 @@ def test_write_space_gives_a_loadable_space(capsys: pytest.CaptureFixture[str],
     assert data.num_classes == 10 and model.fc.out_features == 10
 
 
+def test_write_space_from_a_space_keeps_its_model_and_data(capsys: pytest.CaptureFixture[str],
+                                                           repo_root: Path,
+                                                           tmp_path: Path) -> None:
+    """From a space, the starter is for that space's model (kwargs, checkpoint, ignored
+    modules) and data, not for the factory's default model."""
+    spec = yaml.safe_load((repo_root / "search_spaces" / "digits_resnet.yaml").read_text())
+    spec["groups"]["ignore"] = ["stem.*"]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(spec))
+    path = tmp_path / "starter.yaml"
+    assert main(["layers", str(tmp_path / "mine.yaml"), "--write-space", str(path)]) == 0
+    written = load_space(path, {"runs_dir": str(tmp_path)})
+    assert written.model.kwargs == spec["model"]["kwargs"]
+    assert written.groups.ignore == ("stem.*",)
+    assert written.data.source == spec["data"]["source"]
+    assert "Set data.source" not in path.read_text()
+    capsys.readouterr()
+    listed = _layers_json(capsys, str(tmp_path / "mine.yaml"))
+    again = _layers_json(capsys, str(path))
+    assert [g["name"] for g in again["groups"]] == [g["name"] for g in listed["groups"]]
+
+
 def test_write_space_and_json_together(capsys: pytest.CaptureFixture[str],
                                        tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
