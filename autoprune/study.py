@@ -298,12 +298,15 @@ def warm_start_configs(space: SpaceConfig, dists: Mapping[str, FloatDistribution
                        measure: Callable[[Mapping[str, float]], float] | None = None
                        ) -> dict[float, dict[str, float]]:
     """The sensitivity allocation for each warm-start budget (nested with ``search.inherit``:
-    each starts from the next dearer one's), by budget, cheapest first."""
+    each starts from the next dearer one's), by budget, cheapest first. A budget above
+    ``constraints.max_macs_ratio`` is taken at that limit."""
     from autoprune.sensitivity import allocate
 
     out: dict[float, dict[str, float]] = {}
     floor: dict[str, float] | None = None
-    for budget in sorted(space.search.warm_start.budgets, reverse=True):
+    cap = space.constraints.max_macs_ratio  # a seed over it would be infeasible: never tuned
+    budgets = {b if cap is None else min(b, cap) for b in space.search.warm_start.budgets}
+    for budget in sorted(budgets, reverse=True):
         out[budget] = allocate(sensitivity, groups, budget, dists, measure, floor)
         floor = out[budget] if space.search.inherit else None
     return dict(sorted(out.items()))

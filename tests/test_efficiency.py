@@ -199,6 +199,26 @@ def test_sensitivity_cache_follows_the_batches_and_the_evaluate_code(
     assert key() == keys[0]
 
 
+def test_warm_start_budgets_stay_within_the_macs_constraint(ctx: TrialContext) -> None:
+    """A seed above max_macs_ratio would be infeasible and never fine-tuned (with inherit, the
+    dearest seed runs first and every later one would lose its parent): such a budget is
+    taken at the limit, and the seed meets it in counted MACs."""
+    import dataclasses
+
+    from autoprune.study import warm_start_configs
+
+    sens, _ = cached_scan(ctx, [0.4, 0.8])
+    space = ctx.space.replace(
+        constraints=dataclasses.replace(ctx.space.constraints, max_macs_ratio=0.5),
+        search=dataclasses.replace(ctx.space.search, warm_start=dataclasses.replace(
+            ctx.space.search.warm_start, budgets=(0.3, 0.6, 0.85))))
+    dists = distributions(space, ctx.groups)
+    count = macs_counter(ctx)
+    configs = warm_start_configs(space, dists, ctx.groups, sens, count)
+    assert list(configs) == [0.3, 0.5]
+    assert all(count(r) <= 0.5 + 1e-9 for r in configs.values())
+
+
 def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext) -> None:
     first, cached = cached_scan(ctx, [0.3, 0.6])
     assert not cached
