@@ -235,12 +235,34 @@ def submit_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def _check_dashboard(address: str) -> None:
+    """The Ray dashboard that ``ray job submit`` talks to must accept a connection (else Ray's
+    job client ends in a long traceback)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from autoprune.errors import AutopruneError
+
+    if address == "auto":
+        return
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        socket.create_connection((url.hostname or "127.0.0.1", url.port or 8265),
+                                 timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise AutopruneError(f"--address {address}: no Ray dashboard answers there ({e}); "
+                             "allowed: the dashboard of a running cluster, e.g. "
+                             "http://head:8265 (`ray start --head` serves one on this "
+                             "machine at 127.0.0.1:8265)") from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
 
     from autoprune.config import load_space
 
     load_space(args.space)  # a bad space fails here, not on the cluster
+    _check_dashboard(args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
     cmd = submit_command(args)
     # Ray 2.60 heads use token auth by default; the job client must use the same mode, or it
     # fails with "Missing authentication token". Never turn auth off on the user's behalf.

@@ -175,6 +175,16 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
     assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
 
 
+def test_submit_to_no_cluster_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from _helpers import free_port
+
+    from autoprune.cli import main as cli
+
+    dash = f"http://127.0.0.1:{free_port()}"
+    assert cli(["submit", "search_spaces/digits_resnet.yaml", "--address", dash]) == 2
+    assert f"--address {dash}: no Ray dashboard answers there" in capsys.readouterr().err
+
+
 def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:
     """`autoprune submit` against a head started with `ray start` (dashboard on 127.0.0.1)."""
     bindir = Path(sys.executable).parent
