@@ -6,10 +6,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from autoprune.config import MAX_SEED
 from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -307,38 +308,23 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """An argparse type: an integer > 0 (trials, jobs, concurrency)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: an integer > 0")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool],
+             allowed: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)`` where ``ok``, else an error naming what is allowed."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {allowed}")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    from autoprune.config import MAX_SEED
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: an integer in [0, {MAX_SEED}]")
-    return value
-
-
-def _share(text: str) -> float:
-    """An argparse type: a resource share >= 0 (CPUs or GPUs per trial)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: a number >= 0")
-    return value
+_count = _checked(int, lambda v: v > 0, "an integer > 0")  # trials, jobs, concurrency
+_seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+_share = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")  # CPUs, GPUs
 
 
 def _ratios(text: str) -> list[float]:

@@ -122,24 +122,34 @@ def test_losing_a_worker_node_mid_search(cluster: Cluster, tmp_path: Path) -> No
     assert sorted(numbers) == sorted(t.number for t in finished)
 
 
-def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
+def driver(cluster: Cluster, tmp_path: Path, name: str, trials: int) -> tuple[Any, list[str]]:
+    """A space file and the command of a search driver on ``cluster`` (one trial at a time),
+    with the base model trained first, so the driver reaches its trials quickly."""
     runs = tmp_path / "runs"
-    spec = ray_space(runs, "raydrv", trials=7)
-    space_file = tmp_path / "raydrv.yaml"
+    spec = ray_space(runs, name, trials=trials)
+    space_file = tmp_path / f"{name}.yaml"
     space_file.write_text(yaml.safe_dump(spec))
-    space = parse_space(spec)
-    # train the base model before, so the driver reaches its trials quickly
-    run_search(parse_space(ray_space(runs, "raydrv-warm", trials=1)), quiet=True)
+    run_search(parse_space(ray_space(runs, f"{name}-warm", trials=1)), quiet=True)
     cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet",
            "--backend", "ray", "--address", cluster.address, "--concurrency", "1"]
-    kill_when_finished(cmd, "raydrv", space.storage_url, finished=2)
+    return parse_space(spec), cmd
 
+
+def resume_to_the_end(cluster: Cluster, space: Any, trials: int) -> None:
+    """``--resume`` on the cluster reaches ``trials`` finished trials, none recorded twice."""
     run_search(space, resume=True, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True)
-    study = load_study("raydrv", space.storage_url)
+    study = load_study(space.name, space.storage_url)
     finished = [t for t in study.trials if t.state.is_finished()]
-    assert len(finished) == 7
+    assert len(finished) == trials
     ray_ids = [t.user_attrs["ray_trial_id"] for t in finished]
     assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
+
+
+def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
+    space, cmd = driver(cluster, tmp_path, "raydrv", trials=7)
+    kill_when_finished(cmd, "raydrv", space.storage_url, finished=2)
+
+    resume_to_the_end(cluster, space, 7)
     numbers = [int(r.data.tags["autoprune.trial"]) for r in trial_runs(space, "raydrv")]
     assert len(numbers) == len(set(numbers)) == 7
 
@@ -150,14 +160,7 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
     used to take the short study for lost nodes and run every trial again) and resume."""
     import signal
 
-    runs = tmp_path / "runs"
-    spec = ray_space(runs, "rayint", trials=7)
-    space_file = tmp_path / "rayint.yaml"
-    space_file.write_text(yaml.safe_dump(spec))
-    space = parse_space(spec)
-    run_search(parse_space(ray_space(runs, "rayint-warm", trials=1)), quiet=True)
-    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--quiet",
-           "--backend", "ray", "--address", cluster.address, "--concurrency", "1"]
+    space, cmd = driver(cluster, tmp_path, "rayint", trials=7)
     outcome: dict[str, Any] = {}
     kill_when_finished(cmd, "rayint", space.storage_url, finished=2, sig=signal.SIGINT,
                        outcome=outcome)
@@ -167,12 +170,7 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
     study = load_study("rayint", space.storage_url)
     assert sum(t.state.is_finished() for t in study.trials) < 7
 
-    run_search(space, resume=True, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True)
-    study = load_study("rayint", space.storage_url)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    assert len(finished) == 7
-    ray_ids = [t.user_attrs["ray_trial_id"] for t in finished]
-    assert len(ray_ids) == len(set(ray_ids)), "a Tune trial was recorded twice"
+    resume_to_the_end(cluster, space, 7)
 
 
 def test_submit_to_no_cluster_says_so(capsys: pytest.CaptureFixture[str]) -> None:
