@@ -182,8 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from autoprune.errors import AutopruneError
-    from autoprune.export import check_formats, write_model_files
+    from autoprune.export import check_formats, check_out_dir, write_model_files
     from autoprune.measure import count_cost
     from autoprune.rebuild import read_config, rebuild
 
@@ -198,9 +197,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise AutopruneError("apply: --untrained takes --checkpoint (the base weights) and no "
                              "--weights")
     model = rebuild(config, args.checkpoint, args.weights, args.force)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory")
+    out = check_out_dir(args.out)
     shape = tuple(config["model"]["input_shape"])
     x = torch.randn(max(2, shape[0]), *shape[1:], generator=torch.Generator().manual_seed(0))
     files, _ = write_model_files(model, shape, out,
@@ -241,8 +238,6 @@ def _check_dashboard(address: str) -> None:
     job client ends in a long traceback)."""
     import socket
     from urllib.parse import urlsplit
-
-    from autoprune.errors import AutopruneError
 
     if address == "auto":
         return

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,8 +151,17 @@ def check_formats(model: nn.Module, x: torch.Tensor, onnx_path: Path,
     return checked
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``--out``: a directory, new or existing (checked before any work)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory (new or "
+                             "existing)")
+    return out
+
+
 def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
-                      check: Callable[[Path, Path | None], dict[str, Any]] | None = None,
+                      check: Callable[[Path, Path | None], dict[str, Any]],
                       ) -> tuple[dict[str, str], dict[str, Any]]:
     """Write ``model.onnx``, ``model.pt2`` (when ``torch.export`` can take the model) and
     ``weights.pt`` into ``out``, for export and ``apply`` alike; ``check(onnx, pt2)`` verifies
@@ -174,8 +184,7 @@ def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
             warnings.warn(f"model.pt2 not written: torch.export could not take the model "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                           stacklevel=2)
-        verified = check(onnx_path, program_path if "program" in files else None) \
-            if check is not None else {}
+        verified = check(onnx_path, program_path if "program" in files else None)
     except BaseException:  # leave no unverified model behind for a pipeline to pick up
         for f in written:
             f.unlink(missing_ok=True)
@@ -256,12 +265,10 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
 
 def _trial_state(study: Any, rule: str) -> str:
     """For ``trial:N`` off the front: what trial N is."""
-    try:
-        n = int(rule.strip().removeprefix("trial:")) if rule.strip().startswith("trial:") else None
-    except ValueError:
+    found = re.fullmatch(r"trial:(-?\d+)", rule.strip())
+    if found is None or not study.trials:
         return ""
-    if n is None or not study.trials:
-        return ""
+    n = int(found.group(1))
     if not 0 <= n < len(study.trials):
         return f" (the study has no trial {n}: its trials are 0-{len(study.trials) - 1})"
     t = study.trials[n]
@@ -303,20 +310,17 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     try:
         number = pick(front, rule, _cost_column(study.user_attrs.get("objectives", [])))
     except ValueError as e:
-        e = ValueError(f"{e}{_trial_state(study, rule)}")
         table = (summary_columns(front, study.user_attrs.get("objectives", [])).to_string(
             index=False) if not front.empty else "(empty)")
-        raise AutopruneError(f"{e}\nthe front of study {study_name!r}:\n{table}") from None
+        raise AutopruneError(f"{e}{_trial_state(study, rule)}\nthe front of study "
+                             f"{study_name!r}:\n{table}") from None
     trial = study.trials[number]
     run_id = _trial_run_id(space, study_name, number)
     if register and run_id is None and _missing_store(space.tracking_uri):
         raise AutopruneError(f"--register: the study's MLflow store {space.tracking_uri} is not "
                              f"there (looked from {Path.cwd()}); pass --runs-dir, the study's "
                              "runs directory")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory (new or "
-                             "existing)")
+    out = check_out_dir(out_dir)
     model, record, extra, _ = trial_model(space, base, study_name, number,
                                               dict(trial.params), study)
     files, verified = write_model_files(

@@ -99,8 +99,6 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
             "head, the workers and this client (see README, 'On a Ray cluster', "
             "Authentication)") from e
     except ConnectionError as e:
-        import os
-
         hint = ("" if os.environ.get("RAY_AUTH_MODE") else
                 "; if the head was started with token authentication (Ray's default for `ray "
                 "start`, shown as InvalidAuthToken warnings above), set RAY_AUTH_MODE=token and "
