@@ -297,6 +297,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
                                out / "sensitivity.json"])
     already = done_count(study)
+    _warn_seeds_left(study, points if backend == "ray" and not resume else None, already,
+                     total, space.search.population_size, log)
     progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
                                        desc=f"search {name}", file=sys.stderr)
     recorder = Recorder(space, study, tracker, out, progress)
@@ -326,6 +328,22 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
                          recorder.errors())
+
+
+def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,
+                     total: int, generation: int, log: Callable[[str], None]) -> None:
+    """Say so when the trials left are no more than the queued seed points (warm starts,
+    uniform baselines): they run first, so the sampler would propose nothing."""
+    queued = (len(ray_points) if ray_points is not None else
+              len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))))
+    left = total - done
+    if 0 < left <= queued:
+        wait = "" if queued == left else (
+            f", and {queued - left} of them wait for a later --resume" if ray_points is None
+            else f", and {queued - left} of them do not run")
+        log(f"autoprune: the {queued} seed configs (warm start, uniform baselines) run first and "
+            f"{left} trials are left to run, so the sampler proposes none{wait}; --trials "
+            f"{done + queued + generation} or more also runs a generation of proposals")
 
 
 def proxy_kendall_tau(df: pd.DataFrame) -> float | None:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from autoprune.config import parse_space
 from autoprune.errors import AutopruneError, ConfigError, SourceError
 from autoprune.search import run_search
-from autoprune.study import front_numbers, load_study
+from autoprune.study import front_numbers, load_study, origin
 
 FRAGILE_MODEL = '''
 import torch
@@ -303,6 +303,21 @@ def test_a_resumed_search_draws_new_configs(runs: Path) -> None:
     assert len([t for t in study.trials if t.state.is_finished()]) == 6
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6
     assert not [t.number for t in study.trials if t.user_attrs.get("duplicate_of") is not None]
+
+
+def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
+        runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tiny_space(runs, "few-trials", **{"search.trials": 2})  # 3 uniform baselines
+    run_search(parse_space(spec))
+    err = capsys.readouterr().err
+    assert ("the 3 seed configs (warm start, uniform baselines) run first and 2 trials are left "
+            "to run, so the sampler proposes none, and 1 of them wait for a later --resume; "
+            "--trials 7 or more also runs a generation of proposals") in err
+    run_search(parse_space(spec), trials=4, resume=True, quiet=True)
+    study = load_study("few-trials", parse_space(spec).storage_url)
+    done = [t for t in study.trials if t.state.is_finished()]
+    assert len(done) == 4
+    assert [origin(t.user_attrs) for t in done] == ["baseline"] * 3 + ["sampler"]
 
 
 def test_bad_sources_fail_before_any_trial(runs: Path) -> None:
