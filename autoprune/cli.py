@@ -182,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
-    from autoprune.export import check_formats, check_out_dir, write_model_files
+    from autoprune.export import check_formats, check_out_dir, staged, write_model_files
     from autoprune.measure import count_cost
     from autoprune.rebuild import read_config, rebuild
 
@@ -200,11 +200,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out)
     shape = tuple(config["model"]["input_shape"])
     x = torch.randn(max(2, shape[0]), *shape[1:], generator=torch.Generator().manual_seed(0))
-    files, _ = write_model_files(model, shape, out,
-                                 lambda onnx, program: check_formats(model, x, onnx, program))
-    if args.weights is not None:  # the exported model itself: its config goes with it
-        (out / "prune_config.json").write_text(json.dumps(
-            {**config, "files": {**config["files"], **files}}, indent=2))
+    with staged(out) as stage:
+        files, _ = write_model_files(model, shape, stage,
+                                     lambda onnx, program: check_formats(model, x, onnx, program))
+        if args.weights is not None:  # the exported model itself: its config goes with it
+            (stage / "prune_config.json").write_text(json.dumps(
+                {**config, "files": {**config["files"], **files}}, indent=2))
     cost = count_cost(model, shape)
     print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
           f"{cost.params:,} params{' (base weights, not fine-tuned)' if args.untrained else ''}"

@@ -9,13 +9,16 @@ seed, which gives the same model).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,35 +163,52 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
+#: Every file an export or ``apply`` may write into ``--out``.
+OUT_FILES = ("prune_config.json", "model_card.md", "model.onnx", "model.onnx.data", "model.pt2",
+             "weights.pt")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging folder inside ``out`` for an export's files. They move into ``out`` only when
+    all are written and verified, and replace every file of an earlier export there (a
+    ``model.pt2`` this model did not get is removed): a pipeline never finds two exports' files
+    side by side, and a failed export leaves the one before intact. Other files stay."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".autoprune-staging-", dir=out))
+    try:
+        yield stage
+        for name in OUT_FILES:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
                       check: Callable[[Path, Path | None], dict[str, Any]],
                       ) -> tuple[dict[str, str], dict[str, Any]]:
     """Write ``model.onnx``, ``model.pt2`` (when ``torch.export`` can take the model) and
-    ``weights.pt`` into ``out``, for export and ``apply`` alike; ``check(onnx, pt2)`` verifies
-    them first. Nothing unverified is left behind.
+    ``weights.pt`` into ``out`` (a :func:`staged` folder), for export and ``apply`` alike;
+    ``check(onnx, pt2)`` verifies them first.
 
     Returns:
         The files written (by kind) and what ``check`` returned.
     """
-    out.mkdir(parents=True, exist_ok=True)
     onnx_path, program_path = out / "model.onnx", out / "model.pt2"
     files = {"onnx": onnx_path.name, "weights": "weights.pt"}
-    written = [onnx_path, onnx_path.with_name(onnx_path.name + ".data"), program_path]
+    export_onnx(model, input_shape, onnx_path)
     try:
-        export_onnx(model, input_shape, onnx_path)
-        try:
-            export_program(model, input_shape, program_path)
-            files["program"] = program_path.name
-        except Exception as e:  # noqa: BLE001 - ONNX and weights.pt still serve
-            program_path.unlink(missing_ok=True)
-            warnings.warn(f"model.pt2 not written: torch.export could not take the model "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                          stacklevel=2)
-        verified = check(onnx_path, program_path if "program" in files else None)
-    except BaseException:  # leave no unverified model behind for a pipeline to pick up
-        for f in written:
-            f.unlink(missing_ok=True)
-        raise
+        export_program(model, input_shape, program_path)
+        files["program"] = program_path.name
+    except Exception as e:  # noqa: BLE001 - ONNX and weights.pt still serve
+        program_path.unlink(missing_ok=True)
+        warnings.warn(f"model.pt2 not written: torch.export could not take the model "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                      stacklevel=2)
+    verified = check(onnx_path, program_path if "program" in files else None)
     torch.save(model.state_dict(), out / files["weights"])
     return files, verified
 
@@ -323,20 +343,21 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     out = check_out_dir(out_dir)
     model, record, extra, _ = trial_model(space, base, study_name, number,
                                               dict(trial.params), study)
-    files, verified = write_model_files(
-        model, space.model.input_shape, out,
-        lambda onnx, program: verify(model, space, extra["data"], extra["evaluate_fn"],
-                                     trial.user_attrs, onnx, program))
+    with staged(out) as stage:
+        files, verified = write_model_files(
+            model, space.model.input_shape, stage,
+            lambda onnx, program: verify(model, space, extra["data"], extra["evaluate_fn"],
+                                         trial.user_attrs, onnx, program))
+        keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
+                "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
+        metrics = {k: trial.user_attrs.get(k) for k in keys}
+        source = {"study": study_name, "trial": number, "pick": rule, "mlflow_run_id": run_id,
+                  "tracking_uri": _absolute_uri(space.tracking_uri)}
+        num_classes = space.model.num_classes or extra["data"].num_classes
+        config = make_config(space, base, record, num_classes, metrics, source, verified, files)
+        (stage / "prune_config.json").write_text(json.dumps(config, indent=2))
+        (stage / "model_card.md").write_text(model_card(config, front, number, space))
     onnx_path = out / files["onnx"]
-    keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
-            "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
-    metrics = {k: trial.user_attrs.get(k) for k in keys}
-    source = {"study": study_name, "trial": number, "pick": rule, "mlflow_run_id": run_id,
-              "tracking_uri": _absolute_uri(space.tracking_uri)}
-    num_classes = space.model.num_classes or extra["data"].num_classes
-    config = make_config(space, base, record, num_classes, metrics, source, verified, files)
-    (out / "prune_config.json").write_text(json.dumps(config, indent=2))
-    (out / "model_card.md").write_text(model_card(config, front, number, space))
     version = None
     if register:
         from autoprune.registry import register_model

@@ -132,6 +132,51 @@ def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
     assert not (tmp_path / "bare" / "prune_config.json").exists()  # not the export's model
 
 
+def test_an_export_replaces_the_one_before_whole_or_not_at_all(
+        searched: tuple[Any, Path], exported: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment pipeline reads the folder: it must never find files of two exports side by
+    side (a stale model.pt2 next to a new model.onnx), and a failed export keeps the last one."""
+    import shutil
+
+    import autoprune.export as export_mod
+
+    space, _ = searched
+    out = tmp_path / "deploy"
+    shutil.copytree(exported, out)
+    (out / "NOTES.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = next(n for n in front_numbers(load_study("exp", space.storage_url))
+                 if n != read_config(out / "prune_config.json")["source"]["trial"])
+
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        raise AutopruneError("ONNX Runtime output differs from PyTorch")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, "verify", wrong)
+        with pytest.raises(AutopruneError, match="differs"):
+            export_trial("exp", space.storage_url, f"trial:{other}", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no staging
+
+    def no_program(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("torch.export cannot take this model")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, "export_program", no_program)
+        with pytest.warns(UserWarning, match="model.pt2 not written"):
+            export_trial("exp", space.storage_url, f"trial:{other}", out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "NOTES.txt", "model.onnx", "model_card.md", "prune_config.json", "weights.pt"]
+    config = read_config(out / "prune_config.json")
+    assert config["source"]["trial"] == other and "program" not in config["files"]
+    model = autoprune.load_pruned(out / "prune_config.json", out / "weights.pt")
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() < 1e-4  # the ONNX file is the new trial's model
+
+
 def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
     space, _ = searched
     study = load_study("exp", space.storage_url)
