@@ -26,6 +26,7 @@ from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
+    SEED_POINTS,
     add_result,
     check_patterns,
     distributions,
@@ -36,6 +37,7 @@ from autoprune.study import (
     open_study,
     recover_interrupted,
     seed_points,
+    stored_seed_points,
     tell,
 )
 from autoprune.tracking import Tracker, check_server, default_artifact_dir
@@ -279,7 +281,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         sens, cached = cached_scan(ctx)
         log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
         measure = macs_counter(ctx)
-    points = seed_points(space, dists, ctx.groups, sens, measure)
+    points = stored_seed_points(study)
+    if points is None:  # counting each allocation's MACs takes minutes on a large model: once
+        points = seed_points(space, dists, ctx.groups, sens, measure)
+        study.set_user_attr(SEED_POINTS, [[p, a] for p, a in points])
     if backend != "ray":  # on Ray the seed points go to OptunaSearch as points_to_evaluate
         enqueue_points(study, points)
 

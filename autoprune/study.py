@@ -331,6 +331,16 @@ def coarse_to_fine(budgets: Sequence[float], dearest_first: bool = False) -> lis
     return [d[i] for i in first] + [d[i] for i in range(len(d)) if i not in first]
 
 
+SEED_POINTS = "seed_points"  # the study's seed points, as made at its start
+
+
+def stored_seed_points(study: optuna.Study) -> list[SeedPoint] | None:
+    """The seed points the study was started with (a resume reuses them: the space is the
+    same), or None for a new study."""
+    stored = study.user_attrs.get(SEED_POINTS)
+    return None if stored is None else [(dict(p), dict(a)) for p, a in stored]
+
+
 def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:
     """Queue the seed points to run first (once per study)."""
     if study.user_attrs.get("seeds_enqueued"):

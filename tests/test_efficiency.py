@@ -219,7 +219,8 @@ def test_warm_start_budgets_stay_within_the_macs_constraint(ctx: TrialContext) -
     assert all(count(r) <= 0.5 + 1e-9 for r in configs.values())
 
 
-def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext) -> None:
+def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     first, cached = cached_scan(ctx, [0.3, 0.6])
     assert not cached
     assert len(first.accuracy) == len(ctx.groups) and len(first.accuracy[0]) == 2
@@ -263,6 +264,18 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
     client = MlflowClient(space.tracking_uri)
     names = {a.path for a in client.list_artifacts(study.user_attrs["parent_run_id"])}
     assert "sensitivity.png" in names
+
+    # a resume takes the seed points the study was started with: no MACs counted again (on a
+    # large model, minutes), and the same seeds
+    import autoprune.search as search_mod
+
+    def no_recount(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("seed points made again on resume")
+
+    monkeypatch.setattr(search_mod, "seed_points", no_recount)
+    run_search(space, trials=8, resume=True, quiet=True)
+    assert len([t for t in load_study("warm", space.storage_url).trials
+                if t.state.is_finished()]) == 8
 
 
 def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
