@@ -93,18 +93,33 @@ def _print_groups(groups: Sequence[GroupInfo]) -> None:
     print(f"\n{len(groups)} groups (the head is never pruned)")
 
 
+_RAY_FLAGS = ("address", "concurrency", "cpus_per_trial", "gpus_per_trial")
+
+
+def _backend(args: argparse.Namespace) -> str:
+    """``--backend``, or Ray when a Ray option is given: the same command plus an address runs
+    on a cluster. A Ray option with ``--backend local`` is an error, not silently ignored."""
+    given = [f"--{f.replace('_', '-')}" for f in _RAY_FLAGS if getattr(args, f) is not None]
+    if args.backend == "local" and given:
+        raise AutopruneError(f"{given[0]}: a Ray option, given with --backend local; allowed: "
+                             "--backend ray (or no --backend: a Ray option selects Ray)")
+    return args.backend or ("ray" if given else "local")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.config import load_space
     from autoprune.search import format_front, run_search
 
+    backend = _backend(args)
     space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
     ray_options = None
-    if args.backend == "ray":
+    if backend == "ray":
         ray_options = {"address": args.address, "concurrency": args.concurrency or args.jobs,
-                       "cpus_per_trial": args.cpus_per_trial,
-                       "gpus_per_trial": args.gpus_per_trial}
+                       "cpus_per_trial": 1.0 if args.cpus_per_trial is None
+                       else args.cpus_per_trial,
+                       "gpus_per_trial": args.gpus_per_trial or 0.0}
     summary = run_search(space, args.study, args.trials, args.jobs, args.resume, args.seed,
-                         args.backend, ray_options, quiet=args.quiet)
+                         backend, ray_options, quiet=args.quiet)
     print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
           f"Pareto front ({len(summary.front)} trials):")
     print(format_front(summary.front, space.objectives))
@@ -371,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
                                        "(default: the space's runs_dir, runs/)")
-    se.add_argument("--backend", choices=["local", "ray"], default="local")
-    se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port)")
+    se.add_argument("--backend", choices=["local", "ray"],
+                    help="local (default), or ray (the default when a Ray option is given)")
+    se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port); "
+                                      "selects the Ray backend")
     se.add_argument("--concurrency", type=_count, help="Ray: trials at once")
-    se.add_argument("--cpus-per-trial", type=_share, default=1.0)
-    se.add_argument("--gpus-per-trial", type=_share, default=0.0)
+    se.add_argument("--cpus-per-trial", type=_share, help="Ray: CPUs per trial (default 1)")
+    se.add_argument("--gpus-per-trial", type=_share, help="Ray: GPUs per trial (default 0)")
     se.set_defaults(fn=cmd_search)
 
     sn = sub.add_parser("sensitivity", help="scan each group's accuracy vs pruning ratio")

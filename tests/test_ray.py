@@ -70,6 +70,21 @@ def test_an_unreachable_address_fails_in_seconds_before_any_work(tmp_path: Path)
     with pytest.raises(AutopruneError, match="--address: got 'headnode'; allowed: auto"):
         check_address("headnode")
 
+    # the same command plus an address runs on Ray: --address alone selects the Ray backend
+    # (it used to be ignored, and the search ran on this machine)
+    from autoprune.cli import main as cli
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(ray_space(runs, "nowhere", trials=2)))
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", str(path),
+                           "--address", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert f"--address 127.0.0.1:{port}: cannot reach a Ray cluster there" in proc.stderr
+    assert cli(["search", str(path), "--backend", "local", "--gpus-per-trial", "1"]) == 2
+    assert not (runs / "base").exists()
+
 
 def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
     space = parse_space(ray_space(tmp_path / "runs", "ray2", trials=6))
