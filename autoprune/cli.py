@@ -288,8 +288,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.sensitivity import cache_path, cached_scan, macs_counter, plot_heatmap
-    from autoprune.study import distributions, warm_start_configs
+    from autoprune.sensitivity import cache_path, cached_scan, cached_warm_start, plot_heatmap
+    from autoprune.study import distributions
     from autoprune.trial import TrialContext
 
     space = load_space(args.space)
@@ -298,9 +298,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     sens, cached = cached_scan(ctx, ratios)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio
-    dists, count = distributions(space, ctx.groups), macs_counter(ctx)
-    configs = warm_start_configs(space, dists, ctx.groups, sens, count)
-    macs = {b: count(c) for b, c in configs.items()}
+    configs, macs, _ = cached_warm_start(ctx, sens, distributions(space, ctx.groups))
     seeds = [{"budget": b, "macs_ratio": macs[b], "ratios": c} for b, c in configs.items()]
     if args.json:
         print(json.dumps({**sens.to_dict(), "warm_start": seeds}, indent=2))

@@ -273,17 +273,21 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
-    sens, measure = None, None
+    sens = None
     if space.search.warm_start.sensitivity:
-        from autoprune.sensitivity import cached_scan, macs_counter
+        from autoprune.sensitivity import cached_scan
 
         log("autoprune: sensitivity scan (one group at a time) for the warm start")
         sens, cached = cached_scan(ctx)
         log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
-        measure = macs_counter(ctx)
     points = stored_seed_points(study)
     if points is None:  # counting each allocation's MACs takes minutes on a large model: once
-        points = seed_points(space, dists, ctx.groups, sens, measure)
+        allocated = None
+        if sens is not None:
+            from autoprune.sensitivity import cached_warm_start
+
+            allocated = cached_warm_start(ctx, sens, dists)[0]
+        points = seed_points(space, dists, allocated)
         study.set_user_attr(SEED_POINTS, [[p, a] for p, a in points])
     if backend != "ray":  # on Ray the seed points go to OptunaSearch as points_to_evaluate
         enqueue_points(study, points)

@@ -260,23 +260,19 @@ SEED_ATTRS = ("baseline", "baseline_ratio", "warm_start", "warm_start_budget")
 
 
 def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
-                groups: Sequence[GroupInfo], sensitivity: Any = None,
-                measure: Callable[[Mapping[str, float]], float] | None = None
-                ) -> list[SeedPoint]:
+                allocated: Mapping[float, dict[str, float]] | None = None) -> list[SeedPoint]:
     """The first trials of a study: (with a sensitivity scan) one sensitivity-allocated config
-    per warm-start MACs budget, coarse to fine (see :func:`coarse_to_fine`), then uniform ratios
-    at each ``search.baselines`` level. The allocated configs come first: they are the
-    better-informed guesses, so the front fills in sooner; the baselines follow as the
-    reference a user compares with. ``measure`` (ratios -> counted MACs ratio) makes each
-    allocation meet its budget in counted MACs.
+    per warm-start MACs budget (``allocated``, from :func:`warm_start_configs`), coarse to fine
+    (see :func:`coarse_to_fine`), then uniform ratios at each ``search.baselines`` level. The
+    allocated configs come first: they are the better-informed guesses, so the front fills in
+    sooner; the baselines follow as the reference a user compares with.
 
     With ``search.inherit`` the allocations nest: each budget's starts from the next dearer
     one's and only prunes more, so every seed fits inside the dearer seeds and can start from
     one of their fine-tuned models; :func:`coarse_to_fine` then runs downwards, the dearest
     first."""
     points: list[SeedPoint] = []
-    if sensitivity is not None:
-        allocated = warm_start_configs(space, dists, groups, sensitivity, measure)
+    if allocated is not None:
         for budget in coarse_to_fine(list(allocated), dearest_first=space.search.inherit):
             ratios = allocated[budget]
             params = {n: snap(ratios[n], d) for n, d in dists.items()}

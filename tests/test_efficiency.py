@@ -279,7 +279,8 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
 
 
 def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
-        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     spec = space_dict(runs, "ctx",  # the base model of the ctx fixture
                       warm_start={"sensitivity": True, "ratios": [0.4, 0.8],
                                   "budgets": [0.0, 0.3, 0.6]})
@@ -295,9 +296,20 @@ def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
     assert set(seeds[0]["ratios"].values()) == {0.8}
     assert all(s["macs_ratio"] <= s["budget"] for s in seeds[1:])
     assert seeds[0]["macs_ratio"] < seeds[1]["macs_ratio"] < seeds[2]["macs_ratio"]
-    assert main(["sensitivity", str(path)]) == 0  # the table, from the cache this time
+    import autoprune.sensitivity as sensitivity_mod
+
+    def no_count(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the seeds' MACs counted again")
+
+    monkeypatch.setattr(sensitivity_mod, "macs_counter", no_count)
+    assert main(["sensitivity", str(path)]) == 0  # the table and the seeds, from the cache
     text = capsys.readouterr().out
     assert "(cached)" in text and "warm-start seeds" in text and "budget 0.6" in text
+    # a search on the same model starts from the cached seeds too
+    space = parse_space(spec)
+    run_search(space, study_name="ctx-seeded", trials=1, quiet=True)
+    first = load_study("ctx-seeded", space.storage_url).trials[0]
+    assert first.params == pytest.approx(seeds[0]["ratios"])  # the cheapest seed runs first
 
 
 def test_warm_start_budgets_go_coarse_to_fine() -> None:
