@@ -22,7 +22,13 @@ from torch import nn
 from autoprune.config import SpaceConfig, config_hash
 from autoprune.errors import SourceError
 from autoprune.finetune import train_base
-from autoprune.measure import count_cost, evaluate, measure_latency
+from autoprune.measure import (
+    IGNORE_INDEX,
+    accuracy_ignoring,
+    count_cost,
+    evaluate,
+    measure_latency,
+)
 from autoprune.sources import DataBundle, build_data, build_model, import_object, load_checkpoint
 
 
@@ -88,8 +94,14 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         with torch.no_grad():
             out = model(example)
     except Exception as e:
-        raise SourceError(f"model.input_shape: got {list(space.model.input_shape)}; the model "
-                          f"{space.model.source!r} rejects it ({type(e).__name__}: {e})") from e
+        inputs = next(iter(data.val))[0]
+        raise SourceError(
+            f"model.input_shape: got {list(space.model.input_shape)}; the model "
+            f"{space.model.source!r} rejects float32 inputs of that shape "
+            f"({type(e).__name__}: {e})" + ("" if inputs.is_floating_point() else
+            f". {space.data.source!r} yields {str(inputs.dtype).removeprefix('torch.')} inputs: "
+            "autoprune traces, times and exports a model on float32 inputs, so a model that "
+            "takes integer inputs (token ids for an embedding) is not supported")) from e
     if not isinstance(out, torch.Tensor):
         got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
                else f"a {type(out).__name__}")
@@ -102,32 +114,63 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
                           f"{list(batch[0].shape[1:])}")
-    _check_classes(space, out, batch[1], data.num_classes)
+    _check_targets(space, out, batch[1], data.num_classes)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None
+    if evaluate_fn is None and space.data.ignore_index is not None:
+        evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
 
 
-def _check_classes(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
+def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
                    data_classes: int | None) -> None:
-    """A classifier's outputs must cover the data's classes: fail here, before any training,
-    rather than with an index error deep inside the cross-entropy loss (checked for (N, K)
-    logits and integer class labels)."""
-    if not (out.ndim == 2 and labels.ndim == 1 and not labels.is_floating_point()
-            and labels.numel()):
-        return
-    k, m = int(out.shape[1]), space.model
+    """The model's outputs and the data's labels must make a classification loss: (N, K)
+    logits with K >= 2 and integer labels (N,), or dense (N, K, ...) logits with labels
+    (N, ...), every label in [0, K) but ``data.ignore_index``. Fail here, before any training,
+    rather than with a loss stuck at 0 (one logit) or an index error deep inside it."""
+    m, src = space.model, space.data.source
+    shape, lshape = list(out.shape), list(labels.shape)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise SourceError(f"data.source: {src!r} yields {str(labels.dtype).removeprefix('torch.')}"
+                          f" labels of shape {lshape}; allowed: integer class ids (int64) of "
+                          f"shape (N,) for (N, classes) logits (a binary task: 2 logits and "
+                          "labels 0/1), or (N, H, W) for dense (N, classes, H, W) logits")
+    if out.ndim < 2 or out.shape[1] < 2:
+        raise SourceError(f"model.source: {m.source!r} outputs shape {shape}; allowed: logits "
+                          "(N, classes) or (N, classes, ...) with at least 2 classes (a binary "
+                          "classifier with one logit: give it 2 outputs and labels 0/1, for "
+                          "the cross-entropy the fine-tune uses)")
+    if lshape[1:] != shape[2:]:
+        raise SourceError(f"data.source: {src!r} yields labels of shape {lshape} for outputs "
+                          f"of shape {shape}; allowed: labels of shape (N, "
+                          f"{', '.join(map(str, shape[2:]))}{',' if out.ndim == 2 else ''}), "
+                          "one class id per output position")
+    k = int(out.shape[1])
     if m.num_classes is not None and k != m.num_classes:
         raise SourceError(f"model.num_classes: got {m.num_classes} but {m.source!r} outputs {k} "
                           "classes (a user function gets num_classes only when it has a "
                           "num_classes parameter; or set the size in model.kwargs)")
-    top = int(labels.max())
+    ignore = IGNORE_INDEX if space.data.ignore_index is None else space.data.ignore_index
+    kept = labels[labels != ignore]
+    if kept.numel() and int(kept.min()) < 0:
+        raise SourceError(f"data.source: {src!r} has the label {int(kept.min())}; allowed: "
+                          f"class ids in [0, {k}), and data.ignore_index (now {ignore}) for "
+                          "labels to leave out")
+    top = int(kept.max()) if kept.numel() else -1
     if top >= k or (data_classes is not None and data_classes > k):
         need = max(top + 1, data_classes or 0)
-        raise SourceError(f"model.num_classes: {m.source!r} outputs {k} classes but "
-                          f"{space.data.source!r} has labels up to {need - 1} ({need} classes); "
-                          "allowed: a model with at least as many outputs as the data has "
-                          "classes (set model.num_classes, or the size in model.kwargs)")
+        hint = (f"; if {top} marks positions to leave out (a void label), set "
+                f"data.ignore_index: {top}" if out.ndim > 2 and space.data.ignore_index is None
+                else "")
+        raise SourceError(f"model.num_classes: {m.source!r} outputs {k} classes but {src!r} "
+                          f"has labels up to {need - 1} ({need} classes); allowed: a model with "
+                          "at least as many outputs as the data has classes (set "
+                          f"model.num_classes, or the size in model.kwargs){hint}")
+
+
+def ignoring(space: SpaceConfig) -> list[int]:
+    """``data.ignore_index`` for a cache key, when set (the keys made before it stay valid)."""
+    return [] if space.data.ignore_index is None else [space.data.ignore_index]
 
 
 def code_digest(source: str) -> str:
@@ -155,14 +198,15 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
     key = config_hash(m.source, m.kwargs, m.input_shape, m.num_classes, m.train,
                       space.data.source, space.data.kwargs, space.data.seed,
                       space.data.batch_size, space.search.seed,
-                      *[d for d in (code_digest(m.source), code_digest(space.data.source)) if d])
+                      *[d for d in (code_digest(m.source), code_digest(space.data.source)) if d],
+                      *ignoring(space))
     path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
     if path.exists():
         load_checkpoint(model, path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(space.search.seed)
-    log = train_base(model, data.train, m.train, device)
+    log = train_base(model, data.train, m.train, device, space.data.ignore_index)
     model.cpu().eval()
     acc = evaluate(model, data.val, "cpu", evaluate_fn)
     tmp = path.with_suffix(".tmp")

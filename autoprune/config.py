@@ -66,6 +66,7 @@ class DataConfig:
     evaluate: str | None = None
     seed: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    ignore_index: int | None = None  # a label value left out of the loss and the accuracy
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from optuna.distributions import FloatDistribution
 
-from autoprune.base import code_digest
+from autoprune.base import code_digest, ignoring
 from autoprune.config import config_hash
 from autoprune.groups import GroupInfo
 
@@ -78,7 +78,7 @@ def cache_path(ctx: TrialContext, ratios: Sequence[float]) -> Path:
                       ctx.base.checkpoint_sha256, s.data.source, s.data.kwargs, s.data.seed,
                       s.data.batch_size, s.data.eval_batch_size, s.data.evaluate,
                       s.pruning, s.groups.ignore, s.finetune.bn_calibration_batches,
-                      list(ratios), [g.name for g in ctx.groups], *code)
+                      list(ratios), [g.name for g in ctx.groups], *code, *ignoring(s))
     return Path(s.runs_dir) / "sensitivity" / f"{s.name}-{key}.json"
 
 

@@ -271,7 +271,8 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     seed_everything(result.seed)
     teacher = ctx.base_model if space.finetune.distill_alpha > 0 else None
     trainer = finetuner(model, ctx.data.train, space.finetune, dev, finetune_steps,
-                        copy.deepcopy(teacher) if teacher is not None else None)
+                        copy.deepcopy(teacher) if teacher is not None else None,
+                        space.data.ignore_index)
     later = judge is not None and not (isinstance(judge, Promoter) and judge.keep)
     for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if later else [], start=1):
         _log(result, trainer.advance(step))

@@ -325,7 +325,7 @@ def test_load_sources_rejects_an_input_shape_the_model_refuses(space: SpaceConfi
         load_sources(bad)
     msg = str(info.value)
     assert msg.startswith("model.input_shape: got [1, 1, 8, 8]; the model 'builtin:tiny_cnn' "
-                          "rejects it (RuntimeError")
+                          "rejects float32 inputs of that shape (RuntimeError")
 
 
 def test_load_sources_rejects_data_of_another_shape(space: SpaceConfig, tmp_path: Path,
@@ -450,6 +450,113 @@ def test_a_model_with_several_outputs_is_refused_at_load(
                                           r"allowed: one tensor of logits"):
         load_sources(space.replace(model=ModelConfig(source=f"{mod}:build",
                                                      input_shape=(1, 1, 8, 8))))
+
+
+_TASKS = """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def one_logit(num_classes=1):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    def float_labels(shape="n1"):
+        x = torch.randn(32, 1, 8, 8)
+        y = (x.mean((1, 2, 3)) > 0).float()
+        y = y[:, None] if shape == "n1" else y
+        ds = TensorDataset(x, y)
+        return DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+
+    def segmenter(num_classes=3):
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, num_classes, 1))
+
+    def masks(void=255, flat=False):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 1, 8, 8, generator=g)
+        y = (x[:, 0] > 0.5).long() + (x[:, 0] > -0.5).long()  # 3 classes by intensity
+        y[:, :2, :2] = void  # a void border, as in VOC or Cityscapes
+        ds = TensorDataset(x, y.flatten(1) if flat else y)
+        return DataLoader(ds, batch_size=8, shuffle=True), DataLoader(ds, batch_size=16)
+
+    class Text(nn.Module):
+        def __init__(self, num_classes=2):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, num_classes)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    def text(num_classes=2):
+        return Text(num_classes)
+
+    def token_ids():
+        ds = TensorDataset(torch.randint(0, 50, (16, 12)), torch.randint(0, 2, (16,)))
+        return DataLoader(ds, batch_size=8), DataLoader(ds, batch_size=8)
+"""
+
+
+def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binary classifier with one logit and float labels trained nothing (cross-entropy over
+    one class is 0) and scored 42.0 "accuracy"; void labels (255) crashed inside the loss."""
+    mod = _user_module(tmp_path, monkeypatch, _TASKS)
+
+    def load(model: str, data: str, shape: tuple[int, ...] = (1, 1, 8, 8),
+             **data_kw: Any) -> Any:
+        return load_sources(space.replace(
+            model=ModelConfig(source=f"{mod}:{model}", input_shape=shape),
+            data=DataConfig(source=f"{mod}:{data}", **data_kw)))
+
+    with pytest.raises(SourceError, match=r"yields float32 labels of shape \[8, 1\]; allowed: "
+                                          r"integer class ids \(int64\)"):
+        load("one_logit", "float_labels")
+    with pytest.raises(SourceError, match=r"outputs shape \[1, 1\]; allowed: logits \(N, "
+                                          r"classes\) .* at least 2 classes"):
+        load("one_logit", "masks", kwargs={"flat": True, "void": 0})
+    with pytest.raises(SourceError, match=r"labels of shape \[16, 64\] for outputs of shape "
+                                          r"\[1, 3, 8, 8\]; allowed: labels of shape \(N, 8, 8\)"):
+        load("segmenter", "masks", kwargs={"flat": True})
+    with pytest.raises(SourceError, match=r"has labels up to 255 \(256 classes\).* set "
+                                          r"data.ignore_index: 255"):
+        load("segmenter", "masks")
+    with pytest.raises(SourceError, match=r"yields int64 inputs: autoprune traces, times and "
+                                          r"exports a model on float32 inputs"):
+        load("text", "token_ids", shape=(1, 12))
+
+    # with the void label named, the loss and the accuracy leave it out
+    from autoprune.finetune import train
+    from autoprune.measure import top1_accuracy
+
+    model, data, evaluate_fn = load("segmenter", "masks", ignore_index=255)
+    assert evaluate_fn is not None
+    train(model, data.train, 60, 0.1, ignore_index=255)
+    x, y = (torch.cat(t) for t in zip(*[(b[0], b[1]) for b in data.val], strict=True))
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    keep = y != 255
+    expected = float(((pred == y) & keep).sum() / keep.sum())
+    assert evaluate_fn(model, data.val) == pytest.approx(expected)
+    assert expected > 0.8  # it learned: the loss saw real labels only
+    assert top1_accuracy(model, data.val) < expected  # counting void pixels as wrong
+
+
+def test_distillation_on_dense_outputs_is_per_prediction() -> None:
+    """The KL term is a mean per prediction (per pixel for dense logits), as the cross-entropy
+    is: summed over 32 x 32 pixels it swamped the loss and wrecked segmentation fine-tunes."""
+    from autoprune.finetune import Trainer
+
+    torch.manual_seed(0)
+    student = nn.Conv2d(2, 4, 1)
+    teacher = nn.Conv2d(2, 4, 1)
+    x, y = torch.randn(3, 2, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    trainer = Trainer(student, [(x, y)], 1, 0.1, teacher=teacher, alpha=1.0, temperature=2.0)
+    flat = (lambda t: t.permute(0, 2, 3, 1).reshape(-1, 4))  # noqa: E731
+    with torch.no_grad():
+        expected = nn.functional.kl_div(
+            nn.functional.log_softmax(flat(student(x)) / 2, dim=1),
+            nn.functional.softmax(flat(teacher(x)) / 2, dim=1), reduction="batchmean") * 4
+        assert trainer._loss(x, y) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_cached_base_model_follows_the_user_code(space: SpaceConfig, tmp_path: Path,

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+IGNORE_INDEX = -100  # PyTorch's cross-entropy default: a label to leave out
+
 
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
-                  max_batches: int | None = None) -> float:
-    """Fraction of correctly classified samples (eval mode; BN uses its running statistics)."""
+                  max_batches: int | None = None, ignore_index: int = IGNORE_INDEX) -> float:
+    """Fraction of correctly classified labels (eval mode; BN uses its running statistics):
+    one per sample for (N, K) logits, one per position (pixel) for dense (N, K, ...) logits.
+    Labels equal to ``ignore_index`` are left out, as the loss leaves them out."""
     model.eval()
     correct = total = 0
     for i, batch in enumerate(loader):
@@ -20,11 +25,23 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
             break
         x, y = batch[0].to(device), batch[1].to(device)
         out = model(x)
-        correct += int((out.argmax(1) == y).sum())
-        total += int(y.numel())
+        keep = y != ignore_index
+        correct += int(((out.argmax(1) == y) & keep).sum())
+        total += int(keep.sum())
     if total == 0:
         raise ValueError("the validation loader yielded no samples")
     return correct / total
+
+
+def _on_model_device(model: nn.Module, loader: Iterable[Any], ignore_index: int) -> float:
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return top1_accuracy(model, loader, device, ignore_index=ignore_index)
+
+
+def accuracy_ignoring(ignore_index: int) -> Callable[[nn.Module, Iterable[Any]], float]:
+    """Top-1 accuracy that leaves out ``ignore_index`` labels, as an ``evaluate`` function
+    (picklable, for worker processes and Ray)."""
+    return functools.partial(_on_model_device, ignore_index=ignore_index)
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
