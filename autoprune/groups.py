@@ -257,9 +257,16 @@ def _judged_groups(graph: tp.DependencyGraph,
     """Every group not rooted in ``ignored``, with why it cannot be searched (None: it can)."""
     ignored_all = [sub for m in ignored for sub in m.modules()]
     fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
+    recurrent = [m for m in graph.model.modules() if isinstance(m, nn.RNNBase)]
     for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
         why = None
-        for dep, _ in group:
+        # Torch-Pruning's LSTM support is partial (pruning one failed every trial with an
+        # IndexError) and it has none for GRU/RNN: a group that reaches one is left out whole
+        rnn = next((d.target.module for d, _ in group if d.target.module in recurrent), None)
+        if rnn is not None:
+            why = (f"it touches {graph._module2name.get(rnn, '?')}, a recurrent layer "
+                   f"({type(rnn).__name__}) that Torch-Pruning does not prune reliably")
+        for dep, _ in () if why else group:
             if opaque := getattr(dep.target, "opaque", None):
                 why = f"its channels cross a reshape that does not keep them whole ({opaque})"
             elif dep.target.module in fixed:

@@ -161,3 +161,29 @@ def test_adaptive_bn_changes_stats_of_a_pruned_model(trained: nn.Module,
 def test_adaptive_bn_without_batchnorm() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     assert adaptive_bn(model, [(torch.zeros(2, 1, 8, 8), torch.zeros(2))], batches=2) == 0
+
+
+class _ConvLSTM(nn.Module):
+    """Conv1d features -> LSTM over 25 steps -> classifier: an audio or sensor model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(1, 32, 9, stride=4), nn.BatchNorm1d(32), nn.ReLU(),
+                                  nn.AdaptiveAvgPool1d(25))
+        self.rnn = nn.LSTM(32, 24, batch_first=True)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.conv(x).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+def test_lstm_macs_count_every_step_once() -> None:
+    """Torch-Pruning's hook took the feature width (32) for the sequence length (25) and the
+    time steps (25) for the batch: the LSTM was counted about 30x too high."""
+    model = _ConvLSTM()
+    lstm_alone = count_cost(model, (1, 1, 400)).macs - count_cost(
+        nn.Sequential(model.conv), (1, 1, 400)).macs - (24 * 3 + 3)
+    gates, hidden = 4 * 24, 24
+    per_step = gates * 32 + gates * 24 + 4 * hidden + 6 * hidden + 2 * gates
+    assert lstm_alone == pytest.approx(per_step * 25, rel=0.01)

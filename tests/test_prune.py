@@ -254,3 +254,18 @@ def test_replay_on_another_architecture_fails(example: torch.Tensor, base: nn.Mo
     other = build_model("builtin:tiny_cnn", SHAPE, 10).eval()
     with pytest.raises(PruningError, match="the pruning record does not fit this base model"):
         replay(other, example, record)
+
+
+def test_groups_that_reach_a_recurrent_layer_are_left_out_and_say_why() -> None:
+    """Pruning an LSTM failed every trial with an IndexError: its groups are not searched, and
+    ``layers`` says why, naming the layer."""
+    from test_measure import _ConvLSTM
+
+    from autoprune.groups import left_out_groups
+
+    model = _ConvLSTM().eval()
+    x = torch.zeros(1, 1, 400)
+    assert [g.name for g in describe_groups(model, x)] == []
+    why = left_out_groups(model, x)
+    assert why == {n: "it touches rnn, a recurrent layer (LSTM) that Torch-Pruning does not "
+                      "prune reliably" for n in ("rnn", "conv.0")}
