@@ -8,6 +8,7 @@ budget, pruning goes first to the groups that lose the least accuracy per MAC re
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,8 +60,16 @@ def scan(ctx: TrialContext, ratios: Sequence[float]) -> Sensitivity:
         row = []
         for r in ratios:
             seed_everything(space.search.seed)
-            model, _rec = prune_model(ctx.base_model, ctx.example_inputs, {g.name: r},
-                                      p.importance, p.round_to, space.groups.ignore, grad)
+            try:
+                model, _rec = prune_model(ctx.base_model, ctx.example_inputs, {g.name: r},
+                                          p.importance, p.round_to, space.groups.ignore, grad)
+            except Exception as e:  # noqa: BLE001 - one group's failure must not stop the scan
+                warnings.warn(f"sensitivity: pruning group {g.name} at ratio {r} failed "
+                              f"({type(e).__name__}: {e}); scored 0, so the warm start prunes "
+                              "it last (trials that prune it that far will fail too)",
+                              stacklevel=2)
+                row.append(0.0)
+                continue
             model.to(dev)
             adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
             row.append(evaluate(model, ctx.data.val, dev, ctx.evaluate_fn))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,26 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialC
     run_search(space, trials=8, resume=True, quiet=True)
     assert len([t for t in load_study("warm", space.storage_url).trials
                 if t.state.is_finished()]) == 8
+
+
+def test_a_group_that_fails_to_prune_does_not_stop_the_scan(
+        ctx: TrialContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autoprune.prune as prune_mod
+    from autoprune.sensitivity import scan
+
+    real, bad = prune_mod.prune_model, ctx.groups[1].name
+
+    def failing(model: Any, x: Any, ratios: dict[str, float], *a: Any, **k: Any) -> Any:
+        if bad in ratios:
+            raise IndexError("index out of range in self")
+        return real(model, x, ratios, *a, **k)
+
+    monkeypatch.setattr(prune_mod, "prune_model", failing)
+    with pytest.warns(UserWarning, match=rf"pruning group {re.escape(bad)} at ratio 0.4 failed "
+                                         r"\(IndexError: index out of range in self\)"):
+        sens = scan(ctx, [0.4])
+    assert sens.accuracy[1] == [0.0]
+    assert all(row[0] > 0.3 for i, row in enumerate(sens.accuracy) if i != 1)
 
 
 def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
