@@ -187,3 +187,21 @@ def test_lstm_macs_count_every_step_once() -> None:
     gates, hidden = 4 * 24, 24
     per_step = gates * 32 + gates * 24 + 4 * hidden + 6 * hidden + 2 * gates
     assert lstm_alone == pytest.approx(per_step * 25, rel=0.01)
+
+
+def test_a_failed_torchscript_export_prints_nothing(tmp_path: Path) -> None:
+    """The TorchScript exporter's C++ logger printed its whole IR graph to stdout before the
+    dynamo exporter took over: in the middle of the progress bar, or of `pareto --json`."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\nfrom torch import nn\nfrom autoprune.measure import export_onnx\n"
+        "m = nn.Sequential(nn.Conv1d(1, 4, 3), nn.AdaptiveAvgPool1d(25), nn.Flatten(),\n"
+        "                  nn.Linear(100, 3))  # 47 -> 25: not a factor, TorchScript fails\n"
+        f"export_onnx(m, (1, 1, 49), {str(tmp_path / 'm.onnx')!r})\nprint('exported')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout == "exported\n"
+    assert "Torch IR graph" not in out.stderr
+    assert (tmp_path / "m.onnx").is_file()

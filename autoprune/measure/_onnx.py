@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +16,32 @@ import torch
 from torch import nn
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """Silence file descriptors 1 and 2 for a moment: the TorchScript exporter's C++ logger
+    dumps its whole IR graph (60 lines and more) to stdout when it fails, in the middle of the
+    progress bar or of a ``--json`` output, before the dynamo exporter takes over. The
+    exception it raises says what failed."""
+    streams = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            streams.append((stream, stream.fileno()))
+        except (AttributeError, OSError, ValueError):  # a captured stream (pytest, notebooks)
+            pass
+    saved = []
+    try:
+        with open(os.devnull, "w") as null:
+            for stream, fd in streams:
+                stream.flush()
+                saved.append((fd, os.dup(fd)))
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, copy_of in saved:
+            os.dup2(copy_of, fd)
+            os.close(copy_of)
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) -> None:
@@ -46,7 +75,8 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     errors = []
     for fn in order:
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with _native_output_silenced(), warnings.catch_warnings(), \
+                    contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 fn(model, example, path, dynamic_batch)
             return path
