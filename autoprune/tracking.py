@@ -173,14 +173,18 @@ class Tracker:
         if attrs.get("inherits_trial") is not None:  # pruned from that trial's fine-tuned model
             tags["inherits_trial"] = str(attrs["inherits_trial"])
         run = self.client.create_run(self.experiment_id, start_time=_ms(start),
-                                     tags=tags, run_name=f"trial-{number}")
+                                     tags=tags, run_name=f"{self.study}/trial-{number}")
         run_id = run.info.run_id
         now = _ms(end)
         metric_keys = ("accuracy", "proxy_accuracy", "macs", "flops", "macs_ratio", "params",
                        "params_ratio", "latency_ms", "latency_p90_ms", "speedup",
                        "finetune_steps", "duration_s")
-        metrics = [Metric(k, float(attrs[k]), now, 0) for k in metric_keys
-                   if isinstance(attrs.get(k), (int, float))]
+        values = {k: attrs[k] for k in metric_keys if isinstance(attrs.get(k), (int, float))}
+        if "flops" not in values and "macs" in values:
+            values["flops"] = 2.0 * float(values["macs"])  # FLOPs = 2 x MACs, as for the base
+        if state == "pruned" and "accuracy" in values:  # stopped at a rung: not a final score
+            values["accuracy_at_stop"] = values.pop("accuracy")
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
         metrics += [Metric(f"constraint.{k}", float(v), now, 0)
                     for k, v in (attrs.get("constraints") or {}).items()]
         metrics += [Metric("finetune_loss", float(v), now, int(s)) for s, v in losses]

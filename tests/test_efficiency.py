@@ -167,8 +167,12 @@ def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
                 for r in client.search_runs([exp.experiment_id], max_results=1000)
                 if r.data.tags.get("autoprune.role") == "trial"}
     for t in pruned:
-        tags = by_trial[t.number].data.tags
+        tags, metrics = by_trial[t.number].data.tags, by_trial[t.number].data.metrics
         assert tags["state"] == "pruned" and tags["pareto"] == "false"
+        # its accuracy at the rung it stopped at is not a final score: sorting the runs by
+        # `accuracy` must not mix the two
+        assert "accuracy" not in metrics
+        assert metrics["accuracy_at_stop"] == t.user_attrs["accuracy"]
     for n in front:
         assert by_trial[n].data.tags["state"] == "complete"
         assert study.trials[n].user_attrs["finetune_steps"] == 9

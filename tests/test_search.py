@@ -73,8 +73,10 @@ def test_short_search_records_every_trial_in_mlflow(runs: Path) -> None:
     for r in runs_:
         assert {f"ratio.{g}" for g in groups} <= set(r.data.params)
         assert {"importance", "round_to"} <= set(r.data.params)
-        assert {"proxy_accuracy", "macs", "macs_ratio", "params", "latency_ms",
+        assert {"proxy_accuracy", "macs", "flops", "macs_ratio", "params", "latency_ms",
                 "latency_p90_ms", "speedup", "accuracy"} <= set(r.data.metrics)
+        assert r.data.metrics["flops"] == 2 * r.data.metrics["macs"]
+        assert r.info.run_name == f"short/trial-{r.data.tags['autoprune.trial']}"
         assert r.data.tags["state"] in ("complete", "infeasible")
         assert r.data.tags["mlflow.parentRunId"] == summary.parent_run_id
         if r.data.tags["state"] == "complete":
