@@ -24,6 +24,7 @@ from autoprune.config import Range, SpaceConfig, flat_items, parse_space
 from autoprune.errors import AutopruneError
 from autoprune.fill import FILL_ATTR, FrontFill, fill_axes
 from autoprune.groups import GroupInfo
+from autoprune.locks import sqlite_setup
 from autoprune.trial import OBJECTIVES, TrialResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -159,10 +160,9 @@ def make_sampler(space: SpaceConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                      if url.startswith("sqlite") else None)
+    with sqlite_setup(url):  # a new file gets its tables: one process at a time
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
+                                          if url.startswith("sqlite") else None)
 
 
 def list_studies(storage_url: str) -> list[str]:

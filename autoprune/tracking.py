@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, flat_items
 from autoprune.errors import AutopruneError
+from autoprune.locks import sqlite_setup
 from autoprune.study import origin
 
 TRIAL_TAG = "autoprune.trial"
@@ -71,18 +72,17 @@ class Tracker:
     """
 
     def __init__(self, uri: str, experiment: str, study: str, artifact_dir: str | Path) -> None:
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri, self.study = uri, study
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = (Path(artifact_dir).resolve().as_uri()
-                        if not uri.startswith(("http://", "https://")) else None)
-            self.experiment_id = self.client.create_experiment(experiment, location)
-        else:
-            self.experiment_id = exp.experiment_id
+        with sqlite_setup(uri):  # a new store's tables, and the experiment: one at a time
+            self.client = MlflowClient(tracking_uri=uri)
+            self.uri, self.study = uri, study
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = (Path(artifact_dir).resolve().as_uri()
+                            if not uri.startswith(("http://", "https://")) else None)
+                self.experiment_id = self.client.create_experiment(experiment, location)
+            else:
+                self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
         self._front: set[int] = set()
         self._run_ids: dict[int, str] = {}  # trial number -> child run id, to tag the front

@@ -365,3 +365,30 @@ def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
     assert numbers == [0, 1, 2, 3, 4]
     # the worker processes ran the same trial function: same metrics as in-process
     assert all(t.user_attrs["finetune_steps"] == 4 for t in study.trials)
+
+
+def _open_stores(root: str, study: str, barrier: Any) -> None:
+    from autoprune.study import storage_for
+    from autoprune.tracking import Tracker
+
+    barrier.wait()  # all at once, on a runs dir no store exists in yet
+    storage_for(f"sqlite:///{root}/optuna.db")
+    Tracker(f"sqlite:///{root}/mlflow.db", "shared-space", study, f"{root}/mlartifacts")
+
+
+def test_searches_started_together_set_up_the_stores_one_at_a_time(tmp_path: Path) -> None:
+    """Two searches started together on a fresh runs dir: one crashed in MLflow's table set-up
+    ("table _alembic_tmp_experiments already exists"), after its base training and scan."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_open_stores, args=(str(tmp_path), f"s{i}", barrier))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    exps = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
+    assert [e.name for e in exps].count("shared-space") == 1

@@ -1,0 +1,35 @@
+"""One process at a time sets up a SQLite store.
+
+MLflow and Optuna create their tables on a new SQLite file with migrations (alembic). Two
+searches that start together on a fresh runs directory raced there: one failed with "table
+_alembic_tmp_experiments already exists" after its base training and sensitivity scan. Two new
+studies of one space also raced to create the same MLflow experiment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def sqlite_setup(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<file>.lock`` next to a ``sqlite:///`` store (its folder is
+    created); other URLs (a server, a database server) need none."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(url.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
