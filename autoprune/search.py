@@ -270,6 +270,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     if resume and name not in list_studies(space.storage_url):
         log(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
     study = open_study(space, name, resume, space.search.seed, ctx.base)
+    stored = study.user_attrs.get("base") or {}
+    if resume and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
+        # one base latency per study: every trial's speed-up against the one the study shows
+        # (measured again here, it differs by a few percent from run to run)
+        ctx.base = _replace(ctx.base, latency_ms=stored["latency_ms"],
+                            latency_p90_ms=stored["latency_p90_ms"], latency=stored["latency"])
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")

@@ -305,6 +305,10 @@ def test_a_resumed_search_draws_new_configs(runs: Path) -> None:
     assert len([t for t in study.trials if t.state.is_finished()]) == 6
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6
     assert not [t.number for t in study.trials if t.user_attrs.get("duplicate_of") is not None]
+    # every speed-up is against the base latency the study shows, not one measured again
+    base = study.user_attrs["base"]["latency_ms"]
+    for t in study.trials:
+        assert t.user_attrs["speedup"] == pytest.approx(base / t.user_attrs["latency_ms"])
 
 
 def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
