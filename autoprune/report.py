@@ -75,7 +75,7 @@ def front_hypervolume(df: pd.DataFrame) -> float:
 
 
 def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
-               html: bool = True) -> list[Path]:
+               html: bool = True, study: str | None = None) -> list[Path]:
     """Accuracy vs MACs ratio and accuracy vs latency: PNG and (``html``) interactive HTML.
 
     Every finished trial is a dot, the front is highlighted and joined, the uniform baselines
@@ -91,7 +91,8 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
     done = df[df["state"].isin(["complete", "infeasible"])] if not df.empty else df
     written: list[Path] = []
     for x, label, base_x, stem in (
-        ("macs_ratio", "MACs ratio (pruned / base)", 1.0, "pareto_accuracy_vs_macs"),
+        ("macs_ratio", "MACs ratio = FLOPs ratio (pruned / base)", 1.0,
+         "pareto_accuracy_vs_macs"),
         ("latency_ms", "latency (ms, median)", base.get("latency_ms"),
          "pareto_accuracy_vs_latency"),
     ):
@@ -101,12 +102,13 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
             feas = done[done["state"] == "complete"]
             infeas = done[done["state"] == "infeasible"]
             ax.scatter(feas[x], feas["accuracy"], s=18, c="#9aa5b1", label="trials")
-            ax.scatter(infeas[x], infeas["accuracy"], s=18, marker="x", c="#d08770",
-                       label="infeasible (proxy acc.)")
+            if not infeas.empty:
+                ax.scatter(infeas[x], infeas["accuracy"], s=18, marker="x", c="#d08770",
+                           label="infeasible (proxy acc.)")
             page_fig.add_scatter(x=feas[x], y=feas["accuracy"], mode="markers", name="trials",
                              text=[f"trial {n}" for n in feas["trial"]])
             study_front = done[done["pareto"]]
-            ax.scatter(study_front[x], study_front["accuracy"], s=30, c="#bf1d2d",
+            ax.scatter(study_front[x], study_front["accuracy"], s=30, c="#bf1d2d", zorder=3,
                        label="on the study's front (all objectives)")
             page_fig.add_scatter(x=study_front[x], y=study_front["accuracy"], mode="markers",
                              name="on the study's front",
@@ -128,6 +130,9 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
             page_fig.add_scatter(x=[base_x], y=[base["accuracy"]], mode="markers",
                                  name="base model",
                              marker={"symbol": "star", "size": 14})
+        what = "MACs" if x == "macs_ratio" else "latency"
+        title = f"{'study ' + study + ': ' if study else ''}accuracy vs {what}"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
@@ -138,7 +143,7 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
         plt.close(fig)
         written.append(png)
         if html:  # self-contained (plotly.js embedded: the UI may have no internet), ~5 MB
-            page_fig.update_layout(xaxis_title=label, yaxis_title="accuracy",
+            page_fig.update_layout(title=title, xaxis_title=label, yaxis_title="accuracy",
                                    template="plotly_white")
             page = out_dir / f"{stem}.html"
             page_fig.write_html(str(page), include_plotlyjs=True)

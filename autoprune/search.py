@@ -167,7 +167,8 @@ class Recorder:
         interactive HTML pages only at the end: they embed plotly.js, ~5 MB each)."""
         self.since_report = 0
         df, tables = write_tables(self.study, self.out)
-        plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots", html=final)
+        plots = plot_front(df, self.study.user_attrs["base"], self.out / "plots", html=final,
+                           study=self.study.study_name)
         self.track("logging the tables", self.tracker.log_artifacts, tables)
         self.track("logging the plots", self.tracker.log_artifacts, plots, "plots")
         done = df[df["state"] == "complete"] if not df.empty else df
