@@ -334,6 +334,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        if backend != "ray":  # Optuna would show them RUNNING until the next --resume
+            cut = recover_interrupted(study)
+            if cut:
+                log(f"autoprune: interrupted trials {cut} are queued to run again with --resume")
         raise
     finally:
         if progress is not None:

@@ -187,6 +187,36 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     assert baselines == [0.25, 0.5, 0.75]
 
 
+def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path: Path) -> None:
+    """After Ctrl-C a trial that was running showed as RUNNING in Optuna (a phantom for any
+    Optuna tool) until the next --resume; it is now marked interrupted and queued at once."""
+    import signal
+
+    import yaml
+
+    space_file = tmp_path / "ctrlc.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "ctrlc", **{"search.trials": 7})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    run_search(parse_space(tiny_space(runs, "ctrlc-warm", **{"search.trials": 1})), quiet=True)
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file)]
+    outcome: dict[str, Any] = {}
+    kill_when_finished(cmd, "ctrlc", space.storage_url, finished=2, timeout=240,
+                       sig=signal.SIGINT, outcome=outcome)
+    assert outcome["rc"] == 130, outcome["stderr"][-2000:]
+    study = load_study("ctrlc", space.storage_url)
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    if cut:  # the signal came during a trial (not between two): its copy waits in the queue
+        assert f"interrupted trials {[t.number for t in cut]} are queued" in outcome["stderr"]
+        waiting = [t.system_attrs["fixed_params"] for t in study.trials
+                   if t.state == optuna.trial.TrialState.WAITING]
+        assert all(t.params in waiting for t in cut)
+    run_search(space, resume=True, quiet=True)
+    study = load_study("ctrlc", space.storage_url)
+    assert len([t for t in study.trials if t.state.is_finished()
+                and not t.user_attrs.get("interrupted")]) == 7
+
+
 def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> None:
     from autoprune.cli import main as cli
 
