@@ -115,11 +115,32 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
                           f"{space.data.source!r} yields samples of shape "
                           f"{list(batch[0].shape[1:])}")
     _check_targets(space, out, batch[1], data.num_classes)
+    _check_last_batch(space, model, data.train)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
+
+
+def _check_last_batch(space: SpaceConfig, model: nn.Module, train: Any) -> None:
+    """BatchNorm cannot train on a batch of one sample ("Expected more than 1 value per
+    channel"): a training DataLoader whose last batch would hold one fails here, not after
+    some training."""
+    from torch.utils.data import DataLoader
+
+    if not isinstance(train, DataLoader) or train.drop_last or not train.batch_size or \
+            not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    try:
+        n = len(train.dataset)  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset: no length
+        return
+    if n % train.batch_size == 1:
+        raise SourceError(f"data.source: {space.data.source!r}: the training loader's last "
+                          f"batch holds 1 sample ({n} samples, batch size {train.batch_size}), "
+                          "and the model's BatchNorm cannot train on one; allowed: "
+                          "DataLoader(..., drop_last=True), or another batch size")
 
 
 def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,

@@ -541,6 +541,34 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     assert top1_accuracy(model, data.val) < expected  # counting void pixels as wrong
 
 
+def test_a_last_training_batch_of_one_sample_fails_at_load_with_batchnorm(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def mlp(num_classes=2):
+            return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                 nn.Linear(8, num_classes))
+
+        def rows(n=9, drop_last=False):
+            ds = TensorDataset(torch.randn(n, 6), torch.randint(0, 2, (n,)))
+            return DataLoader(ds, batch_size=4, drop_last=drop_last), DataLoader(ds, batch_size=4)
+    """)
+
+    def load(**kw: Any) -> Any:
+        return load_sources(space.replace(
+            model=ModelConfig(source=f"{mod}:mlp", input_shape=(1, 6)),
+            data=DataConfig(source=f"{mod}:rows", kwargs=kw)))
+
+    with pytest.raises(SourceError, match=r"the training loader's last batch holds 1 sample \(9 "
+                                          r"samples, batch size 4\).*drop_last=True"):
+        load()
+    load(drop_last=True)
+    load(n=10)
+
+
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:
     """The KL term is a mean per prediction (per pixel for dense logits), as the cross-entropy
     is: summed over 32 x 32 pixels it swamped the loss and wrecked segmentation fine-tunes."""
