@@ -24,9 +24,11 @@ from autoprune.errors import SourceError
 from autoprune.finetune import train_base
 from autoprune.measure import (
     IGNORE_INDEX,
+    INPUT_DTYPES,
     accuracy_ignoring,
     count_cost,
     evaluate,
+    example_input,
     measure_latency,
 )
 from autoprune.sources import DataBundle, build_data, build_model, import_object, load_checkpoint
@@ -89,19 +91,21 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     seed_everything(space.search.seed)
     model = build_model(space.model.source, space.model.input_shape, num_classes,
                         space.model.kwargs).eval()
-    example = torch.zeros(space.model.input_shape)
+    m = space.model
+    inputs = next(iter(data.val))[0]
+    given = str(inputs.dtype).removeprefix("torch.")
+    if inputs.is_floating_point() != INPUT_DTYPES[m.input_dtype].is_floating_point:
+        raise SourceError(f"model.input_dtype: got {m.input_dtype!r} but {space.data.source!r} "
+                          f"yields {given} inputs; allowed: "
+                          f"{_closest_dtype(inputs.dtype)!r}, the dtype of the data (the model "
+                          "is traced, timed and exported with it)")
     try:
         with torch.no_grad():
-            out = model(example)
+            out = model(example_input(m.input_shape, m.input_dtype))
     except Exception as e:
-        inputs = next(iter(data.val))[0]
-        raise SourceError(
-            f"model.input_shape: got {list(space.model.input_shape)}; the model "
-            f"{space.model.source!r} rejects float32 inputs of that shape "
-            f"({type(e).__name__}: {e})" + ("" if inputs.is_floating_point() else
-            f". {space.data.source!r} yields {str(inputs.dtype).removeprefix('torch.')} inputs: "
-            "autoprune traces, times and exports a model on float32 inputs, so a model that "
-            "takes integer inputs (token ids for an embedding) is not supported")) from e
+        raise SourceError(f"model.input_shape: got {list(m.input_shape)}; the model "
+                          f"{m.source!r} rejects {m.input_dtype} inputs of that shape "
+                          f"({type(e).__name__}: {e})") from e
     if not isinstance(out, torch.Tensor):
         got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
                else f"a {type(out).__name__}")
@@ -121,6 +125,11 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
+
+
+def _closest_dtype(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return name if name in INPUT_DTYPES else "float32" if dtype.is_floating_point else "int64"
 
 
 def _check_last_batch(space: SpaceConfig, model: nn.Module, train: Any) -> None:
@@ -242,10 +251,11 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
 
 def measure_base(space: SpaceConfig, model: nn.Module, data: DataBundle, checkpoint: Path,
                  evaluate_fn: Any = None, device: torch.device | str = "cpu") -> BaseMetrics:
-    cost = count_cost(model, space.model.input_shape)
+    cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
     lat = space.latency
     latency = measure_latency(model, space.model.input_shape, lat.runtime, lat.threads,
-                              lat.batch_size, lat.warmup, lat.repeats, lat.device)
+                              lat.batch_size, lat.warmup, lat.repeats, lat.device,
+                              dtype=space.model.input_dtype)
     return BaseMetrics(
         accuracy=evaluate(model.to(device), data.val, device, evaluate_fn),
         macs=cost.macs, params=cost.params, latency_ms=latency.median_ms,

@@ -32,15 +32,14 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    import torch
-
     from autoprune.config import load_space
     from autoprune.groups import describe_groups
+    from autoprune.measure import example_input
     from autoprune.sources import build_model, load_checkpoint
 
     if args.space:
         space = load_space(args.space)
-        source, shape = space.model.source, space.model.input_shape
+        source, shape, dtype = space.model.source, space.model.input_shape, space.model.input_dtype
         num_classes, kwargs, ignore = space.model.num_classes, space.model.kwargs, \
             space.groups.ignore
         ckpt = space.model.checkpoint
@@ -48,6 +47,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     elif args.model and args.input_shape:
         source, shape, num_classes, kwargs, ignore, ckpt = (
             args.model, args.input_shape, args.num_classes, {}, (), args.checkpoint)
+        dtype = args.input_dtype
         data = None
     else:
         print("autoprune layers: give a SPACE.yaml, or --model and --input-shape",
@@ -58,12 +58,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
     model = build_model(source, shape, num_classes, kwargs).eval()
     if ckpt:
         load_checkpoint(model, ckpt)
-    groups = describe_groups(model, torch.zeros(shape), ignore)
+    groups = describe_groups(model, example_input(shape, dtype), ignore)
     if args.write_space:
         from autoprune.space_writer import starter_space
 
         Path(args.write_space).write_text(starter_space(source, shape, groups, num_classes,
-                                                        kwargs, ckpt, ignore, data))
+                                                        kwargs, ckpt, ignore, data, dtype))
         print(f"wrote a starter search space with {len(groups)} groups to {args.write_space}",
               file=sys.stderr)
     if args.json:
@@ -73,7 +73,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         _print_groups(groups)
         from autoprune.groups import left_out_groups
 
-        left = left_out_groups(model, torch.zeros(shape), ignore)
+        left = left_out_groups(model, example_input(shape, dtype), ignore)
         if left:
             print(f"{len(left)} more group(s) cannot be searched:")
             for root, why in left.items():
@@ -195,10 +195,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    import torch
 
     from autoprune.export import check_formats, check_out_dir, staged, write_model_files
-    from autoprune.measure import count_cost
+    from autoprune.measure import count_cost, example_input
     from autoprune.rebuild import read_config, rebuild
 
     config = read_config(args.config)
@@ -214,14 +213,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     model = rebuild(config, args.checkpoint, args.weights, args.force)
     out = check_out_dir(args.out)
     shape = tuple(config["model"]["input_shape"])
-    x = torch.randn(max(2, shape[0]), *shape[1:], generator=torch.Generator().manual_seed(0))
+    dtype = config["model"].get("input_dtype", "float32")
+    x = example_input(shape, dtype, random=True, batch=max(2, shape[0]))
     with staged(out) as stage:
         files, _ = write_model_files(model, shape, stage,
-                                     lambda onnx, program: check_formats(model, x, onnx, program))
+                                     lambda onnx, program: check_formats(model, x, onnx, program),
+                                     dtype)
         if args.weights is not None:  # the exported model itself: its config goes with it
             (stage / "prune_config.json").write_text(json.dumps(
                 {**config, "files": {**config["files"], **files}}, indent=2))
-    cost = count_cost(model, shape)
+    cost = count_cost(model, shape, dtype)
     print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
           f"{cost.params:,} params{' (base weights, not fine-tuned)' if args.untrained else ''}"
           f"; wrote " + ", ".join(str(out / f) for f in files.values()))
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("space", nargs="?", help="a search space YAML (or use --model)")
     lay.add_argument("--model", help="model source, e.g. torchvision:resnet18")
     lay.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224")
+    lay.add_argument("--input-dtype", choices=["float32", "int64", "int32", "uint8"],
+                     default="float32", help="int64 for token ids (default float32)")
     lay.add_argument("--num-classes", type=int, default=None)
     lay.add_argument("--checkpoint", default=None)
     lay.add_argument("--json", action="store_true", help="print JSON")

@@ -51,6 +51,7 @@ class TrainConfig:
 class ModelConfig:
     source: str
     input_shape: tuple[int, ...]
+    input_dtype: str = "float32"  # float32 | int64 | int32 | uint8 (token ids, raw pixels)
     checkpoint: str | None = None
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -384,11 +385,17 @@ def _positive(value: float | int | None, path: str, allow_zero: bool = False) ->
         raise ConfigError(path, value, ">= 0" if allow_zero else "> 0")
 
 
+_INPUT_DTYPES = ("float32", "int64", "int32", "uint8")  # measure.INPUT_DTYPES; yaml-only here
+
+
 def _validate(space: SpaceConfig) -> None:
     shape = space.model.input_shape
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise ConfigError("model.input_shape", list(shape),
                           "a list of positive ints with a batch dim, e.g. [1, 3, 32, 32]")
+    if space.model.input_dtype not in _INPUT_DTYPES:
+        raise ConfigError("model.input_dtype", space.model.input_dtype,
+                          " | ".join(map(repr, _INPUT_DTYPES)))
     _check_range(space.groups.default, "groups.default")
     for pat, r in space.groups.patterns.items():
         _check_range(r, f"groups.patterns.{pat}")

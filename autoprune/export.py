@@ -32,7 +32,7 @@ import autoprune
 from autoprune.base import BaseMetrics, load_sources, sha256_file
 from autoprune.config import SpaceConfig, parse_space
 from autoprune.errors import AutopruneError, CheckpointError
-from autoprune.measure import count_cost, evaluate, export_onnx
+from autoprune.measure import INPUT_DTYPES, count_cost, evaluate, example_input, export_onnx
 from autoprune.pareto import pick
 from autoprune.prune import PruneRecord, replay
 from autoprune.rebuild import SCHEMA_VERSION, validate_config
@@ -69,7 +69,7 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
                      "torch_pruning": tp.__version__},
         "source": source,
         "model": {"source": m.source, "kwargs": m.kwargs, "input_shape": list(m.input_shape),
-                  "num_classes": num_classes, "checkpoint":
+                  "input_dtype": m.input_dtype, "num_classes": num_classes, "checkpoint":
                   os.path.abspath(base.checkpoint), "checkpoint_sha256": base.checkpoint_sha256},
         "pruning": {"importance": record.importance, "round_to": record.round_to,
                     "ignore": list(record.ignore), "ratios": record.ratios,
@@ -85,14 +85,15 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
     }, "prune_config.json (as written)")
 
 
-def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path,
+                   dtype: str = "float32") -> Path:
     """The model as a self-contained PyTorch program (``torch.export``, dynamic batch axis):
     ``torch.export.load(path).module()`` runs it with nothing but torch installed (no
     autoprune, Torch-Pruning or model source code)."""
     import copy
 
     m = copy.deepcopy(model).cpu().eval()
-    example = torch.randn(max(2, input_shape[0]), *input_shape[1:])
+    example = example_input(input_shape, dtype, random=True, batch=max(2, input_shape[0]))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.export.export(m, (example,), dynamic_shapes=({0: batch},))
@@ -122,7 +123,7 @@ def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
         AutopruneError: accuracy, MACs or ONNX outputs differ beyond the stated tolerances.
     """
     acc = evaluate(model, data.val, "cpu", evaluate_fn)
-    macs = count_cost(model, space.model.input_shape).macs
+    macs = count_cost(model, space.model.input_shape, space.model.input_dtype).macs
     if abs(acc - float(logged["accuracy"])) > ACCURACY_TOLERANCE:
         raise AutopruneError(f"verification: exported accuracy {acc:.4f} differs from the "
                              f"trial's {logged['accuracy']:.4f} by more than "
@@ -130,7 +131,7 @@ def verify(model: nn.Module, space: SpaceConfig, data: Any, evaluate_fn: Any,
     if abs(macs - float(logged["macs"])) > MACS_RTOL * float(logged["macs"]):
         raise AutopruneError(f"verification: exported MACs {macs:.0f} differ from the trial's "
                              f"{logged['macs']:.0f}")
-    x = next(iter(data.val))[0][:16].float()
+    x = next(iter(data.val))[0][:16].to(INPUT_DTYPES[space.model.input_dtype])
     return {"accuracy": acc, "macs": macs, "accuracy_tolerance": ACCURACY_TOLERANCE,
             **check_formats(model, x, onnx_path, program_path)}
 
@@ -189,7 +190,7 @@ def staged(out: Path) -> Iterator[Path]:
 
 def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
                       check: Callable[[Path, Path | None], dict[str, Any]],
-                      ) -> tuple[dict[str, str], dict[str, Any]]:
+                      dtype: str = "float32") -> tuple[dict[str, str], dict[str, Any]]:
     """Write ``model.onnx``, ``model.pt2`` (when ``torch.export`` can take the model) and
     ``weights.pt`` into ``out`` (a :func:`staged` folder), for export and ``apply`` alike;
     ``check(onnx, pt2)`` verifies them first.
@@ -199,9 +200,9 @@ def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
     """
     onnx_path, program_path = out / "model.onnx", out / "model.pt2"
     files = {"onnx": onnx_path.name, "weights": "weights.pt"}
-    export_onnx(model, input_shape, onnx_path)
+    export_onnx(model, input_shape, onnx_path, dtype=dtype)
     try:
-        export_program(model, input_shape, program_path)
+        export_program(model, input_shape, program_path, dtype)
         files["program"] = program_path.name
     except Exception as e:  # noqa: BLE001 - ONNX and weights.pt still serve
         program_path.unlink(missing_ok=True)
@@ -261,7 +262,7 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         raise CheckpointError(f"base checkpoint {base.checkpoint} changed since the search")
     load_checkpoint(model, base.checkpoint)
     tdir = study_dir(space, study_name) / "trials" / str(number)
-    example = torch.zeros(space.model.input_shape)
+    example = example_input(space.model.input_shape, space.model.input_dtype)
     if (tdir / "weights.pt").exists() and (tdir / "prune_record.json").exists():
         record = PruneRecord.from_dict(json.loads((tdir / "prune_record.json").read_text()))
         pruned = replay(model, example, record)
@@ -347,7 +348,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         files, verified = write_model_files(
             model, space.model.input_shape, stage,
             lambda onnx, program: verify(model, space, extra["data"], extra["evaluate_fn"],
-                                         trial.user_attrs, onnx, program))
+                                         trial.user_attrs, onnx, program),
+            space.model.input_dtype)
         keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
                 "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
         metrics = {k: trial.user_attrs.get(k) for k in keys}
@@ -363,7 +365,7 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         from autoprune.registry import register_model
 
         version = register_model(space.tracking_uri, run_id, register, alias, model,
-                                 onnx_path, space.model.input_shape)
+                                 onnx_path, space.model.input_shape, space.model.input_dtype)
     return ExportResult(out, number, config, version)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 import autoprune
 from autoprune.base import sha256_file
 from autoprune.errors import AutopruneError, CheckpointError
+from autoprune.measure import example_input
 from autoprune.prune import PruneRecord, replay
 from autoprune.sources import build_model, load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
@@ -88,7 +89,8 @@ def rebuild(config: dict[str, Any], checkpoint: str | Path | None = None,
     record = PruneRecord.from_dict({k: config["pruning"].get(k, [] if k == "ignore" else None)
                                     for k in ("ratios", "kept_channels", "base_channels",
                                               "importance", "round_to", "ignore", "history")})
-    pruned = replay(model, torch.zeros(tuple(config["model"]["input_shape"])), record)
+    pruned = replay(model, example_input(config["model"]["input_shape"],
+                                         config["model"].get("input_dtype", "float32")), record)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         load_state_dict_strict(pruned, state, "--weights")

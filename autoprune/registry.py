@@ -10,13 +10,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 
 def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
-                   model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...]) -> str:
+                   model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...],
+                   dtype: str = "float32") -> str:
     """Log ONNX and PyTorch flavours on ``run_id`` (the trial's run), register, set the alias.
 
     Returns:
@@ -29,9 +29,12 @@ def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking_uri)
-    example = np.random.default_rng(0).standard_normal((2, *input_shape[1:])).astype(np.float32)
+    from autoprune.measure import example_input
+
+    x = example_input(input_shape, dtype, random=True, batch=2)
+    example = x.numpy()
     with torch.no_grad():
-        output = model.eval()(torch.from_numpy(example)).numpy()
+        output = model.eval()(x).numpy()
     signature = infer_signature(example, output)
     run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="export")
     with run, warnings.catch_warnings():

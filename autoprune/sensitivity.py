@@ -263,7 +263,8 @@ def macs_counter(ctx: TrialContext) -> Callable[[Mapping[str, float]], float]:
         if key not in counted:
             model, _rec = prune_model(ctx.base_model, ctx.example_inputs, ratios, "l2",
                                       p.round_to, ctx.space.groups.ignore)
-            counted[key] = count_cost(model, shape).macs / ctx.base.macs
+            counted[key] = count_cost(model, shape, ctx.space.model.input_dtype).macs \
+                / ctx.base.macs
         return counted[key]
 
     return macs

@@ -13,13 +13,15 @@ from autoprune.groups import GroupInfo
 def starter_space(source: str, input_shape: Sequence[int], groups: Sequence[GroupInfo],
                   num_classes: int | None, kwargs: Mapping[str, Any] | None = None,
                   checkpoint: str | None = None, ignore: Sequence[str] = (),
-                  data: Mapping[str, Any] | None = None) -> str:
+                  data: Mapping[str, Any] | None = None, input_dtype: str = "float32") -> str:
     """YAML text of a search space to edit, for the model the groups were listed for (its
     kwargs, checkpoint and ignored modules); without ``data`` the data source is a placeholder
     to fill in."""
     name = source.split(":")[-1].replace(".", "-").replace("_", "-")
     model: dict[str, Any] = {"source": source, "input_shape": list(input_shape),
                              "checkpoint": checkpoint, "num_classes": num_classes}
+    if input_dtype != "float32":
+        model["input_dtype"] = input_dtype
     if kwargs:
         model["kwargs"] = dict(kwargs)
     space = {

@@ -27,7 +27,7 @@ from autoprune.config import SpaceConfig
 from autoprune.fidelity import Promote, Promoter, rung_steps
 from autoprune.finetune import TrainLog, adaptive_bn, finetuner
 from autoprune.groups import GroupInfo, describe_groups
-from autoprune.measure import count_cost, evaluate, measure_latency
+from autoprune.measure import count_cost, evaluate, example_input, measure_latency
 from autoprune.prune import prune_model
 from autoprune.sources import DataBundle, load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
@@ -61,7 +61,7 @@ class TrialContext:
 
     @property
     def example_inputs(self) -> torch.Tensor:
-        return torch.zeros(self.space.model.input_shape)
+        return example_input(self.space.model.input_shape, self.space.model.input_dtype)
 
     @classmethod
     def build(cls, space: SpaceConfig, base: BaseMetrics | None = None,
@@ -88,7 +88,8 @@ class TrialContext:
         else:
             load_checkpoint(model, base.checkpoint)
         model.cpu().eval()
-        groups = describe_groups(model, torch.zeros(space.model.input_shape),
+        groups = describe_groups(model, example_input(space.model.input_shape,
+                                                      space.model.input_dtype),
                                  space.groups.ignore)
         return cls(space, model, data, base, groups, dev, evaluate_fn)
 
@@ -240,10 +241,11 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
                                f"{result.kept_channels}")
         result.record, result.inherits = record.to_dict(), parent.key
 
-    cost = count_cost(model, space.model.input_shape)
+    cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
     lat = space.latency
     latency = measure_latency(model, space.model.input_shape, lat.runtime, lat.threads,
-                              lat.batch_size, lat.warmup, lat.repeats, lat.device)
+                              lat.batch_size, lat.warmup, lat.repeats, lat.device,
+                              dtype=space.model.input_dtype)
     base = ctx.base
     result.macs, result.params = cost.macs, cost.params
     result.macs_ratio = cost.macs / base.macs

@@ -141,6 +141,8 @@ def test_wrong_types(space_dict: dict[str, Any], mutate: Mutation, path: str,
 @pytest.mark.parametrize(("mutate", "path", "allowed"), [
     (lambda d: d["model"].__setitem__("input_shape", [8, 8, 0]), "model.input_shape", "positive"),
     (lambda d: d["model"].__setitem__("input_shape", [64]), "model.input_shape", "batch dim"),
+    (lambda d: d["model"].__setitem__("input_dtype", "long"), "model.input_dtype",
+     "'float32' | 'int64' | 'int32' | 'uint8'"),
     (lambda d: d["pruning"].__setitem__("round_to", 0), "pruning.round_to", "> 0"),
     (lambda d: d["latency"].__setitem__("repeats", 0), "latency.repeats", "> 0"),
     (lambda d: d["search"].__setitem__("population_size", 1), "search.population_size", ">= 2"),

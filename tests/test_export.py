@@ -382,3 +382,75 @@ def test_register_and_consume_from_a_real_mlflow_server(mlflow_server: str,
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["output_shape"] == [5, 10]
     assert len(result["predictions"]) == 5
+
+
+_TEXT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TextCNN(nn.Module):
+    def __init__(self, num_classes=2, vocab=50, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.conv = nn.Sequential(nn.Conv1d(dim, 32, 3), nn.BatchNorm1d(32), nn.ReLU(),
+                                  nn.Conv1d(32, 32, 3), nn.ReLU(), nn.AdaptiveMaxPool1d(1))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, ids):
+        return self.fc(self.conv(self.emb(ids).transpose(1, 2)).flatten(1))
+
+
+def build(num_classes=2):
+    return TextCNN(num_classes)
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (400, 12), generator=g)
+    labels = (ids == 7).any(1).long()  # does the sentence hold token 7?
+    train = DataLoader(TensorDataset(ids[:320], labels[:320]), batch_size=32, shuffle=True,
+                       drop_last=True)
+    return train, DataLoader(TensorDataset(ids[320:], labels[320:]), batch_size=40), 2
+"""
+
+
+def test_a_model_of_token_ids_is_searched_and_exported_with_integer_inputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text model takes int64 token ids: it is traced, counted, timed and exported with
+    them, and the deployable files take token ids too (they took float inputs, or failed)."""
+    (tmp_path / "textmods.py").write_text(_TEXT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tiny_space(tmp_path / "runs", "text", objectives=["accuracy", "macs"],
+                      model={"source": "textmods:build", "input_shape": [1, 12],
+                             "input_dtype": "int64", "train": {"epochs": 8, "lr": 0.05}},
+                      data={"source": "textmods:loaders", "batch_size": 32},
+                      **{"search.trials": 3, "search.baselines": [0.25, 0.5]})
+    with pytest.raises(AutopruneError, match=r"model.input_dtype: got 'float32' but "
+                                             r"'textmods:loaders' yields int64 inputs; "
+                                             r"allowed: 'int64'"):
+        run_search(parse_space({**spec, "model": {**spec["model"], "input_dtype": "float32"}}),
+                   quiet=True)
+    space = parse_space(spec)
+    summary = run_search(space, quiet=True)
+    assert summary.trials == 3 and summary.failed == 0
+    study = load_study("text", space.storage_url)
+    assert study.user_attrs["base"]["accuracy"] > 0.8
+    assert all(t.user_attrs["macs_ratio"] < 1 for t in study.trials)
+    out = tmp_path / "exported"
+    export_trial("text", space.storage_url, "max-accuracy", out)
+    config = read_config(out / "prune_config.json")
+    assert config["model"]["input_dtype"] == "int64"
+
+    ids = torch.randint(0, 50, (5, 12))
+    model = autoprune.load_pruned(out / "prune_config.json", out / "weights.pt")
+    with torch.no_grad():
+        ref = model(ids)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(int64)"
+    assert np.abs(sess.run(None, {"input": ids.numpy()})[0] - ref.numpy()).max() < 1e-4
+    program = torch.export.load(str(out / "model.pt2")).module()
+    assert torch.allclose(program(ids), ref, atol=1e-5)
+    assert cli(["apply", str(out / "prune_config.json"), "--weights", str(out / "weights.pt"),
+                "--out", str(tmp_path / "applied")]) == 0

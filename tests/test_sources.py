@@ -503,9 +503,9 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     mod = _user_module(tmp_path, monkeypatch, _TASKS)
 
     def load(model: str, data: str, shape: tuple[int, ...] = (1, 1, 8, 8),
-             **data_kw: Any) -> Any:
+             dtype: str = "float32", **data_kw: Any) -> Any:
         return load_sources(space.replace(
-            model=ModelConfig(source=f"{mod}:{model}", input_shape=shape),
+            model=ModelConfig(source=f"{mod}:{model}", input_shape=shape, input_dtype=dtype),
             data=DataConfig(source=f"{mod}:{data}", **data_kw)))
 
     with pytest.raises(SourceError, match=r"yields float32 labels of shape \[8, 1\]; allowed: "
@@ -520,9 +520,13 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     with pytest.raises(SourceError, match=r"has labels up to 255 \(256 classes\).* set "
                                           r"data.ignore_index: 255"):
         load("segmenter", "masks")
-    with pytest.raises(SourceError, match=r"yields int64 inputs: autoprune traces, times and "
-                                          r"exports a model on float32 inputs"):
+    with pytest.raises(SourceError, match=r"model.input_dtype: got 'float32' but .*:token_ids' "
+                                          r"yields int64 inputs; allowed: 'int64'"):
         load("text", "token_ids", shape=(1, 12))
+    load("text", "token_ids", shape=(1, 12), dtype="int64")
+    with pytest.raises(SourceError, match=r"model.input_dtype: got 'int64' but .*:masks' "
+                                          r"yields float32 inputs; allowed: 'float32'"):
+        load("segmenter", "masks", dtype="int64", ignore_index=255)
 
     # with the void label named, the loss and the accuracy leave it out
     from autoprune.finetune import train

@@ -1,17 +1,20 @@
 """Measurements: pure functions returning typed results that say what they measured."""
 
 from autoprune.measure._accuracy import IGNORE_INDEX, accuracy_ignoring, evaluate, top1_accuracy
+from autoprune.measure._inputs import INPUT_DTYPES, example_input
 from autoprune.measure._latency import LatencyResult, measure_latency
 from autoprune.measure._macs import CostResult, count_cost
 from autoprune.measure._onnx import export_onnx
 
 __all__ = [
     "IGNORE_INDEX",
+    "INPUT_DTYPES",
     "CostResult",
     "LatencyResult",
     "accuracy_ignoring",
     "count_cost",
     "evaluate",
+    "example_input",
     "export_onnx",
     "measure_latency",
     "top1_accuracy",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.measure._inputs import example_input
 from autoprune.measure._onnx import export_onnx
 
 
@@ -79,7 +80,8 @@ def _time_onnxruntime(onnx_path: Path, x: np.ndarray, threads: int, device: str,
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], runtime: str = "onnxruntime",
                     threads: int = 1, batch_size: int = 1, warmup: int = 10, repeats: int = 50,
-                    device: str = "cpu", onnx_path: str | Path | None = None) -> LatencyResult:
+                    device: str = "cpu", onnx_path: str | Path | None = None,
+                    dtype: str = "float32") -> LatencyResult:
     """Median and p90 latency of ``model`` on a random batch.
 
     Args:
@@ -89,6 +91,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], runtime: str
         threads: intra-op threads (torch.set_num_threads / ORT intra_op_num_threads).
         device: ``"cpu"`` or ``"cuda"`` (ORT falls back to CPU without its CUDA provider).
         onnx_path: an exported ONNX file to time instead of exporting ``model`` again.
+        dtype: the input dtype (``model.input_dtype``).
     """
     shape = (batch_size, *input_shape[1:])
     how = dict(threads=threads, batch_size=batch_size, input_shape=tuple(shape), warmup=warmup,
@@ -99,17 +102,18 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], runtime: str
         torch.set_num_threads(threads)
         try:
             m = model.to(dev).eval() if dev.type == "cpu" else _copy_to(model, dev)
-            times = _time_torch(m, torch.randn(shape, device=dev), warmup, repeats)
+            times = _time_torch(m, example_input(shape, dtype, random=True, device=dev), warmup,
+                                repeats)
         finally:
             torch.set_num_threads(prev)
         return _summarise(times, runtime="torch", device=str(dev), **how)
     if runtime == "onnxruntime":
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        x = example_input(shape, dtype, random=True).numpy()
         if onnx_path is not None:
             times, used = _time_onnxruntime(Path(onnx_path), x, threads, device, warmup, repeats)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                path = export_onnx(model, input_shape, Path(tmp) / "model.onnx")
+                path = export_onnx(model, input_shape, Path(tmp) / "model.onnx", dtype=dtype)
                 times, used = _time_onnxruntime(path, x, threads, device, warmup, repeats)
         return _summarise(times, runtime="onnxruntime", device=used, **how)
     raise ValueError(f"latency.runtime: got {runtime!r}; allowed: 'onnxruntime' | 'torch'")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 import torch_pruning as tp
 from torch import nn
 from torch_pruning.utils import op_counter
 from torch_pruning.utils.op_counter import rnn_flops
+
+from autoprune.measure._inputs import example_input
 
 COUNTED_OPS = ("conv/linear/multi-head-attention MACs (bias adds included), plus two ops per "
                "element of affine BatchNorm/GroupNorm/LayerNorm (one without affine), one per "
@@ -61,14 +62,16 @@ class CostResult:
         return asdict(self) | {"flops": self.flops}
 
 
-def count_cost(model: nn.Module, input_shape: tuple[int, ...]) -> CostResult:
+def count_cost(model: nn.Module, input_shape: tuple[int, ...],
+               dtype: str = "float32") -> CostResult:
     """Count MACs and parameters for one sample of ``input_shape`` (its batch dim is set to 1)."""
     shape = (1, *input_shape[1:])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        macs, params = tp.utils.count_ops_and_params(model, torch.zeros(shape, device=device))
+        macs, params = tp.utils.count_ops_and_params(
+            model, example_input(shape, dtype, device=device))
     finally:
         model.train(was_training)
     return CostResult(macs=float(macs), params=int(params), input_shape=tuple(shape))

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from autoprune.measure._inputs import example_input
+
 Exporter = Literal["auto", "torchscript", "dynamo"]
 
 
@@ -59,7 +61,8 @@ def _dynamo(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) 
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path,
-                dynamic_batch: bool = True, exporter: Exporter = "auto") -> Path:
+                dynamic_batch: bool = True, exporter: Exporter = "auto",
+                dtype: str = "float32") -> Path:
     """Export ``model`` (a CPU copy in eval mode) to ONNX: input ``input``, output ``output``.
 
     ``auto`` tries the TorchScript exporter first (about 0.2 s for a small CNN against about
@@ -69,7 +72,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().eval()
-    example = torch.randn(max(2, input_shape[0]), *input_shape[1:])
+    example = example_input(input_shape, dtype, random=True, batch=max(2, input_shape[0]))
     order = {"auto": [_torchscript, _dynamo], "torchscript": [_torchscript],
              "dynamo": [_dynamo]}[exporter]
     errors = []
