@@ -149,20 +149,19 @@ def test_an_export_replaces_the_one_before_whole_or_not_at_all(
     other = next(n for n in front_numbers(load_study("exp", space.storage_url))
                  if n != read_config(out / "prune_config.json")["source"]["trial"])
 
-    def wrong(*args: Any, **kwargs: Any) -> Any:
-        raise AutopruneError("ONNX Runtime output differs from PyTorch")
+    def raising(error: Exception) -> Any:
+        def fn(*args: Any, **kwargs: Any) -> Any:
+            raise error
+        return fn
 
     with monkeypatch.context() as m:
-        m.setattr(export_mod, "verify", wrong)
+        m.setattr(export_mod, "verify", raising(AutopruneError("ONNX output differs")))
         with pytest.raises(AutopruneError, match="differs"):
             export_trial("exp", space.storage_url, f"trial:{other}", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no staging
 
-    def no_program(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("torch.export cannot take this model")
-
     with monkeypatch.context() as m:
-        m.setattr(export_mod, "export_program", no_program)
+        m.setattr(export_mod, "export_program", raising(RuntimeError("torch.export cannot")))
         with pytest.warns(UserWarning, match="model.pt2 not written"):
             export_trial("exp", space.storage_url, f"trial:{other}", out)
     assert sorted(p.name for p in out.iterdir()) == [
