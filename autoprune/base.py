@@ -22,6 +22,7 @@ from torch import nn
 from autoprune.config import SpaceConfig, config_hash
 from autoprune.errors import SourceError
 from autoprune.finetune import train_base
+from autoprune.locks import exclusive
 from autoprune.measure import (
     IGNORE_INDEX,
     INPUT_DTYPES,
@@ -231,10 +232,16 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
                       *[d for d in (code_digest(m.source), code_digest(space.data.source)) if d],
                       *ignoring(space))
     path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
+    with exclusive(path.with_suffix(".lock")):  # a search started alongside waits, then reuses
+        return _cached_or_trained(space, model, data, device, evaluate_fn, path)
+
+
+def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
+                       device: torch.device, evaluate_fn: Any, path: Path) -> Path:
+    m = space.model
     if path.exists():
         load_checkpoint(model, path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(space.search.seed)
     log = train_base(model, data.train, m.train, device, space.data.ignore_index)
     model.cpu().eval()

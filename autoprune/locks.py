@@ -1,9 +1,10 @@
-"""One process at a time sets up a SQLite store.
+"""One process at a time: for searches started together on one runs directory.
 
 MLflow and Optuna create their tables on a new SQLite file with migrations (alembic). Two
 searches that start together on a fresh runs directory raced there: one failed with "table
 _alembic_tmp_experiments already exists" after its base training and sensitivity scan. Two new
-studies of one space also raced to create the same MLflow experiment.
+studies of one space also raced to create the same MLflow experiment, and both trained the
+same base model and ran the same scan, where one could wait and reuse the other's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,24 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (made with its folder if missing); without
+    POSIX locks (Windows), no lock."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def sqlite_setup(url: str) -> Iterator[None]:
     """Hold an exclusive lock on ``<file>.lock`` next to a ``sqlite:///`` store (its folder is
     created); other URLs (a server, a database server) need none."""
@@ -21,15 +40,5 @@ def sqlite_setup(url: str) -> Iterator[None]:
         yield
         return
     db = Path(url.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
+    with exclusive(db.with_name(db.name + ".lock")):
         yield
-        return
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

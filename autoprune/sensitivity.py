@@ -20,6 +20,7 @@ from optuna.distributions import FloatDistribution
 from autoprune.base import code_digest, ignoring
 from autoprune.config import config_hash
 from autoprune.groups import GroupInfo
+from autoprune.locks import exclusive
 
 if TYPE_CHECKING:
     from autoprune.trial import TrialContext
@@ -100,14 +101,14 @@ def cached_scan(ctx: TrialContext, ratios: Sequence[float] | None = None) -> tup
     """
     ratios = list(ratios or ctx.space.search.warm_start.ratios)
     path = cache_path(ctx, ratios)
-    if path.exists():
-        return Sensitivity(**json.loads(path.read_text())), True
-    sens = scan(ctx, ratios)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sens.to_dict()))
-    tmp.replace(path)
-    return sens, False
+    with exclusive(path.with_suffix(".lock")):  # a search started alongside waits, then reuses
+        if path.exists():
+            return Sensitivity(**json.loads(path.read_text())), True
+        sens = scan(ctx, ratios)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sens.to_dict()))
+        tmp.replace(path)
+        return sens, False
 
 
 def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]) -> float:

@@ -426,3 +426,38 @@ def test_searches_started_together_set_up_the_stores_one_at_a_time(tmp_path: Pat
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     exps = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()
     assert [e.name for e in exps].count("shared-space") == 1
+
+
+def _base_model(runs: str, log: str, barrier: Any) -> None:
+    import autoprune.base as base_mod
+    from autoprune.base import base_checkpoint, load_sources, resolve_device
+
+    real = base_mod.train_base
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with open(log, "a") as f:
+            f.write("trained\n")
+        return real(*args, **kwargs)
+
+    base_mod.train_base = counted
+    space = parse_space(tiny_space(Path(runs), "together"))
+    model, data, evaluate_fn = load_sources(space)
+    barrier.wait()
+    base_checkpoint(space, model, data, resolve_device("cpu"), evaluate_fn)
+
+
+def test_searches_started_together_train_the_base_model_once(tmp_path: Path) -> None:
+    """The second waits for the first's base model and reuses it, instead of training it too."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, log = ctx.Barrier(2), tmp_path / "trained.log"
+    procs = [ctx.Process(target=_base_model, args=(str(tmp_path / "runs"), str(log), barrier))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert log.read_text() == "trained\n"
+    assert len(list((tmp_path / "runs" / "base").glob("*.pt"))) == 1
