@@ -399,8 +399,11 @@ def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConf
     p = config["pruning"]
     rank = front.sort_values("accuracy", ascending=False)["trial"].tolist().index(number) + 1
     lat = b.get("latency") or {}
+    score = f"accuracy (`{space.data.evaluate}`)" if space.data.evaluate else "accuracy (top-1)"
+    meaning = (f"the score of `{space.data.evaluate}` (higher is better)" if space.data.evaluate
+               else "top-1 on its validation split")
     rows = [
-        ("accuracy", f"{t['accuracy']:.4f}", f"{b['accuracy']:.4f}"),
+        (score, f"{t['accuracy']:.4f}", f"{b['accuracy']:.4f}"),
         ("MACs", f"{t['macs'] / 1e6:.3f} M ({t['macs_ratio']:.3f}x)", f"{b['macs'] / 1e6:.3f} M"),
         ("FLOPs", f"{2 * t['macs'] / 1e6:.3f} M", f"{2 * b['macs'] / 1e6:.3f} M"),
         ("parameters", f"{t['params']:,} ({t['params_ratio']:.3f}x)", f"{b['params']:,}"),
@@ -431,7 +434,7 @@ and {lat.get('repeats')} timed runs. Verified at export: accuracy
 - Base checkpoint SHA-256 `{config['model']['checkpoint_sha256']}`.
 - Importance `{p['importance']}`, kept channels rounded to multiples of {p['round_to']}.
 - Fine-tuned briefly: {config['finetune']}; seed {config['seed']}.
-- Data: `{space.data.source}`.
+- Data: `{space.data.source}`; "accuracy" is {meaning}.
 
 | group | ratio | kept / base channels |
 |---|---|---|

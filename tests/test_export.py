@@ -77,6 +77,7 @@ def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
     assert np.abs(out - ref).max() < 1e-4
     card = (exported / "model_card.md").read_text()
     assert f"trial {trial.number}" in card and "base" in card
+    assert "| accuracy (top-1) |" in card and "top-1 on its validation split" in card
     assert config["files"]["program"] == "model.pt2" and "model.pt2" in card
 
 
