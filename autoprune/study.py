@@ -347,17 +347,31 @@ def enqueue_points(study: optuna.Study, points: Sequence[SeedPoint]) -> None:
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a killed process: mark failed-interrupted and queue them again."""
-    lost = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.WAITING:
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        user = {k: v for k, v in t.user_attrs.items() if k in SEED_ATTRS}
-        study.enqueue_trial(dict(t.params), user_attrs=user or None)
-        lost.append(t.number)
-    return lost
+    """Trials left RUNNING by a killed or interrupted process: mark them failed-interrupted and
+    queue them again, ahead of the queued trials that have not run yet. Optuna runs waiting
+    trials oldest first; queued behind the seeds, the dearest warm-start seed (the root every
+    later seed inherits from) ran after them, and they started from the base model."""
+    carried = (*SEED_ATTRS, FILL_ATTR)
+    lost = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not lost:
+        return []
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    queue = [(dict(t.params), {k: t.user_attrs.get(k) for k in carried}) for t in lost]
+    queue += [(dict(t.system_attrs.get("fixed_params") or {}),
+               {k: t.user_attrs.get(k) for k in carried}) for t in waiting]
+    storage = study._storage
+    for t in lost:
+        storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    for slot, (params, attrs) in zip(waiting, queue, strict=False):  # the queue, moved back
+        storage.set_trial_system_attr(slot._trial_id, "fixed_params", params)
+        for key, value in attrs.items():
+            if value is not None or key in slot.user_attrs:
+                storage.set_trial_user_attr(slot._trial_id, key, value)
+    for params, attrs in queue[len(waiting):]:
+        study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items()
+                                                if v is not None} or None)
+    return [t.number for t in lost]
 
 
 def done_count(study: optuna.Study) -> int:

@@ -461,3 +461,32 @@ def test_searches_started_together_train_the_base_model_once(tmp_path: Path) -> 
     assert [p.exitcode for p in procs] == [0, 0]
     assert log.read_text() == "trained\n"
     assert len(list((tmp_path / "runs" / "base").glob("*.pt"))) == 1
+
+
+def test_an_interrupted_seed_runs_again_before_the_seeds_behind_it(tmp_path: Path) -> None:
+    """A resumed search ran the interrupted dearest seed after the other seeds, so those
+    started from the base model instead of inheriting from it."""
+    from autoprune.study import ask, recover_interrupted, storage_for
+
+    study = optuna.create_study(storage=storage_for(f"sqlite:///{tmp_path}/q.db"),
+                                directions=["maximize", "minimize"])
+    seeds = [({"g": 0.2}, {"warm_start": True, "warm_start_budget": 0.6}),
+             ({"g": 0.5}, {"warm_start": True, "warm_start_budget": 0.3}),
+             ({"g": 0.25}, {"baseline": True, "baseline_ratio": 0.25})]
+    for params, attrs in seeds:
+        study.enqueue_trial(params, user_attrs=attrs)
+    dist = optuna.distributions.FloatDistribution(0.0, 0.8)
+    first = ask(study)
+    assert first.suggest_float("g", 0.0, 0.8) == 0.2
+    assert recover_interrupted(study) == [first.number]  # the process died during it
+
+    order = []
+    for _ in range(3):
+        trial = ask(study)
+        g = trial.suggest_float("g", dist.low, dist.high)
+        order.append((g, origin(trial.user_attrs), trial.user_attrs.get("warm_start_budget"),
+                      trial.user_attrs.get("baseline_ratio")))
+        study.tell(trial, [0.9, g])
+    assert order == [(0.2, "warm_start", 0.6, None), (0.5, "warm_start", 0.3, None),
+                     (0.25, "baseline", None, 0.25)]
+    assert study.trials[first.number].user_attrs["interrupted"] is True
