@@ -668,7 +668,7 @@ def plot(all_runs: dict[str, dict[int, dict[str, Run]]], path: Path) -> None:
             ax_h.axhline(plain["hv"].iloc[-1], c=COLORS["plain"], alpha=0.3, ls=ls, lw=0.8)
             ax_h.axvline(plain["cum_steps"].iloc[-1] / 2, c="k", alpha=0.3, ls=ls, lw=0.8)
         # Zoom in on the last few percent, where the runs differ (the first point sets most).
-        finals = [r["plain"].curve["hv"].iloc[-1] for r in by_seed.values()]
+        finals = [r[m].curve["hv"].iloc[-1] for r in by_seed.values() for m in ("plain", "full")]
         ax_h.set_ylim(0.97 * min(finals), 1.01 * max(finals))
         ax_h.set(xlabel="cumulative fine-tune steps (full: + sensitivity scan)",
                  ylabel="hypervolume (acc, MACs ratio), ref (0, 1)",
