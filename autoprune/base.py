@@ -119,7 +119,8 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
                           f"{list(batch[0].shape[1:])}")
-    _check_targets(space, out, batch[1], data.num_classes)
+    for labels in (batch[1], next(iter(data.train))[1]):  # a void label may be in either
+        _check_targets(space, out, labels, data.num_classes)
     _check_last_batch(space, model, data.train)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None

@@ -471,13 +471,15 @@ _TASKS = """
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.Conv2d(8, num_classes, 1))
 
-    def masks(void=255, flat=False):
+    def masks(void=255, flat=False, train_only=False):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(48, 1, 8, 8, generator=g)
         y = (x[:, 0] > 0.5).long() + (x[:, 0] > -0.5).long()  # 3 classes by intensity
+        clean = y.clone()
         y[:, :2, :2] = void  # a void border, as in VOC or Cityscapes
         ds = TensorDataset(x, y.flatten(1) if flat else y)
-        return DataLoader(ds, batch_size=8, shuffle=True), DataLoader(ds, batch_size=16)
+        val = TensorDataset(x, clean) if train_only else ds
+        return DataLoader(ds, batch_size=8, shuffle=True), DataLoader(val, batch_size=16)
 
     class Text(nn.Module):
         def __init__(self, num_classes=2):
@@ -517,9 +519,10 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     with pytest.raises(SourceError, match=r"labels of shape \[16, 64\] for outputs of shape "
                                           r"\[1, 3, 8, 8\]; allowed: labels of shape \(N, 8, 8\)"):
         load("segmenter", "masks", kwargs={"flat": True})
-    with pytest.raises(SourceError, match=r"has labels up to 255 \(256 classes\).* set "
-                                          r"data.ignore_index: 255"):
-        load("segmenter", "masks")
+    for where in ({}, {"train_only": True}):  # void pixels in the training labels only, too
+        with pytest.raises(SourceError, match=r"has labels up to 255 \(256 classes\).* set "
+                                              r"data.ignore_index: 255"):
+            load("segmenter", "masks", kwargs=where)
     with pytest.raises(SourceError, match=r"model.input_dtype: got 'float32' but .*:token_ids' "
                                           r"yields int64 inputs; allowed: 'int64'"):
         load("text", "token_ids", shape=(1, 12))
