@@ -143,7 +143,8 @@ def _storage(args: argparse.Namespace) -> str:
     if args.space:
         from autoprune.config import load_space
 
-        return load_space(args.space).storage_url
+        return load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir
+                          else None).storage_url
     return f"sqlite:///{Path(args.runs_dir or 'runs') / 'optuna.db'}"
 
 

@@ -238,6 +238,14 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
         assert config["source"]["mlflow_run_id"] is not None
         assert config["source"]["tracking_uri"] == f"sqlite:///{runs / 'mlflow.db'}"
     assert not Path("runs").exists()  # no stray, empty stores made here
+    # with the space file too: --runs-dir still names the store (the space's relative runs
+    # dir was taken, and the study was looked for in ./runs)
+    import yaml
+
+    Path("space.yaml").write_text(yaml.safe_dump(tiny_space(Path("runs"), "rel")))
+    assert cli(["pareto", "--study", "rel", "--space", "space.yaml", "--runs-dir",
+                str(runs)]) == 0
+    assert not Path("runs").exists()
 
 
 def test_a_rerun_remakes_the_recorded_model_whatever_the_constraints_say(tmp_path: Path) -> None:
