@@ -93,13 +93,15 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     model = build_model(space.model.source, space.model.input_shape, num_classes,
                         space.model.kwargs).eval()
     m = space.model
-    inputs = next(iter(data.val))[0]
-    given = str(inputs.dtype).removeprefix("torch.")
+    batch = next(iter(data.val))
+    inputs = batch[0]
     if inputs.is_floating_point() != INPUT_DTYPES[m.input_dtype].is_floating_point:
+        given = str(inputs.dtype).removeprefix("torch.")
+        closest = given if given in INPUT_DTYPES else \
+            "float32" if inputs.is_floating_point() else "int64"
         raise SourceError(f"model.input_dtype: got {m.input_dtype!r} but {space.data.source!r} "
-                          f"yields {given} inputs; allowed: "
-                          f"{_closest_dtype(inputs.dtype)!r}, the dtype of the data (the model "
-                          "is traced, timed and exported with it)")
+                          f"yields {given} inputs; allowed: {closest!r}, the dtype of the data "
+                          "(the model is traced, timed and exported with it)")
     try:
         with torch.no_grad():
             out = model(example_input(m.input_shape, m.input_dtype))
@@ -114,11 +116,10 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
                           "tensor of logits, (N, classes). Wrap the model so that forward returns "
                           "the classifier's output (an auxiliary head left in would be pruned "
                           "and trained as if it did not matter)")
-    batch = next(iter(data.val))
-    if tuple(batch[0].shape[1:]) != tuple(space.model.input_shape[1:]):
+    if tuple(inputs.shape[1:]) != tuple(space.model.input_shape[1:]):
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
-                          f"{list(batch[0].shape[1:])}")
+                          f"{list(inputs.shape[1:])}")
     for labels in (batch[1], next(iter(data.train))[1]):  # a void label may be in either
         _check_targets(space, out, labels, data.num_classes)
     _check_last_batch(space, model, data.train)
@@ -127,11 +128,6 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
-
-
-def _closest_dtype(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    return name if name in INPUT_DTYPES else "float32" if dtype.is_floating_point else "int64"
 
 
 def _check_last_batch(space: SpaceConfig, model: nn.Module, train: Any) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoprune.config import MAX_SEED
+from autoprune.config import INPUT_DTYPE_NAMES, MAX_SEED
 from autoprune.errors import AutopruneError
 
 if TYPE_CHECKING:
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("space", nargs="?", help="a search space YAML (or use --model)")
     lay.add_argument("--model", help="model source, e.g. torchvision:resnet18")
     lay.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224")
-    lay.add_argument("--input-dtype", choices=["float32", "int64", "int32", "uint8"],
+    lay.add_argument("--input-dtype", choices=INPUT_DTYPE_NAMES,
                      default="float32", help="int64 for token ids (default float32)")
     lay.add_argument("--num-classes", type=int, default=None)
     lay.add_argument("--checkpoint", default=None)

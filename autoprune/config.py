@@ -385,7 +385,8 @@ def _positive(value: float | int | None, path: str, allow_zero: bool = False) ->
         raise ConfigError(path, value, ">= 0" if allow_zero else "> 0")
 
 
-_INPUT_DTYPES = ("float32", "int64", "int32", "uint8")  # measure.INPUT_DTYPES; yaml-only here
+#: ``model.input_dtype`` names (the keys of ``measure.INPUT_DTYPES``; no torch needed here)
+INPUT_DTYPE_NAMES = ("float32", "int64", "int32", "uint8")
 
 
 def _validate(space: SpaceConfig) -> None:
@@ -393,9 +394,9 @@ def _validate(space: SpaceConfig) -> None:
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise ConfigError("model.input_shape", list(shape),
                           "a list of positive ints with a batch dim, e.g. [1, 3, 32, 32]")
-    if space.model.input_dtype not in _INPUT_DTYPES:
+    if space.model.input_dtype not in INPUT_DTYPE_NAMES:
         raise ConfigError("model.input_dtype", space.model.input_dtype,
-                          " | ".join(map(repr, _INPUT_DTYPES)))
+                          " | ".join(map(repr, INPUT_DTYPE_NAMES)))
     _check_range(space.groups.default, "groups.default")
     for pat, r in space.groups.patterns.items():
         _check_range(r, f"groups.patterns.{pat}")

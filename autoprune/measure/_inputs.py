@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+from autoprune.config import INPUT_DTYPE_NAMES
+
 #: ``model.input_dtype`` values: float inputs, or integer ones (token ids, raw uint8 pixels).
-INPUT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "int64": torch.int64,
-                                        "int32": torch.int32, "uint8": torch.uint8}
+INPUT_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in INPUT_DTYPE_NAMES}
 
 
 def example_input(shape: Sequence[int], dtype: str = "float32", random: bool = False,
