@@ -80,6 +80,39 @@ def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: i
     return done
 
 
+def listening_addresses() -> set[tuple[str, int]]:
+    """Every TCP (address, port) that listens on this machine, read from /proc/net/tcp{,6}.
+
+    Addresses are ``127.0.0.1``, ``0.0.0.0``, ``::``, ``::ffff:127.0.0.1`` or another host;
+    a listener on all interfaces shows as ``0.0.0.0`` or ``::``.
+    """
+    found = set()
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state != "0A":  # LISTEN
+                continue
+            hexaddr, hexport = local.split(":")
+            raw = bytes.fromhex(hexaddr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = socket.inet_ntop(socket.AF_INET6 if v6 else socket.AF_INET, raw)
+            found.add((addr, int(hexport, 16)))
+    return found
+
+
+def beyond_loopback(listeners: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The listeners that another machine could reach: not on 127.0.0.0/8 or ::1."""
+    def loopback(addr: str) -> bool:
+        addr = addr.removeprefix("::ffff:")
+        return addr.startswith("127.") or addr == "::1"
+    return {(a, p) for a, p in listeners if not loopback(a)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,12 @@ from autoprune.sources import DataBundle, build_data
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPACE = REPO_ROOT / "search_spaces" / "digits_resnet.yaml"
 DIGITS_SHAPE = (1, 1, 8, 8)
+
+# Ray nodes started by the tests (ray.cluster_utils.Cluster, `ray start`) take 127.0.0.1 as
+# their address and listen there only; on Linux Ray would otherwise give them the machine's
+# outward address and listen on every interface. Ray reads it at import: before any test's.
+assert "ray" not in sys.modules, "ray was imported before conftest could keep it on loopback"
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

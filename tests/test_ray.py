@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from _helpers import kill_when_finished, tiny_space
+from _helpers import beyond_loopback, kill_when_finished, listening_addresses, tiny_space
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
@@ -30,7 +30,7 @@ def ray_space(runs: Path, name: str, trials: int) -> dict[str, Any]:
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    """A head and one worker node, one CPU each, on this machine (127.0.0.1)."""
+    """A head and one worker node, one CPU each, on this machine (127.0.0.1, see conftest)."""
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": 1, "include_dashboard": False})
     c.add_node(num_cpus=1)
@@ -86,7 +86,14 @@ def test_an_unreachable_address_fails_in_seconds_before_any_work(tmp_path: Path)
     assert not (runs / "base").exists()
 
 
-def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.fixture
+def listeners_before() -> set[tuple[str, int]]:
+    return listening_addresses()
+
+
+def test_search_on_a_two_node_cluster(listeners_before: set[tuple[str, int]], cluster: Cluster,
+                                      tmp_path: Path) -> None:
+    before = listeners_before
     space = parse_space(ray_space(tmp_path / "runs", "ray2", trials=6))
     run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
 
@@ -105,6 +112,8 @@ def test_search_on_a_two_node_cluster(cluster: Cluster, tmp_path: Path) -> None:
     assert tagged == front_numbers(study) and tagged
     # every trial on the front had the whole fine-tune budget (no early stopping on Ray)
     assert all(study.trials[n].user_attrs["finetune_steps"] == 6 for n in tagged)
+    # nothing the cluster or the search opened listens beyond 127.0.0.1
+    assert not beyond_loopback(listening_addresses() - before)
 
 
 def test_losing_a_worker_node_mid_search(cluster: Cluster, tmp_path: Path) -> None:
@@ -186,6 +195,39 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
     assert sum(t.state.is_finished() for t in study.trials) < 7
 
     resume_to_the_end(cluster, space, 7)
+
+
+def test_a_local_ray_listens_on_loopback_only() -> None:
+    """`--backend ray` with no address starts Ray on this machine: none of its processes may
+    listen where another machine can reach them. Run without the tests' loopback setting
+    (conftest), as a user's process would."""
+    script = (
+        "import json, ray\n"
+        "from autoprune.controllers.ray_tune import connect\n"
+        "connect(None, num_cpus=1)\n"
+        "@ray.remote\n"
+        "def node_ip():\n"
+        "    return ray.util.get_node_ip_address()\n"
+        "print(json.dumps(ray.get(node_ip.remote())), flush=True)\n"
+        "input()\n"  # hold the instance until the test has looked
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    before = listening_addresses()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line.strip() == '"127.0.0.1"', line
+        opened = listening_addresses() - before
+        assert opened, "found no listener of the local Ray"
+        assert not beyond_loopback(opened), sorted(beyond_loopback(opened))
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_submit_to_no_cluster_says_so(capsys: pytest.CaptureFixture[str]) -> None:

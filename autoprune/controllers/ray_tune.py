@@ -74,6 +74,30 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
                              f"allowed: {ADDRESS_FORMS}") from None
 
 
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Start a local Ray whose processes all listen on 127.0.0.1.
+
+    On Linux Ray gives even a one-machine instance the machine's outward address, and its
+    gRPC servers listen on every interface: an unauthenticated control plane open to the
+    network for a search that needs no other machine. On macOS and Windows it uses 127.0.0.1;
+    take that path here (``ray_constants.ENABLE_RAY_CLUSTER``, what the
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` variable sets, is read when the address is chosen).
+    Once started, the node's address (127.0.0.1) is what Ray reports in every process.
+    """
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if before is None:  # a Ray without the switch: listen where it decides
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to a cluster, or start a local one that ignores stale cluster files.
 
@@ -87,8 +111,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 
     try:
         if address in (None, "", "local"):
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     log_to_driver=False)
+            with _loopback_only():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                         log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except AuthenticationError as e:
