@@ -54,7 +54,8 @@ def trial_runs(space: Any, name: str) -> list[Any]:
             if r.data.tags.get("autoprune.role") == "trial"]
 
 
-def test_an_unreachable_address_fails_in_seconds_before_any_work(tmp_path: Path) -> None:
+def test_an_unreachable_address_fails_in_seconds_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from _helpers import free_port
 
     from autoprune.controllers.ray_tune import check_address
@@ -69,6 +70,16 @@ def test_an_unreachable_address_fails_in_seconds_before_any_work(tmp_path: Path)
     assert not (runs / "base").exists() and not (runs / "optuna.db").exists()
     with pytest.raises(AutopruneError, match="--address: got 'headnode'; allowed: auto"):
         check_address("headnode")
+    # auto is looked up as Ray looks it up, and checked as fast: not minutes of ray.init
+    # retries after the base model and the scan
+    gone = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", gone)
+    t0 = time.time()
+    with pytest.raises(AutopruneError, match=rf"--address auto: cannot reach a Ray cluster "
+                                             rf"there \(found at {gone}: RAY_ADDRESS"):
+        check_address("auto")
+    assert time.time() - t0 < 30
+    monkeypatch.delenv("RAY_ADDRESS")
 
     # the same command plus an address runs on Ray: --address alone selects the Ray backend
     # (it used to be ignored, and the search ran on this machine)

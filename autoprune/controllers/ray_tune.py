@@ -60,18 +60,53 @@ ADDRESS_FORMS = ("auto (a cluster started on this machine with `ray start`), hos
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) address must accept a connection, checked in
-    seconds before any work: ``ray.init`` retries an unreachable one for minutes."""
-    if address in (None, "", "local", "auto"):
+    """The cluster at ``address`` must accept a connection, checked in seconds before any
+    work: ``ray.init`` retries an unreachable one for minutes, after the base model and the
+    scan. ``auto`` is looked up as Ray looks it up (``RAY_ADDRESS``, then the cluster last
+    started on this machine), and a loopback address is checked where Ray will dial it."""
+    if address in (None, "", "local"):
         return
-    host, _, port = str(address).split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
+    address = str(address)
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if address != "auto" and (not host or not port.isdigit()):
         raise AutopruneError(f"--address: got {address!r}; allowed: {ADDRESS_FORMS}")
+    dialled = address.split("://", 1)[-1] if "://" in address else _dialled(address)
+    if dialled is None:
+        raise AutopruneError(f"--address auto: no Ray cluster runs on this machine (no "
+                             "RAY_ADDRESS, and no head started here with `ray start --head`); "
+                             f"allowed: {ADDRESS_FORMS}")
+    host, _, port = dialled.rpartition(":")
+    note = ("" if dialled == address else
+            f" (found at {dialled}: RAY_ADDRESS, or the head last started here, which may have "
+            "stopped)" if address == "auto" else
+            f" (Ray dials it as {dialled}{_loopback_hint(host)})")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there ({e}); "
-                             f"allowed: {ADDRESS_FORMS}") from None
+    except (OSError, ValueError) as e:
+        raise AutopruneError(f"--address {address}: cannot reach a Ray cluster there{note} "
+                             f"({e}); allowed: {ADDRESS_FORMS}") from None
+
+
+def _dialled(address: str) -> str | None:
+    """The ``host:port`` that ``ray.init(address)`` connects to: Ray replaces a loopback host
+    with this machine's outward address, and finds ``auto``'s cluster; None when it finds
+    none. Ray's own resolver, so the check and the connection agree."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray without it: check the address as given
+        return None if address == "auto" else address
+    try:
+        return canonicalize_bootstrap_address(address)
+    except ConnectionError:
+        return None
+
+
+def _loopback_hint(dialled_host: str) -> str:
+    """Why a loopback address was dialled elsewhere, and how to keep it on loopback."""
+    if dialled_host.strip("[]") in ("127.0.0.1", "localhost", "::1"):
+        return ""
+    return ("; a cluster that listens on 127.0.0.1 only is reached with "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 set here too")
 
 
 @contextlib.contextmanager
