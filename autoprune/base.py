@@ -187,9 +187,10 @@ def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
     top = int(kept.max()) if kept.numel() else -1
     if top >= k or (data_classes is not None and data_classes > k):
         need = max(top + 1, data_classes or 0)
+        now = ("" if space.data.ignore_index is None
+               else f" (it is {space.data.ignore_index} now)")
         hint = (f"; if {top} marks positions to leave out (a void label), set "
-                f"data.ignore_index: {top}" if out.ndim > 2 and space.data.ignore_index is None
-                else "")
+                f"data.ignore_index: {top}{now}" if out.ndim > 2 and top >= k else "")
         raise SourceError(f"model.num_classes: {m.source!r} outputs {k} classes but {src!r} "
                           f"has labels up to {need - 1} ({need} classes); allowed: a model with "
                           "at least as many outputs as the data has classes (set "

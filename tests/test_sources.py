@@ -523,6 +523,8 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
         with pytest.raises(SourceError, match=r"has labels up to 255 \(256 classes\).* set "
                                               r"data.ignore_index: 255"):
             load("segmenter", "masks", kwargs=where)
+    with pytest.raises(SourceError, match=r"set data.ignore_index: 255 \(it is 254 now\)"):
+        load("segmenter", "masks", ignore_index=254)  # the wrong void label keeps the hint
     with pytest.raises(SourceError, match=r"model.input_dtype: got 'float32' but .*:token_ids' "
                                           r"yields int64 inputs; allowed: 'int64'"):
         load("text", "token_ids", shape=(1, 12))
