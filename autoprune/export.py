@@ -358,7 +358,10 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         num_classes = space.model.num_classes or extra["data"].num_classes
         config = make_config(space, base, record, num_classes, metrics, source, verified, files)
         (stage / "prune_config.json").write_text(json.dumps(config, indent=2))
-        (stage / "model_card.md").write_text(model_card(config, front, number, space))
+        with torch.no_grad():
+            dense = model.eval()(example_input(space.model.input_shape,
+                                               space.model.input_dtype)).ndim > 2
+        (stage / "model_card.md").write_text(model_card(config, front, number, space, dense))
     onnx_path = out / files["onnx"]
     version = None
     if register:
@@ -394,14 +397,27 @@ def _trial_run_id(space: SpaceConfig, study: str, number: int) -> str | None:
     return None
 
 
-def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConfig) -> str:
+def score_meaning(space: SpaceConfig, dense: bool) -> tuple[str, str]:
+    """What "accuracy" is for this space, short (a table row) and long (a sentence)."""
+    if space.data.evaluate:
+        return (f"accuracy (`{space.data.evaluate}`)",
+                f"the score of `{space.data.evaluate}` (higher is better)")
+    per = "per-pixel top-1" if dense else "top-1"
+    void = ("" if space.data.ignore_index is None
+            else f", labels {space.data.ignore_index} left out")
+    return (f"accuracy ({per})",
+            f"{per} accuracy on its validation split{void}"
+            + (" (one prediction per output position)" if dense else ""))
+
+
+def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConfig,
+               dense: bool = False) -> str:
+    """The export's README: ``dense`` when the model predicts per position (segmentation)."""
     t, b = config["metrics"]["trial"], config["metrics"]["base"]
     p = config["pruning"]
     rank = front.sort_values("accuracy", ascending=False)["trial"].tolist().index(number) + 1
     lat = b.get("latency") or {}
-    score = f"accuracy (`{space.data.evaluate}`)" if space.data.evaluate else "accuracy (top-1)"
-    meaning = (f"the score of `{space.data.evaluate}` (higher is better)" if space.data.evaluate
-               else "top-1 on its validation split")
+    score, meaning = score_meaning(space, dense)
     rows = [
         (score, f"{t['accuracy']:.4f}", f"{b['accuracy']:.4f}"),
         ("MACs", f"{t['macs'] / 1e6:.3f} M ({t['macs_ratio']:.3f}x)", f"{b['macs'] / 1e6:.3f} M"),

@@ -77,7 +77,7 @@ def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
     assert np.abs(out - ref).max() < 1e-4
     card = (exported / "model_card.md").read_text()
     assert f"trial {trial.number}" in card and "base" in card
-    assert "| accuracy (top-1) |" in card and "top-1 on its validation split" in card
+    assert "| accuracy (top-1) |" in card and "top-1 accuracy on its validation split" in card
     assert config["files"]["program"] == "model.pt2" and "model.pt2" in card
 
 
@@ -309,6 +309,19 @@ def test_front_table_shows_parameters_when_they_are_an_objective() -> None:
     assert "params_ratio" not in summary_columns(front, ["accuracy", "macs"]).columns
     shown = summary_columns(front, ["accuracy", "macs", "params"]).columns
     assert list(shown) == ["trial", "accuracy", "macs_ratio", "params_ratio", "latency_ms"]
+
+
+def test_the_card_names_the_score_a_dense_model_was_judged_by(tmp_path: Path) -> None:
+    from autoprune.export import score_meaning
+
+    spec = tiny_space(tmp_path, "card")
+    assert score_meaning(parse_space(spec), dense=False)[0] == "accuracy (top-1)"
+    spec["data"]["ignore_index"] = 255
+    short, long = score_meaning(parse_space(spec), dense=True)
+    assert short == "accuracy (per-pixel top-1)"
+    assert "labels 255 left out" in long and "per output position" in long
+    spec["data"]["evaluate"] = "mymod:miou"
+    assert score_meaning(parse_space(spec), dense=True)[0] == "accuracy (`mymod:miou`)"
 
 
 def test_knee_is_the_best_trade_off_never_a_point_below_the_chord() -> None:
