@@ -287,7 +287,8 @@ def test_submit_runs_the_search_as_a_ray_job(tmp_path: Path) -> None:
                        timeout=120)
 
 
-def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(tmp_path: Path) -> None:
+def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from autoprune.pareto import hypervolume_2d
 
     volumes = {}
@@ -302,3 +303,7 @@ def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(tmp_path
                                           [t.values[1] for t in front])
     assert volumes["local"] > 0.3
     assert abs(volumes["local"] - volumes["ray"]) <= 0.05 * volumes["local"]
+    # stdout is the search's: Tune's experiment box goes to stderr
+    out = capsys.readouterr()
+    assert "Configuration for experiment" not in out.out
+    assert "Configuration for experiment" in out.err

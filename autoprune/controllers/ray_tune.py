@@ -347,7 +347,9 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
                 stop=EnoughTrials(space.storage_url, study.study_name, total),
                 callbacks=[callback], verbose=0))
     try:
-        with _watch_sigint() as ctrl_c:
+        # Tune prints its experiment box and paths to stdout whatever the verbosity: keep
+        # stdout for the search's result (the front table)
+        with _watch_sigint() as ctrl_c, contextlib.redirect_stdout(sys.stderr):
             results = tuner.fit()
         _record_missing(results, callback)
         if ctrl_c["hit"]:  # Tune saved the experiment and returned: stop, for --resume
