@@ -172,6 +172,9 @@ def test_module_function_that_cannot_be_imported(tmp_path: Path,
     with pytest.raises(SourceError, match="^data.source: cannot import module"):
         build_data(DataConfig(source="no_such_package_xyz:loaders"), (1, 1, 8, 8))
     mod = _user_module(tmp_path, monkeypatch, """
+        from torch import nn
+        from torch.nn import functional as F
+
         def build():
             return 42
 
@@ -183,9 +186,15 @@ def test_module_function_that_cannot_be_imported(tmp_path: Path,
 
         NOT_CALLABLE = 3
     """)
+    # the module's own functions, the closest first; not what it imported (nn, F)
     with pytest.raises(SourceError, match=rf"model.source: module '{mod}' has no attribute "
-                                          r"'biuld'; it has: .*build"):
+                                          r"'biuld'; did you mean 'build'\?; it defines: "
+                                          r"broken, build, one_loader$"):
         build_model(f"{mod}:biuld", (1, 1, 8, 8), 10)
+    # a factory that raises names itself, the error and where (not a raw traceback)
+    with pytest.raises(SourceError, match=rf"^model.source: '{mod}:broken' raised RuntimeError: "
+                                          rf"disk full \(at .*{mod}.py:\d+\)$"):
+        build_model(f"{mod}:broken", (1, 1, 8, 8), 10)
     with pytest.raises(SourceError, match="returned int, allowed: a torch.nn.Module"):
         build_model(f"{mod}:build", (1, 1, 8, 8), 10)
     with pytest.raises(SourceError, match="data.source: .* raised RuntimeError: disk full"):

@@ -32,12 +32,26 @@ def import_object(ref: str, field: str) -> Any:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            raise SourceError(
-                f"{field}: module {module_name!r} has no attribute {attr!r}; it has: "
-                f"{', '.join(names[:20])}"
-            )
+            raise SourceError(f"{field}: module {module_name!r} has no attribute {attr!r}"
+                              f"{_what_it_has(module, attr)}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise SourceError(f"{field}: {ref!r} is not callable")
     return obj
+
+
+def _what_it_has(module: Any, attr: str) -> str:
+    """The module's own functions and classes (not what it imported), closest to ``attr``
+    first: what a reference to it would name."""
+    import difflib
+    import inspect
+
+    own = sorted(n for n, v in vars(module).items()
+                 if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+                 and getattr(v, "__module__", None) == module.__name__)
+    if not own:
+        return " (it defines no functions or classes)"
+    close = difflib.get_close_matches(attr, own, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    shown = ", ".join(own[:30]) + (f", ... ({len(own)} in all)" if len(own) > 30 else "")
+    return f"{hint}; it defines: {shown}"

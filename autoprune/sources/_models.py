@@ -85,10 +85,22 @@ def _call(factory: Any, kwargs: dict[str, Any], source: str) -> Any:
                               f"parameters {sorted(params)}")
     try:
         return factory(**kwargs)
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise SourceError(f"model.kwargs: {source} does not take them ({e})") from None
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory: say which and where
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            raise SourceError(f"model.kwargs: {source} does not take them ({e})") from None
+        raise SourceError(f"model.source: {source!r} raised {type(e).__name__}: {e}"
+                          f"{_where(e)}") from e
+
+
+def _where(e: BaseException) -> str:
+    """`` (at file:line)``, the innermost frame of the traceback, where it is not torch's."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "site-packages" not in f.filename and "/autoprune/" not in f.filename]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
 def _takes(fn: Any, name: str) -> bool:
