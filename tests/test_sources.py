@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,43 @@ def test_checkpoint_round_trip_and_nested_state_dict(tmp_path: Path) -> None:
         assert torch.equal(src(x), dst(x))
 
 
+def test_checkpoints_of_wrapped_models_and_older_torch_load(tmp_path: Path) -> None:
+    """DataParallel/DDP (``module.``), torch.compile (``_orig_mod.``) and Lightning
+    (``state_dict`` of ``model.``) prefixes come off; a BatchNorm step counter may be missing
+    (older torch, converted weights), as torch's own strict load allows."""
+    src = _tiny_resnet()
+    state = src.state_dict()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ref = src(x)
+    wrapped = {
+        "ddp.pt": {f"module.{k}": v for k, v in state.items()},
+        "compiled_ddp.pt": {f"module._orig_mod.{k}": v for k, v in state.items()},
+        "lightning.ckpt": {"state_dict": {f"model.{k}": v for k, v in state.items()},
+                           "epoch": 3, "global_step": 10},
+        "no_counter.pt": {k: v for k, v in state.items()
+                          if not k.endswith("num_batches_tracked")},
+    }
+    for name, content in wrapped.items():
+        torch.save(content, tmp_path / name)
+        dst = _tiny_resnet()
+        load_checkpoint(dst, tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(dst(x), ref), name
+
+    # a prefix the model's own keys have too stays on
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _tiny_resnet()
+
+    src_h = Holder()
+    torch.save(src_h.state_dict(), tmp_path / "holder.pt")
+    dst_h = Holder()
+    load_checkpoint(dst_h, tmp_path / "holder.pt")
+    assert torch.equal(dst_h.model.fc.weight, src_h.model.fc.weight)
+
+
 def test_checkpoint_with_mismatched_keys(tmp_path: Path) -> None:
     state = _tiny_resnet(blocks=1).state_dict()
     state["extra.weight"] = torch.zeros(1)
@@ -228,8 +266,9 @@ def test_checkpoint_with_mismatched_keys(tmp_path: Path) -> None:
         load_checkpoint(_tiny_resnet(blocks=2), path)
     msg = str(info.value)
     assert msg.startswith("model.checkpoint: weights do not fit the architecture")
-    # Every parameter and buffer of the second blocks (6 layers), the first ten listed.
-    assert "missing keys (36): ['layer1.1.bn1.bias', " in msg
+    # Every parameter and buffer of the second blocks (6 layers), the first ten listed; not
+    # BatchNorm's step counters, which torch fills itself
+    assert "missing keys (30): ['layer1.1.bn1.bias', " in msg
     assert "unexpected keys (1): ['extra.weight']" in msg
 
 
@@ -266,6 +305,12 @@ def test_checkpoint_missing_or_not_a_state_dict(tmp_path: Path) -> None:
     torch.save(torch.zeros(3), path)
     with pytest.raises(CheckpointError, match="holds Tensor; allowed: a state dict"):
         load_checkpoint(_tiny_resnet(), path)
+    with warnings.catch_warnings():  # torch.jit.script is deprecated: users still have them
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_tiny_resnet()), tmp_path / "scripted.pt")
+        with pytest.raises(CheckpointError, match="it is a TorchScript archive") as info:
+            load_checkpoint(_tiny_resnet(), tmp_path / "scripted.pt")
+    assert "weights_only` set to `False`" not in str(info.value)  # torch's unsafe advice
 
 
 def _image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), train: int = 4,

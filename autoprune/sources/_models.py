@@ -143,7 +143,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
     """Load a state dict with ``weights_only=True``; mismatches are listed key by key."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{field}: file {str(path)!r} does not exist")
+        where = "" if path.is_absolute() else (
+            f" (a relative path is looked for from {Path.cwd()}"
+            + (", then from the space file's folder)" if field == "model.checkpoint" else ")"))
+        raise CheckpointError(f"{field}: file {str(path)!r} does not exist{where}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
@@ -156,7 +159,25 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
     if not isinstance(state, dict):
         raise CheckpointError(f"{field}: {str(path)!r} holds {type(state).__name__}; "
                               "allowed: a state dict (mapping of tensor names to tensors)")
-    load_state_dict_strict(model, state, field)
+    load_state_dict_strict(model, unwrapped(state, model.state_dict().keys()), field)
+
+
+def unwrapped(state: dict[str, Any], own: Any) -> dict[str, Any]:
+    """``state`` with wrappers' prefixes taken off every key, as far as makes the most keys
+    match the model's; as it is when none helps. Wrappers put a name before every key:
+    DataParallel/DDP ``module.``, torch.compile ``_orig_mod.``, a Lightning or trainer module
+    holding the network as ``self.model`` (``module._orig_mod.x`` -> ``x``)."""
+    own = set(own)
+    best, score = state, len(own & set(state))
+    while state:
+        heads = {k.partition(".")[0] for k in state}
+        if len(heads) != 1 or not all("." in k for k in state):
+            break
+        prefix = heads.pop() + "."
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        if len(own & set(state)) > score:
+            best, score = state, len(own & set(state))
+    return best
 
 
 def _unreadable(e: Exception) -> str:
@@ -169,6 +190,9 @@ def _unreadable(e: Exception) -> str:
     if found:
         return (f"it holds a pickled {found.group(1)} object, not only tensors (load it in your "
                 "own code and save its state_dict())")
+    if "TorchScript archive" in text:
+        return ("it is a TorchScript archive (torch.jit.save), not a state dict (load it with "
+                "torch.jit.load and save its state_dict())")
     found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if found:
         return f"it is not a torch state dict file ({found.group(1).strip()})"
@@ -178,7 +202,8 @@ def _unreadable(e: Exception) -> str:
 def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) -> None:
     """``model.load_state_dict`` whose error lists missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    # BatchNorm fills a missing step counter itself (files from older torch, converted weights)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state))
