@@ -102,20 +102,7 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         raise SourceError(f"model.input_dtype: got {m.input_dtype!r} but {space.data.source!r} "
                           f"yields {given} inputs; allowed: {closest!r}, the dtype of the data "
                           "(the model is traced, timed and exported with it)")
-    try:
-        with torch.no_grad():
-            out = model(example_input(m.input_shape, m.input_dtype))
-    except Exception as e:
-        raise SourceError(f"model.input_shape: got {list(m.input_shape)}; the model "
-                          f"{m.source!r} rejects {m.input_dtype} inputs of that shape "
-                          f"({type(e).__name__}: {e})") from e
-    if not isinstance(out, torch.Tensor):
-        got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
-               else f"a {type(out).__name__}")
-        raise SourceError(f"model.source: {space.model.source!r} returns {got}; allowed: one "
-                          "tensor of logits, (N, classes). Wrap the model so that forward returns "
-                          "the classifier's output (an auxiliary head left in would be pruned "
-                          "and trained as if it did not matter)")
+    out = example_output(model, m.source, m.input_shape, m.input_dtype)
     if tuple(inputs.shape[1:]) != tuple(space.model.input_shape[1:]):
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
@@ -128,6 +115,27 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
+
+
+def example_output(model: nn.Module, source: str, input_shape: tuple[int, ...],
+                   input_dtype: str) -> torch.Tensor:
+    """The model's output for an example input; a model that rejects the input, or returns
+    anything but one tensor, is a source error naming the field."""
+    try:
+        with torch.no_grad():
+            out = model(example_input(input_shape, input_dtype))
+    except Exception as e:
+        raise SourceError(f"model.input_shape: got {list(input_shape)}; the model {source!r} "
+                          f"rejects {input_dtype} inputs of that shape "
+                          f"({type(e).__name__}: {e})") from e
+    if not isinstance(out, torch.Tensor):
+        got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
+               else f"a {type(out).__name__}")
+        raise SourceError(f"model.source: {source!r} returns {got}; allowed: one tensor of "
+                          "logits, (N, classes). Wrap the model so that forward returns the "
+                          "classifier's output (an auxiliary head left in would be pruned and "
+                          "trained as if it did not matter)")
+    return out
 
 
 def _check_last_batch(space: SpaceConfig, model: nn.Module, train: Any) -> None:

@@ -32,10 +32,14 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    from autoprune.base import example_output
     from autoprune.config import load_space
     from autoprune.groups import describe_groups
     from autoprune.measure import example_input
+    from autoprune.prune import failing_groups
     from autoprune.sources import build_model, load_checkpoint
+    from autoprune.study import distributions
+    from autoprune.trial import PROBE_RATIO, probe_ratios
 
     if args.space:
         space = load_space(args.space)
@@ -58,7 +62,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
     model = build_model(source, shape, num_classes, kwargs).eval()
     if ckpt:
         load_checkpoint(model, ckpt)
+    example_output(model, source, shape, dtype)  # what `search` refuses, `layers` refuses
     groups = describe_groups(model, example_input(shape, dtype), ignore)
+    # groups Torch-Pruning traces but cannot prune: each would fail every trial
+    probes = (probe_ratios(distributions(space, groups)) if args.space
+              else {g.name: PROBE_RATIO for g in groups})
+    failing = failing_groups(model, example_input(shape, dtype), probes,
+                             space.pruning.round_to if args.space else 1, ignore)
+    groups = [g for g in groups if g.name not in failing]
     if args.write_space:
         from autoprune.space_writer import starter_space
 
@@ -66,14 +77,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
                                                         kwargs, ckpt, ignore, data, dtype))
         print(f"wrote a starter search space with {len(groups)} groups to {args.write_space}",
               file=sys.stderr)
+    from autoprune.groups import left_out_groups
+
+    left = {**left_out_groups(model, example_input(shape, dtype), ignore), **failing}
     if args.json:
         print(json.dumps({"model": source, "input_shape": list(shape),
-                          "groups": [g.to_dict() for g in groups]}, indent=2))
+                          "groups": [g.to_dict() for g in groups], "left_out": left}, indent=2))
     elif not args.write_space:
         _print_groups(groups)
-        from autoprune.groups import left_out_groups
-
-        left = left_out_groups(model, example_input(shape, dtype), ignore)
         if left:
             print(f"{len(left)} more group(s) cannot be searched:")
             for root, why in left.items():
@@ -290,6 +301,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
+    from autoprune.search import warn_left_out
     from autoprune.sensitivity import cache_path, cached_scan, cached_warm_start, plot_heatmap
     from autoprune.study import distributions
     from autoprune.trial import TrialContext
@@ -297,6 +309,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     space = load_space(args.space)
     ratios = args.ratios or list(space.search.warm_start.ratios)
     ctx = TrialContext.build(space)
+    warn_left_out(ctx.drop_failing_groups())
     sens, cached = cached_scan(ctx, ratios)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio

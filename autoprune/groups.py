@@ -252,11 +252,29 @@ def fixed_width_modules(model: nn.Module) -> list[nn.Module]:
             and any(isinstance(c, nn.Linear) for c in m.children())]
 
 
+def tied_modules(model: nn.Module) -> dict[nn.Module, str]:
+    """Modules that share a parameter with another module (weight tying: an embedding and an
+    output layer holding one tensor), each with the name of one it shares with. Pruning one
+    side would give it a new, smaller tensor and silently untie the pair."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append((name, module))
+    tied: dict[nn.Module, str] = {}
+    for pairs in holders.values():
+        for _name, module in pairs:
+            others = [n for n, m in pairs if m is not module]
+            if others:
+                tied.setdefault(module, others[0])
+    return tied
+
+
 def _judged_groups(graph: tp.DependencyGraph,
                    ignored: Sequence[nn.Module]) -> Iterable[tuple[Any, str | None]]:
     """Every group not rooted in ``ignored``, with why it cannot be searched (None: it can)."""
     ignored_all = [sub for m in ignored for sub in m.modules()]
     fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
+    tied = tied_modules(graph.model)
     recurrent = [m for m in graph.model.modules() if isinstance(m, nn.RNNBase)]
     for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
         why = None
@@ -272,6 +290,9 @@ def _judged_groups(graph: tp.DependencyGraph,
             elif dep.target.module in fixed:
                 why = (f"it touches {graph._module2name.get(dep.target.module, '?')}, whose "
                        "width is fixed")
+            elif dep.target.module in tied:
+                why = (f"it touches {graph._module2name.get(dep.target.module, '?')}, whose "
+                       f"weight is tied to {tied[dep.target.module]} (pruning would untie them)")
             if why:
                 break
         yield group, why

@@ -37,6 +37,8 @@ from autoprune.groups import (
     shape_checked_reshapes,
 )
 
+_FAILED = "pruning failed, the model was left untouched: "
+
 
 class _FPGM(tp.importance.FPGMImportance):
     """FPGM without Torch-Pruning 1.6's crash on a grouped (not depthwise) conv's input side.
@@ -213,8 +215,7 @@ def prune_model(
         with torch.no_grad():
             out = pruned(example_inputs)
     except Exception as e:  # noqa: BLE001 - report which op broke, keep the input model intact
-        raise PruningError(f"pruning failed, the model was left untouched: "
-                           f"{type(e).__name__}: {e}") from e
+        raise PruningError(f"{_FAILED}{type(e).__name__}: {e}") from e
     _check_output(ref_out, out)
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in pruner.pruning_history()]
     if parent is not None:
@@ -232,6 +233,37 @@ def prune_model(
         ignore=list(ignore), history=history,
     )
     return pruned, record
+
+
+def failing_groups(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str, float],
+                   round_to: int = 1, ignore: Sequence[str] = ()) -> dict[str, str]:
+    """The groups that cannot be pruned to their ``ratios``, ``{name: why}``.
+
+    Some structures Torch-Pruning traces but cannot prune (a PixelShuffle, an unequal
+    ``torch.split``, a per-channel buffer used in ``forward``): a search over such a group
+    would fail every trial. All groups are pruned at once first, as a trial does (one pass);
+    only when that fails is each tried alone, to name the ones at fault. A failure of the
+    whole that no single group shows is a warning: trials that prune them together fail.
+    """
+    if not ratios:
+        return {}
+    try:
+        prune_model(model, example_inputs, ratios, "l2", round_to, ignore)
+        return {}
+    except PruningError as e:
+        together = str(e).removeprefix(_FAILED)
+    failing = {}
+    for name, ratio in ratios.items():
+        try:
+            prune_model(model, example_inputs, {name: ratio}, "l2", round_to, ignore)
+        except PruningError as e:
+            failing[name] = (f"pruning it to ratio {ratio:g} fails "
+                             f"({str(e).removeprefix(_FAILED)[:300]})")
+    if not failing:
+        warnings.warn(f"every group prunes on its own, but pruned all at once they fail "
+                      f"({together[:300]}); trials that prune them together will fail",
+                      stacklevel=2)
+    return failing
 
 
 def _check_output(ref: Any, out: Any) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,17 @@ def _check_runs_dir(path: str) -> None:
                           f"({e.strerror or e})") from None
 
 
+def warn_left_out(left: Mapping[str, str]) -> None:
+    """Say which groups the search leaves out because they fail to prune (not silenced by
+    --quiet: it changes what is searched)."""
+    if not left:
+        return
+    lines = "".join(f"\n  {name}: {why}" for name, why in left.items())
+    print(f"autoprune: warning: {len(left)} group(s) left out of the search, because "
+          f"Torch-Pruning cannot prune them and each would fail every trial (add them to "
+          f"groups.ignore to silence this):{lines}", file=sys.stderr)
+
+
 def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
                jobs: int | None = None, resume: bool = False, seed: int | None = None,
                backend: str = "local", ray_options: dict[str, Any] | None = None,
@@ -264,6 +275,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
     ctx = TrialContext.build(space)  # fails here, before any trial, on bad sources
     check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
+    warn_left_out(ctx.drop_failing_groups())
     dists = distributions(space, ctx.groups)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")

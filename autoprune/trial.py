@@ -28,7 +28,7 @@ from autoprune.fidelity import Promote, Promoter, rung_steps
 from autoprune.finetune import TrainLog, adaptive_bn, finetuner
 from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, example_input, measure_latency
-from autoprune.prune import prune_model
+from autoprune.prune import failing_groups, prune_model
 from autoprune.sources import DataBundle, load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
 
@@ -92,6 +92,38 @@ class TrialContext:
                                                       space.model.input_dtype),
                                  space.groups.ignore)
         return cls(space, model, data, base, groups, dev, evaluate_fn)
+
+    def drop_failing_groups(self) -> dict[str, str]:
+        """Leave out the groups that cannot be pruned at all (:func:`probe_ratios`,
+        :func:`autoprune.prune.failing_groups`): each would fail every trial. A group that
+        fails only at high ratios stays; those trials fail and are recorded. Returns
+        ``{name: why}``."""
+        from autoprune.study import distributions
+
+        left = failing_groups(self.base_model, self.example_inputs,
+                              probe_ratios(distributions(self.space, self.groups)),
+                              self.space.pruning.round_to, self.space.groups.ignore)
+        self.groups = [g for g in self.groups if g.name not in left]
+        return left
+
+
+PROBE_RATIO = 0.25  # modest: removes channels without reaching a model's own width limits
+
+
+def probe_ratios(dists: Mapping[str, Any]) -> dict[str, float]:
+    """A ratio per searched group to check that it prunes at all: :data:`PROBE_RATIO`, moved
+    into the group's range and onto its grid. Groups fixed at 0 are not checked."""
+    import math
+
+    out = {}
+    for name, d in dists.items():
+        if d.high <= 0:
+            continue
+        r = min(max(PROBE_RATIO, d.low), d.high)
+        if d.step:
+            r = min(d.high, d.low + math.ceil((r - d.low) / d.step - 1e-9) * d.step)
+        out[name] = round(r, 10)
+    return out
 
 
 @dataclass

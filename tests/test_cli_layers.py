@@ -138,8 +138,39 @@ def test_input_shape_the_model_rejects(capsys: pytest.CaptureFixture[str]) -> No
     # A shape argparse accepts but the model does not: an error line, not a traceback.
     assert main(["layers", "--model", "builtin:tiny_cnn", "--input-shape", "1,1,8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("autoprune: error: ") and "expected 4D input (got 3D input)" in err
-    assert "Traceback" not in err
+    assert err.startswith("autoprune: error: model.input_shape: got [1, 1, 8]; the model "
+                          "'builtin:tiny_cnn' rejects float32 inputs of that shape")
+    assert "expected 4D input (got 3D input)" in err and "Traceback" not in err
+
+
+def test_layers_refuses_what_search_refuses_and_lists_groups_that_fail_to_prune(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "layer_mods.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Dict(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return {'logits': self.fc(x.flatten(1))}\n"
+        "class Masked(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(1, 16, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(16, 32, 3, padding=1)\n"
+        "        self.register_buffer('mask', torch.ones(1, 32, 1, 1))\n"
+        "        self.fc = nn.Linear(32, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc((self.b(self.a(x).relu()) * self.mask).mean((2, 3)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["layers", "--model", "layer_mods:Dict", "--input-shape", "1,1,8,8"]) == 2
+    assert "model.source: 'layer_mods:Dict' returns a dict with keys ['logits']; allowed: one " \
+           "tensor of logits" in capsys.readouterr().err
+    out = _layers_json(capsys, "--model", "layer_mods:Masked", "--input-shape", "1,1,8,8")
+    assert [g["name"] for g in out["groups"]] == ["a"]
+    assert out["left_out"]["b"].startswith("pruning it to ratio 0.25 fails (RuntimeError:")
 
 
 def test_missing_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:

@@ -269,3 +269,80 @@ def test_groups_that_reach_a_recurrent_layer_are_left_out_and_say_why() -> None:
     why = left_out_groups(model, x)
     assert why == {n: "it touches rnn, a recurrent layer (LSTM) that Torch-Pruning does not "
                       "prune reliably" for n in ("rnn", "conv.0")}
+
+
+class _PixelShuffleNet(nn.Module):
+    """An upsampler whose conv feeds a PixelShuffle, next to a plain conv block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.Conv2d(16, 64, 1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.shuffle(self.up(self.stem(x))).mean((2, 3)))
+
+
+class _MaskedNet(nn.Module):
+    """A per-channel buffer used in ``forward``: Torch-Pruning does not shrink it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.register_buffer("mask", torch.ones(1, 32, 1, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.b(self.a(x)) * self.mask).mean((2, 3)))
+
+
+class _TiedNet(nn.Module):
+    """Two layers holding one weight tensor (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.p1 = nn.Linear(16, 16)
+        self.p2 = nn.Linear(16, 16)
+        self.p2.weight = self.p1.weight
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).mean((2, 3))
+        return self.fc(torch.relu(self.p2(torch.relu(self.p1(x)))))
+
+
+def test_groups_torch_pruning_cannot_prune_are_found_and_named() -> None:
+    """Groups that fail to prune (every trial over them would fail) are named with the error;
+    the groups that prune are not, and a model whose groups all prune costs one pass."""
+    from autoprune.prune import failing_groups
+
+    x = torch.zeros(1, 1, 8, 8)
+    masked = _MaskedNet().eval()
+    names = [g.name for g in describe_groups(masked, x)]
+    assert sorted(names) == ["a.0", "b.0"]
+    why = failing_groups(masked, x, {n: 0.25 for n in names})
+    assert list(why) == ["b.0"]
+    assert why["b.0"].startswith("pruning it to ratio 0.25 fails (RuntimeError: The size of "
+                                 "tensor a (24) must match the size of tensor b (32)")
+    shuffle = _PixelShuffleNet().eval()
+    why = failing_groups(shuffle, x, {g.name: 0.25 for g in describe_groups(shuffle, x)})
+    assert "up" in why and "IndexError" in why["up"]
+    plain = build_model("builtin:resnet_tiny", (1, 1, 8, 8), 10, {"width": 8}).eval()
+    assert failing_groups(plain, x, {g.name: 0.5 for g in describe_groups(plain, x)}) == {}
+
+
+def test_tied_weights_are_never_pruned_apart() -> None:
+    """Pruning one of two layers that share a weight would give it a new tensor and silently
+    untie them: every group that touches one is left out, and says so."""
+    from autoprune.groups import left_out_groups
+
+    model = _TiedNet().eval()
+    x = torch.zeros(1, 1, 8, 8)
+    assert describe_groups(model, x) == []
+    why = left_out_groups(model, x)
+    assert why["p1"] == "it touches p1, whose weight is tied to p2 (pruning would untie them)"
+    assert set(why) == {"p1", "p2", "conv.0"}

@@ -22,7 +22,11 @@ from torch import nn
 
 
 class Fragile(nn.Module):
-    """A user model whose forward needs at least 6 channels after its first conv."""
+    """A user model whose forward needs at least 6 channels after its first conv (in training
+    only, with ``train_only``: out of sight of the check that a group prunes at all, which
+    runs the model in eval mode)."""
+
+    train_only = False
 
     def __init__(self):
         super().__init__()
@@ -33,13 +37,15 @@ class Fragile(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
-        if x.shape[1] < 6:
+        if x.shape[1] < 6 and (self.training or not self.train_only):
             raise RuntimeError(f"this block needs >= 6 channels, got {x.shape[1]}")
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
-def build():
-    return Fragile()
+def build(train_only=False):
+    model = Fragile()
+    model.train_only = train_only
+    return model
 '''
 
 
@@ -145,16 +151,32 @@ def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
     (tmp_path / "fragile_model.py").write_text(FRAGILE_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(tiny_space(
-        runs, "all-fail", **{"model.source": "fragile_model:build", "model.kwargs": {},
-                             "groups.default": {"low": 0.75, "high": 0.8, "step": 0.05},
-                             "search.baselines": [], "search.trials": 2})))
+    spec = tiny_space(runs, "all-fail", **{"model.source": "fragile_model:build",
+                                           "model.kwargs": {"train_only": True},
+                                           "groups.default": {"low": 0.75, "high": 0.8,
+                                                              "step": 0.05},
+                                           "search.baselines": [], "search.trials": 2})
+    path.write_text(yaml.safe_dump(spec))
     assert cli(["search", str(path), "--quiet"]) == 1
     out = capsys.readouterr()
     assert "2 trials (2 failed)" in out.out
     line = next(x for x in out.out.splitlines() if x.startswith("  2 trial(s) [0, 1]: "))
     assert "this block needs >= 6 channels" in line
     assert "every trial failed" in out.err
+
+    # failing in eval mode too, conv1's group fails the check that it prunes at all: it is
+    # left out, with a warning, and the search runs over the groups that prune
+    spec["model"]["kwargs"] = {}
+    path.write_text(yaml.safe_dump({**spec, "name": "left-out"}))
+    assert cli(["search", str(path), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert ("warning: 1 group(s) left out of the search, because Torch-Pruning cannot prune "
+            "them") in out.err
+    assert "  conv1: pruning it to ratio 0.75 fails (RuntimeError: this block needs >= 6 " \
+           "channels, got 3)" in out.err
+    assert "2 trials (0 failed)" in out.out
+    study = load_study("left-out", f"sqlite:///{runs / 'optuna.db'}")
+    assert all(set(t.params) == {"conv2"} for t in study.trials)
 
 
 def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Path) -> None:
