@@ -29,6 +29,7 @@ from autoprune.study import (
     SEED_POINTS,
     add_result,
     check_patterns,
+    check_study,
     distributions,
     done_count,
     enqueue_points,
@@ -269,6 +270,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         from autoprune.controllers.ray_tune import check_address
 
         check_address((ray_options or {}).get("address"))
+    check_study(space, name, resume)  # an existing study, before minutes of base training
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 

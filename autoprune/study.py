@@ -185,6 +185,31 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
                              f"{names or 'none'}") from None
 
 
+def check_study(space: SpaceConfig, name: str, resume: bool) -> optuna.Study | None:
+    """The study ``name`` as this search may open it: None when it is new (or holds no
+    trials), the study when it is resumed. A study that exists without ``resume``, or that was
+    made with other objectives or another space, is an error. Cheap: the search checks it
+    before preparing the base model, and again when it opens the study."""
+    if space.storage_url.startswith("sqlite:///") and \
+            not Path(space.storage_url.removeprefix("sqlite:///")).exists():
+        return None  # nothing there yet; reading must not create the store
+    if name not in list_studies(space.storage_url):
+        return None
+    old = optuna.load_study(study_name=name, storage=storage_for(space.storage_url))
+    if not old.get_trials(deepcopy=False):
+        return None
+    if not resume:
+        raise AutopruneError(f"--study: study {name!r} already exists in "
+                             f"{space.storage_url}; pass --resume to continue it, or "
+                             "--study NEW_NAME")
+    if old.user_attrs.get("objectives") != list(space.objectives):
+        raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} "
+                             f"was created with {old.user_attrs.get('objectives')}; allowed: "
+                             "the same objectives, or a new --study")
+    _check_same_space(name, old, space)
+    return old
+
+
 def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
                base: BaseMetrics) -> optuna.Study:
     """Create the study (once, before any worker starts) or, with ``resume``, load it.
@@ -192,23 +217,12 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     A study without trials (left by a start that failed, e.g. on an unreachable Ray cluster)
     is made again from this space."""
     storage = storage_for(space.storage_url)
-    old = (optuna.load_study(study_name=name, storage=storage)
-           if name in list_studies(space.storage_url) else None)
-    if old is not None and not old.get_trials(deepcopy=False):
-        optuna.delete_study(study_name=name, storage=storage)
-        old = None
+    old = check_study(space, name, resume)
     if old is not None:
-        if not resume:
-            raise AutopruneError(f"--study: study {name!r} already exists in "
-                                 f"{space.storage_url}; pass --resume to continue it, or "
-                                 "--study NEW_NAME")
-        if old.user_attrs.get("objectives") != list(space.objectives):
-            raise AutopruneError(f"objectives: got {list(space.objectives)} but study {name!r} "
-                                 f"was created with {old.user_attrs.get('objectives')}; allowed: "
-                                 "the same objectives, or a new --study")
-        _check_same_space(name, old, space)
         old.sampler = make_sampler(space, sampler_seed(seed, old))
         return old
+    if name in list_studies(space.storage_url):  # one without trials: made again
+        optuna.delete_study(study_name=name, storage=storage)
     study = optuna.create_study(study_name=name, storage=storage,
                                 directions=directions(space.objectives),
                                 sampler=make_sampler(space, seed))

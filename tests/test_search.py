@@ -15,6 +15,7 @@ from autoprune.config import parse_space
 from autoprune.errors import AutopruneError, ConfigError, SourceError
 from autoprune.search import run_search
 from autoprune.study import front_numbers, load_study, origin
+from autoprune.trial import TrialContext
 
 FRAGILE_MODEL = '''
 import torch
@@ -346,12 +347,23 @@ def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> No
     assert again.user_attrs["space"]["finetune"]["lr"] == 0.05
 
 
-def test_a_resumed_search_draws_new_configs(runs: Path) -> None:
+def test_a_resumed_search_draws_new_configs(runs: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """On resume the sampler moves on: from its seed again, a random search would re-draw the
     configs it ran before, and each would only reuse a finished trial's result."""
     spec = tiny_space(runs, "redraw", **{"search.sampler": "random", "search.baselines": [],
                                          "search.trials": 3})
     run_search(parse_space(spec), quiet=True)
+    # the same study again without --resume, or with other objectives: an error before the
+    # base model is prepared (it came after, minutes on a large model)
+    with monkeypatch.context() as m:
+        m.setattr(TrialContext, "build", lambda *a, **k: pytest.fail("prepared the base"))
+        with pytest.raises(AutopruneError, match="--study: study 'redraw' already exists in "
+                                                 ".*; pass --resume to continue it"):
+            run_search(parse_space(spec), quiet=True)
+        with pytest.raises(AutopruneError, match=r"objectives: got \['accuracy', 'macs'\] but"):
+            run_search(parse_space({**spec, "objectives": ["accuracy", "macs"]}), resume=True,
+                       quiet=True)
     run_search(parse_space(spec), trials=6, resume=True, quiet=True)
     study = load_study("redraw", parse_space(spec).storage_url)
     assert len([t for t in study.trials if t.state.is_finished()]) == 6
