@@ -41,7 +41,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         }
         for key in METRIC_COLUMNS:
             row[key] = t.user_attrs.get(key)
-        row["error"] = (t.user_attrs.get("error") or "").split("\n")[0] or None
+        row["error"] = t.user_attrs.get("error") or None  # the whole traceback (a quoted cell)
         row.update({f"ratio.{k}": v for k, v in t.params.items()})
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -140,6 +140,15 @@ def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
     assert {int(r.data.tags["autoprune.trial"]) for r in failed} == failed_in_optuna
     for r in failed:
         assert r.info.status == "FAILED" and "needs >= 6 channels" in r.data.tags["error"]
+    # trials.csv holds each failed trial's whole traceback, as the summary says
+    import pandas as pd
+
+    table = pd.read_csv(runs / "studies" / "fragile" / "trials.csv")
+    errors = table.set_index("trial")["error"]
+    first, _, rest = errors[2].partition("\n")
+    assert first.endswith("RuntimeError: this block needs >= 6 channels, got 3")
+    assert rest.startswith("Traceback (most recent call last):") and "fragile_model.py" in rest
+    assert errors[[n for n in states if n not in failed_in_optuna]].isna().all()
 
 
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
