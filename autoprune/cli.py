@@ -179,15 +179,49 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     uri = args.uri or f"sqlite:///{Path(args.runs_dir) / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
            "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(cmd)
+    return _serve(cmd)
+
+
+def _serve(cmd: list[str], grace_s: float = 20.0) -> int:
+    """Run a server (MLflow's UI, with its uvicorn and job workers) until it exits or this
+    process is told to stop (Ctrl-C, ``kill``, a closed terminal), then stop all of it: its
+    own process group gets SIGTERM, and SIGKILL after ``grace_s``. A plain
+    ``subprocess.call`` left the server holding its port when ``kill`` reached only this
+    process."""
+    import contextlib
+    import signal
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopped = []
+
+    def signal_group(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+    def stop(signum: int, _frame: Any) -> None:
+        stopped.append(signum)
+        signal_group(signal.SIGTERM)
+        timer = threading.Timer(grace_s, signal_group, (signal.SIGKILL,))
+        timer.daemon = True
+        timer.start()
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.signal(s, stop) for s in handled}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    signal_group(signal.SIGKILL)  # workers that outlived the server
+    return 0 if stopped else rc
 
 
 def cmd_export(args: argparse.Namespace) -> int:

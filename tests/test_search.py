@@ -533,3 +533,37 @@ def test_an_interrupted_seed_runs_again_before_the_seeds_behind_it(tmp_path: Pat
     assert order == [(0.2, "warm_start", 0.6, None), (0.5, "warm_start", 0.3, None),
                      (0.25, "baseline", None, 0.25)]
     assert study.trials[first.number].user_attrs["interrupted"] is True
+
+
+def test_ui_stopped_by_kill_stops_the_mlflow_server_too(tmp_path: Path) -> None:
+    """`autoprune ui` runs MLflow's server (uvicorn, job workers) as children: a `kill` of
+    the autoprune process (a supervisor, a closed terminal) must not leave them on the port."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "ui", "--runs-dir",
+                             str(tmp_path / "runs"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the UI never answered"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(OSError):  # nothing answers there any more
+            urllib.request.urlopen(url, timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
