@@ -399,7 +399,7 @@ def _validate(space: SpaceConfig) -> None:
                           " | ".join(map(repr, INPUT_DTYPE_NAMES)))
     _check_range(space.groups.default, "groups.default")
     for pat, r in space.groups.patterns.items():
-        _check_range(r, f"groups.patterns.{pat}")
+        _check_range(r, f"groups.{pat}")  # the key the user wrote (the short form)
     _positive(space.pruning.round_to, "pruning.round_to")
     _positive(space.finetune.epochs, "finetune.epochs", allow_zero=True)
     _positive(space.finetune.steps, "finetune.steps", allow_zero=True)
@@ -537,7 +537,13 @@ def parse_space(data: dict[str, Any], base_dir: str | Path | None = None) -> Spa
     data = dict(data)
     if "groups" in data:
         data["groups"] = _normalise_groups(data["groups"])
-    space: SpaceConfig = _build(SpaceConfig, data, "")
+    try:
+        space: SpaceConfig = _build(SpaceConfig, data, "")
+    except ConfigError as e:  # name a pattern's field as written: groups."layer4.*".high
+        if not e.path.startswith("groups.patterns."):
+            raise
+        raise ConfigError("groups." + e.path.removeprefix("groups.patterns."), e.value,
+                          e.allowed) from None
     _validate(space)
     if base_dir is not None:
         space = _resolve_paths(space, Path(base_dir))

@@ -75,7 +75,7 @@ def check_patterns(space: SpaceConfig, groups: Sequence[GroupInfo],
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
             raise AutopruneError(
-                f"groups.patterns.{pattern}: matches no group of {space.model.source}; close "
+                f"groups.{pattern}: matches no group of {space.model.source}; close "
                 f"matches: {close or 'none'}; groups: {names} (see `autoprune layers`)")
 
 

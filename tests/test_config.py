@@ -57,7 +57,7 @@ def test_demo_space_loads(repo_root: Path) -> None:
     (lambda d: d["model"].__setitem__("soruce", "x"), "model.soruce", "source"),
     (lambda d: d["model"]["train"].__setitem__("epoch", 3), "model.train.epoch", "epochs"),
     (lambda d: d["groups"]["layer3.*"].__setitem__("hihg", 0.5),
-     "groups.patterns.layer3.*.hihg", "high"),
+     "groups.layer3.*.hihg", "high"),
     (lambda d: d["latency"].__setitem__("repeat", 5), "latency.repeat", "repeats"),
     (lambda d: d["search"].__setitem__("sampler_name", "tpe"), "search.sampler_name", "sampler"),
 ])
@@ -95,8 +95,8 @@ def test_bad_literal_suggests_close_value(space_dict: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("mutate", "path"), [
     (lambda d: d["groups"]["default"].__setitem__("high", 1.0), "groups.default.high"),
     (lambda d: d["groups"]["default"].__setitem__("low", -0.1), "groups.default.low"),
-    (lambda d: d["groups"]["layer3.*"].__setitem__("high", 1.5), "groups.patterns.layer3.*.high"),
-    (lambda d: d["groups"]["layer3.*"].__setitem__("low", -0.2), "groups.patterns.layer3.*.low"),
+    (lambda d: d["groups"]["layer3.*"].__setitem__("high", 1.5), "groups.layer3.*.high"),
+    (lambda d: d["groups"]["layer3.*"].__setitem__("low", -0.2), "groups.layer3.*.low"),
 ])
 def test_ratio_outside_unit_interval(space_dict: dict[str, Any], mutate: Mutation,
                                      path: str) -> None:
@@ -111,7 +111,7 @@ def test_range_low_above_high_and_bad_step(space_dict: dict[str, Any]) -> None:
     assert err.path == "groups.default.low"
     assert "<= high (0.4)" in err.allowed
     err = _error(space_dict, lambda d: d["groups"]["layer3.*"].__setitem__("step", 0))
-    assert err.path == "groups.patterns.layer3.*.step"
+    assert err.path == "groups.layer3.*.step"
 
 
 @pytest.mark.parametrize(("mutate", "path", "allowed"), [
