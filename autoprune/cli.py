@@ -265,13 +265,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
         files, _ = write_model_files(model, shape, stage,
                                      lambda onnx, program: check_formats(model, x, onnx, program),
                                      dtype)
+        written = list(files.values())
         if args.weights is not None:  # the exported model itself: its config goes with it
             (stage / "prune_config.json").write_text(json.dumps(
                 {**config, "files": {**config["files"], **files}}, indent=2))
+            written.append("prune_config.json")
     cost = count_cost(model, shape, dtype)
     print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
           f"{cost.params:,} params{' (base weights, not fine-tuned)' if args.untrained else ''}"
-          f"; wrote " + ", ".join(str(out / f) for f in files.values()))
+          f"; wrote " + ", ".join(str(out / f) for f in written)
+          + ("; no prune_config.json: its metrics are the fine-tuned model's" if args.untrained
+             else ""))
     return 0
 
 
@@ -409,7 +413,9 @@ def _study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autoprune", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="autoprune", description="Find per-layer (per-group) pruning ratios for a PyTorch "
+        "model: list its groups, search, look at the Pareto front, export a point of it.")
     sub = p.add_subparsers(dest="command", required=True)
 
     lay = sub.add_parser("layers", help="list the prunable dependency groups of a model")

@@ -100,12 +100,13 @@ def test_the_exported_program_runs_with_torch_alone(exported: Path) -> None:
 
 
 def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
-                                    tmp_path: Path) -> None:
+                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space, _ = searched
     ckpt = load_study("exp", space.storage_url).user_attrs["base"]["checkpoint"]
     rc = cli(["apply", str(exported / "prune_config.json"), "--checkpoint", ckpt,
               "--weights", str(exported / "weights.pt"), "--out", str(tmp_path / "applied")])
     assert rc == 0
+    assert str(tmp_path / "applied" / "prune_config.json") in capsys.readouterr().out
     a = torch.load(exported / "weights.pt", weights_only=True)
     b = torch.load(tmp_path / "applied" / "weights.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -131,6 +132,8 @@ def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
     assert {k: tuple(v.shape) for k, v in bare.items()} == \
         {k: tuple(v.shape) for k, v in a.items()}
     assert not (tmp_path / "bare" / "prune_config.json").exists()  # not the export's model
+    assert "no prune_config.json: its metrics are the fine-tuned model's" in \
+        capsys.readouterr().out
 
 
 def test_an_export_replaces_the_one_before_whole_or_not_at_all(
