@@ -349,8 +349,12 @@ def test_imagefolder_source(tmp_path: Path) -> None:
 def test_imagefolder_errors(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     (root / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(SourceError, match="has no val/ folder"):
+    with pytest.raises(SourceError, match=rf"{root} has no val/ folder; allowed"):
         build_data(DataConfig(source=f"imagefolder:{root}"), (1, 3, 16, 16))
+    with pytest.raises(SourceError, match=r"'imagefolder:no/such/data': there is no folder "
+                                          r".*no/such/data \(a relative path is looked for "
+                                          r"from the current directory, then from the space"):
+        build_data(DataConfig(source="imagefolder:no/such/data"), (1, 3, 16, 16))
     other = _image_folder(tmp_path / "other")
     (other / "val" / "dog").rename(other / "val" / "wolf")
     with pytest.raises(SourceError, match=r"train/ classes \['cat', 'dog'\] differ"):

@@ -107,8 +107,11 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
     root = Path(path)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise SourceError(f"data.source: 'imagefolder:{path}' has no {split}/ folder; "
-                              "allowed: "
+            where = (f"there is no folder {root.resolve()}" if not root.is_dir()
+                     else f"{root.resolve()} has no {split}/ folder")
+            looked = ("" if root.is_absolute() else " (a relative path is looked for from the "
+                      "current directory, then from the space file's folder)")
+            raise SourceError(f"data.source: 'imagefolder:{path}': {where}{looked}; allowed: "
                               "a folder with train/<class>/ and val/<class>/ image folders")
     c, h, w = input_shape[1], input_shape[2], input_shape[3]
     mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if c == 3 else ([0.5] * c,
