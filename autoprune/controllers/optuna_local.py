@@ -6,9 +6,12 @@ worker process runs whole trials with ``cpu_count // jobs`` torch threads.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.managers import BaseManager
@@ -26,9 +29,39 @@ from autoprune.trial import TrialContext, TrialResult, run_trial
 OnResult = Callable[[optuna.Trial, TrialResult], None]
 
 
+@contextlib.contextmanager
+def _ctrl_c_remembered() -> Iterator[list[int]]:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered too: Python drops the
+    exception when the signal lands while a weakref callback or a ``__del__`` runs
+    ("Exception ignored in ..."), and the search went on as if no key was pressed. The
+    controller checks the list between trials."""
+    hits: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield hits
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        hits.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
               dists: dict[str, optuna.distributions.FloatDistribution],
               on_result: OnResult, keep_model: bool) -> None:
+    """See :func:`_run_local`; a Ctrl-C that Python swallowed still stops it after the trial."""
+    with _ctrl_c_remembered() as ctrl_c:
+        _run_local(ctx, study, total, jobs, dists, on_result, keep_model, ctrl_c)
+
+
+def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
+               dists: dict[str, optuna.distributions.FloatDistribution],
+               on_result: OnResult, keep_model: bool, ctrl_c: list[int]) -> None:
     """Run trials until ``total`` have finished (completed or failed).
 
     Args:
@@ -54,6 +87,8 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             result.state_dict = None
         on_result(trial, result)
         remember(seen, result, trial.number)
+        if ctrl_c:  # pressed during the trial, and the KeyboardInterrupt was lost
+            raise KeyboardInterrupt
 
     def inherits(models: Any, role: str | None) -> bool:
         return models is not None and role != "baseline"  # a baseline is uniform pruning
