@@ -22,7 +22,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
-from autoprune.errors import ConfigError
+from autoprune.errors import ConfigError, PruningError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
@@ -235,6 +235,39 @@ def warn_left_out(left: Mapping[str, str]) -> None:
           f"groups.ignore to silence this):{lines}", file=sys.stderr)
 
 
+def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
+    """A space must leave something to search, and its MACs and parameter limits must be
+    within reach: the cheapest config (every group at its highest ratio) is counted once. A
+    limit below it would make every trial infeasible, the whole budget spent for an empty
+    front."""
+    space = ctx.space
+    if dists and all(d.high <= 0 for d in dists.values()):
+        raise ConfigError("groups", space.to_dict()["groups"],
+                          "at least one group with a range above 0 (every group's high is 0, "
+                          "so every trial would be the unpruned model)")
+    limits = {k: getattr(space.constraints, k) for k in ("max_macs_ratio", "max_params_ratio")}
+    if not dists or all(v is None for v in limits.values()):
+        return
+    from autoprune.measure import count_cost
+    from autoprune.prune import prune_model
+
+    try:
+        cheapest, _ = prune_model(ctx.base_model, ctx.example_inputs,
+                                  {n: d.high for n, d in dists.items() if d.high > 0}, "l2",
+                                  space.pruning.round_to, space.groups.ignore)
+    except PruningError:  # the trials will say why; nothing to compare with
+        return
+    cost = count_cost(cheapest, space.model.input_shape, space.model.input_dtype)
+    reached = {"max_macs_ratio": cost.macs / ctx.base.macs,
+               "max_params_ratio": cost.params / ctx.base.params}
+    for key, limit in limits.items():
+        if limit is not None and limit < reached[key] - 1e-9:
+            raise ConfigError(f"constraints.{key}", limit,
+                              f"a ratio of at least {reached[key]:.4f}, the lowest this space "
+                              "reaches (every group at its highest ratio; higher bounds in "
+                              "groups reach lower)")
+
+
 def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
                jobs: int | None = None, resume: bool = False, seed: int | None = None,
                backend: str = "local", ray_options: dict[str, Any] | None = None,
@@ -279,6 +312,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
     warn_left_out(ctx.drop_failing_groups())
     dists = distributions(space, ctx.groups)
+    check_reachable(ctx, dists)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
 
@@ -327,8 +361,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
                                out / "sensitivity.json"])
     already = done_count(study)
+    # shown with --quiet too: it changes what the search runs (the baselines may not)
     _warn_seeds_left(study, points if backend == "ray" and not resume else None, already,
-                     total, space.search.population_size, log)
+                     total, space.search.population_size,
+                     lambda msg: print(msg, file=sys.stderr))
     progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
                                        desc=f"search {name}", file=sys.stderr)
     recorder = Recorder(space, study, tracker, out, progress)

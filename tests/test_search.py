@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from autoprune.config import parse_space
 from autoprune.errors import AutopruneError, ConfigError, SourceError
 from autoprune.search import run_search
-from autoprune.study import front_numbers, load_study, origin
+from autoprune.study import front_numbers, list_studies, load_study, origin
 from autoprune.trial import TrialContext
 
 FRAGILE_MODEL = '''
@@ -421,7 +421,7 @@ def test_a_resumed_search_draws_new_configs(runs: Path,
 def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
         runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tiny_space(runs, "few-trials", **{"search.trials": 2})  # 3 uniform baselines
-    run_search(parse_space(spec))
+    run_search(parse_space(spec), quiet=True)  # a warning, shown with --quiet too
     err = capsys.readouterr().err
     assert ("the 3 seed configs (warm start, uniform baselines) run first and 2 trials are left "
             "to run, so the sampler proposes none, and 1 of them wait for a later --resume; "
@@ -431,6 +431,27 @@ def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
     done = [t for t in study.trials if t.state.is_finished()]
     assert len(done) == 4
     assert [origin(t.user_attrs) for t in done] == ["baseline"] * 3 + ["sampler"]
+
+
+def test_a_space_with_nothing_to_search_or_out_of_reach_limits_fails_before_any_trial(
+        runs: Path) -> None:
+    """Every group frozen ran identical unpruned trials; a MACs limit below the cheapest
+    config made every trial infeasible, the whole budget spent for an empty front."""
+    frozen = tiny_space(runs, "frozen", **{"groups.default": {"low": 0.0, "high": 0.0}})
+    with pytest.raises(ConfigError, match=r"^groups: got .*; allowed: at least one group with a "
+                                          r"range above 0"):
+        run_search(parse_space(frozen), quiet=True)
+    for key in ("max_macs_ratio", "max_params_ratio"):
+        spec = tiny_space(runs, "unreachable", constraints={key: 0.01})
+        with pytest.raises(ConfigError, match=rf"^constraints.{key}: got 0.01; allowed: a ratio "
+                                              r"of at least 0\.\d+, the lowest this space "
+                                              r"reaches"):
+            run_search(parse_space(spec), quiet=True)
+    assert "unreachable" not in list_studies(f"sqlite:///{runs / 'optuna.db'}")
+    # within reach: it runs
+    spec = tiny_space(runs, "reachable", constraints={"max_macs_ratio": 0.5},
+                      **{"search.trials": 2})
+    assert run_search(parse_space(spec), quiet=True).trials == 2
 
 
 def test_bad_sources_fail_before_any_trial(runs: Path) -> None:
