@@ -120,7 +120,8 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
                         label=f"front: accuracy vs {x}")
                 page_fig.add_scatter(x=front[x], y=front["accuracy"], mode="lines",
                                  line={"shape": "hv"}, name=f"front: accuracy vs {x}")
-            uni = done[done["baseline"]].sort_values(x)
+            # fine-tuned uniform baselines only: an infeasible one holds its proxy accuracy
+            uni = done[done["baseline"] & (done["state"] == "complete")].sort_values(x)
             if not uni.empty:
                 ax.plot(uni[x], uni["accuracy"], "--s", c="#2e6fdb", label="uniform ratios")
                 page_fig.add_scatter(x=uni[x], y=uni["accuracy"], mode="lines+markers",

@@ -184,6 +184,8 @@ class Tracker:
             values["flops"] = 2.0 * float(values["macs"])  # FLOPs = 2 x MACs, as for the base
         if state == "pruned" and "accuracy" in values:  # stopped at a rung: not a final score
             values["accuracy_at_stop"] = values.pop("accuracy")
+        if state == "infeasible":  # never fine-tuned: its accuracy is the proxy, logged as such
+            values.pop("accuracy", None)
         metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
         metrics += [Metric(f"constraint.{k}", float(v), now, 0)
                     for k, v in (attrs.get("constraints") or {}).items()]
