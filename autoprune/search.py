@@ -245,6 +245,21 @@ def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
         raise ConfigError("groups", space.to_dict()["groups"],
                           "at least one group with a range above 0 (every group's high is 0, "
                           "so every trial would be the unpruned model)")
+    from autoprune.prune import kept_after_rounding
+
+    round_to = space.pruning.round_to
+    rounded = [f"{g.name} ({g.channels})" for g in ctx.groups
+               if g.name in dists and dists[g.name].high > 0
+               and kept_after_rounding(g.channels, dists[g.name].high, round_to) == g.channels]
+    if rounded:
+        every = len(rounded) == sum(d.high > 0 for d in dists.values())
+        what = (f"{len(rounded)} group(s) keep every channel at every ratio of their range "
+                f"with pruning.round_to {round_to}: {', '.join(rounded)}")
+        if every:
+            raise ConfigError("pruning.round_to", round_to,
+                              f"a multiple that leaves channels to remove ({what})")
+        print(f"autoprune: warning: {what}; a smaller round_to or a higher bound prunes them",
+              file=sys.stderr)
     limits = {k: getattr(space.constraints, k) for k in ("max_macs_ratio", "max_params_ratio")}
     if not dists or all(v is None for v in limits.values()):
         return

@@ -436,7 +436,7 @@ def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
 
 
 def test_a_space_with_nothing_to_search_or_out_of_reach_limits_fails_before_any_trial(
-        runs: Path) -> None:
+        runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every group frozen ran identical unpruned trials; a MACs limit below the cheapest
     config made every trial infeasible, the whole budget spent for an empty front."""
     frozen = tiny_space(runs, "frozen", **{"groups.default": {"low": 0.0, "high": 0.0}})
@@ -450,10 +450,14 @@ def test_a_space_with_nothing_to_search_or_out_of_reach_limits_fails_before_any_
                                               r"reaches"):
             run_search(parse_space(spec), quiet=True)
     assert "unreachable" not in list_studies(f"sqlite:///{runs / 'optuna.db'}")
-    # within reach: it runs
+    # within reach: it runs, and says which groups round_to leaves whole at every ratio
     spec = tiny_space(runs, "reachable", constraints={"max_macs_ratio": 0.5},
-                      **{"search.trials": 2})
+                      **{"search.trials": 2, "pruning.round_to": 16})
+    capsys.readouterr()
     assert run_search(parse_space(spec), quiet=True).trials == 2
+    assert ("warning: 2 group(s) keep every channel at every ratio of their range with "
+            "pruning.round_to 16: layer2.0.shortcut.0 (16), layer2.0.conv1 (16)") in \
+        capsys.readouterr().err
 
 
 def test_bad_sources_fail_before_any_trial(runs: Path) -> None:
