@@ -339,7 +339,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.search import warn_left_out
+    from autoprune.preflight import warn_left_out
     from autoprune.sensitivity import cache_path, cached_scan, cached_warm_start, plot_heatmap
     from autoprune.study import distributions
     from autoprune.trial import TrialContext

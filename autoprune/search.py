@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
-from autoprune.errors import ConfigError, PruningError
+from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
+from autoprune.preflight import check_reachable, warn_left_out
 from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
 from autoprune.study import (
     SEED_POINTS,
@@ -222,65 +223,6 @@ def _check_runs_dir(path: str) -> None:
     except OSError as e:
         raise ConfigError("runs_dir", path, f"a folder autoprune can create and write "
                           f"({e.strerror or e})") from None
-
-
-def warn_left_out(left: Mapping[str, str]) -> None:
-    """Say which groups the search leaves out because they fail to prune (not silenced by
-    --quiet: it changes what is searched)."""
-    if not left:
-        return
-    lines = "".join(f"\n  {name}: {why}" for name, why in left.items())
-    print(f"autoprune: warning: {len(left)} group(s) left out of the search, because "
-          f"Torch-Pruning cannot prune them and each would fail every trial (add them to "
-          f"groups.ignore to silence this):{lines}", file=sys.stderr)
-
-
-def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
-    """A space must leave something to search, and its MACs and parameter limits must be
-    within reach: the cheapest config (every group at its highest ratio) is counted once. A
-    limit below it would make every trial infeasible, the whole budget spent for an empty
-    front."""
-    space = ctx.space
-    if dists and all(d.high <= 0 for d in dists.values()):
-        raise ConfigError("groups", space.to_dict()["groups"],
-                          "at least one group with a range above 0 (every group's high is 0, "
-                          "so every trial would be the unpruned model)")
-    from autoprune.prune import kept_after_rounding
-
-    round_to = space.pruning.round_to
-    rounded = [f"{g.name} ({g.channels})" for g in ctx.groups
-               if g.name in dists and dists[g.name].high > 0
-               and kept_after_rounding(g.channels, dists[g.name].high, round_to) == g.channels]
-    if rounded:
-        every = len(rounded) == sum(d.high > 0 for d in dists.values())
-        what = (f"{len(rounded)} group(s) keep every channel at every ratio of their range "
-                f"with pruning.round_to {round_to}: {', '.join(rounded)}")
-        if every:
-            raise ConfigError("pruning.round_to", round_to,
-                              f"a multiple that leaves channels to remove ({what})")
-        print(f"autoprune: warning: {what}; a smaller round_to or a higher bound prunes them",
-              file=sys.stderr)
-    limits = {k: getattr(space.constraints, k) for k in ("max_macs_ratio", "max_params_ratio")}
-    if not dists or all(v is None for v in limits.values()):
-        return
-    from autoprune.measure import count_cost
-    from autoprune.prune import prune_model
-
-    try:
-        cheapest, _ = prune_model(ctx.base_model, ctx.example_inputs,
-                                  {n: d.high for n, d in dists.items() if d.high > 0}, "l2",
-                                  space.pruning.round_to, space.groups.ignore)
-    except PruningError:  # the trials will say why; nothing to compare with
-        return
-    cost = count_cost(cheapest, space.model.input_shape, space.model.input_dtype)
-    reached = {"max_macs_ratio": cost.macs / ctx.base.macs,
-               "max_params_ratio": cost.params / ctx.base.params}
-    for key, limit in limits.items():
-        if limit is not None and limit < reached[key] - 1e-9:
-            raise ConfigError(f"constraints.{key}", limit,
-                              f"a ratio of at least {reached[key]:.4f}, the lowest this space "
-                              "reaches (every group at its highest ratio; higher bounds in "
-                              "groups reach lower)")
 
 
 def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
