@@ -45,9 +45,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({f"ratio.{k}": v for k, v in t.params.items()})
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("duplicate_of", "inherits_trial"):  # trial numbers: integers, or missing
+    # counts and trial numbers: integers, or missing (a failed trial has none; without this a
+    # column with a gap reads 44.0)
+    for col in ("duplicate_of", "inherits_trial", "finetune_steps", "params"):
         if col in df:
-            df[col] = df[col].astype("Int64")
+            df[col] = pd.to_numeric(df[col]).round().astype("Int64")
     return df
 
 
