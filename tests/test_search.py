@@ -628,3 +628,23 @@ def test_ui_stopped_by_kill_stops_the_mlflow_server_too(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_trials_table_keeps_counts_as_integers_beside_a_gap() -> None:
+    """A failed or interrupted trial has no fine-tune steps or parameter count; the column
+    beside its gap read 44.0 in trials.csv."""
+    from optuna.distributions import FloatDistribution
+
+    from autoprune.report import trials_frame
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"a": FloatDistribution(0.0, 0.5)}
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, values=[0.9, 0.5], params={"a": 0.2},
+        distributions=dist, user_attrs={"accuracy": 0.9, "macs_ratio": 0.5,
+                                        "finetune_steps": 44, "params": 1000}))
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"a": 0.3}, distributions=dist,
+        user_attrs={"error": "boom", "state": "failed"}))
+    csv = trials_frame(study)[["trial", "finetune_steps", "params"]].to_csv(index=False)
+    assert csv.splitlines() == ["trial,finetune_steps,params", "0,44,1000", "1,,"]
