@@ -334,7 +334,7 @@ def study_frame(space: SpaceConfig, study: str, t0: float) -> pd.DataFrame:
     st = load_study(study, space.storage_url)
     df = trials_frame(st).sort_values("trial").reset_index(drop=True)
     by_number = {t.number: t for t in st.get_trials(deepcopy=False)}
-    df["finetune_steps"] = df["finetune_steps"].fillna(0)
+    df["finetune_steps"] = df["finetune_steps"].fillna(0).astype("int64")
     df["evals"] = [_evals(by_number[n]) for n in df["trial"]]
     df["rung_evals"] = [_later_rungs(by_number[n]) for n in df["trial"]]
     # Wall time to each trial's end, so a run cut at a trial is timed up to that trial.
