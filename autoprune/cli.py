@@ -119,7 +119,8 @@ def _backend(args: argparse.Namespace) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from autoprune.config import load_space
-    from autoprune.search import format_front, run_search
+    from autoprune.report import format_front
+    from autoprune.search import run_search
 
     backend = _backend(args)
     space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
@@ -160,8 +161,7 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from autoprune.report import pareto_frame
-    from autoprune.search import format_front
+    from autoprune.report import format_front, pareto_frame
     from autoprune.study import load_study
 
     study = load_study(args.study, _storage(args))

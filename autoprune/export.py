@@ -322,7 +322,7 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
             :func:`runs_dir_now`); base checkpoint, kept weights and the default MLflow store
             are found there, whatever directory the search ran in.
     """
-    from autoprune.report import pareto_frame, summary_columns
+    from autoprune.report import format_front, pareto_frame
     from autoprune.study import load_study
 
     study = load_study(study_name, storage_url)
@@ -331,8 +331,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     try:
         number = pick(front, rule, _cost_column(study.user_attrs.get("objectives", [])))
     except ValueError as e:
-        table = (summary_columns(front, study.user_attrs.get("objectives", [])).to_string(
-            index=False) if not front.empty else "(empty)")
+        table = (format_front(front, study.user_attrs.get("objectives", []))
+                 if not front.empty else "(empty)")
         raise AutopruneError(f"{e}{_trial_state(study, rule)}\nthe front of study "
                              f"{study_name!r}:\n{table}") from None
     trial = study.trials[number]

@@ -161,3 +161,10 @@ def write_tables(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list
     df.to_csv(trials_csv, index=False)
     (df[df["pareto"]] if not df.empty else df).to_csv(pareto_csv, index=False)
     return df, [trials_csv, pareto_csv]
+
+
+def format_front(front: pd.DataFrame, objectives: Sequence[str] = ()) -> str:
+    if front.empty:
+        return "(no feasible completed trial yet)"
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
+        return summary_columns(front, objectives).to_string(index=False)

@@ -25,7 +25,11 @@ from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
 from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.preflight import check_reachable, warn_left_out
-from autoprune.report import front_hypervolume, plot_front, summary_columns, write_tables
+from autoprune.report import (
+    front_hypervolume,
+    plot_front,
+    write_tables,
+)
 from autoprune.study import (
     SEED_POINTS,
     add_result,
@@ -399,10 +403,3 @@ def _replace(obj: Any, **changes: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
-
-
-def format_front(front: pd.DataFrame, objectives: Sequence[str] = ()) -> str:
-    if front.empty:
-        return "(no feasible completed trial yet)"
-    with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
-        return summary_columns(front, objectives).to_string(index=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,8 +195,12 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
     assert res.trial == cheapest.number
     res = export_trial("exp", space.storage_url, f"trial:{cheapest.number}", tmp_path / "c")
     assert res.trial == cheapest.number
-    with pytest.raises(AutopruneError, match=r"no point of the front meets it[\s\S]*macs_ratio"):
+    with pytest.raises(AutopruneError, match=r"no point of the front meets it[\s\S]*macs_ratio") \
+            as info:
         export_trial("exp", space.storage_url, "macs<=0.0001", tmp_path / "d")
+    # the front as `autoprune pareto` prints it: 4 decimals
+    assert re.search(r"\b0\.\d{4}\b", str(info.value))
+    assert not re.search(r"\b0\.\d{6}\b", str(info.value))
     with pytest.raises(AutopruneError, match="allowed: knee, max-accuracy"):
         export_trial("exp", space.storage_url, "smallest", tmp_path / "e")
     with pytest.raises(AutopruneError, match=r"no study 'nope'.*\['exp'\]"):
