@@ -56,7 +56,7 @@ def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
     try:
         cheapest, _ = prune_model(ctx.base_model, ctx.example_inputs,
                                   {n: d.high for n, d in dists.items() if d.high > 0}, "l2",
-                                  space.pruning.round_to, space.groups.ignore)
+                                  round_to, space.groups.ignore)
     except PruningError:  # the trials will say why; nothing to compare with
         return
     cost = count_cost(cheapest, space.model.input_shape, space.model.input_dtype)

@@ -450,6 +450,14 @@ def test_a_space_with_nothing_to_search_or_out_of_reach_limits_fails_before_any_
                                               r"reaches"):
             run_search(parse_space(spec), quiet=True)
     assert "unreachable" not in list_studies(f"sqlite:///{runs / 'optuna.db'}")
+    # the one group left to search keeps all 16 channels at every ratio with round_to 16
+    whole = tiny_space(runs, "whole", groups={"default": {"low": 0.0, "high": 0.0},
+                                              "layer2.0.conv1": {"low": 0.1, "high": 0.4}},
+                       **{"pruning.round_to": 16})
+    with pytest.raises(ConfigError, match=r"^pruning.round_to: got 16; allowed: a multiple that "
+                                          r"leaves channels to remove \(1 group\(s\) keep every "
+                                          r"channel .*: layer2.0.conv1 \(16\)\)"):
+        run_search(parse_space(whole), quiet=True)
     # within reach: it runs, and says which groups round_to leaves whole at every ratio
     spec = tiny_space(runs, "reachable", constraints={"max_macs_ratio": 0.5},
                       **{"search.trials": 2, "pruning.round_to": 16})
