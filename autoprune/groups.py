@@ -205,6 +205,7 @@ def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
     if how is None:
         src, dst = shapes or ("?", "?")
         node.opaque = f"{node.grad_fn.name()} {list(src)} -> {list(dst)}"
+        node.recurrent = _recurrent_owner(graph.model, node.grad_fn)
         node.dependencies.clear()
     elif how[0] != "same":
         # As Torch-Pruning maps a flatten: node -> neighbour collapses, neighbour -> node expands.
@@ -215,6 +216,24 @@ def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
             for dep in other.dependencies:
                 if dep.target is node:
                     dep.index_mapping[0] = tp_index_mapping._FlattenIndexMapping(how[1], False)
+
+
+def _recurrent_owner(model: nn.Module, grad_fn: Any, depth: int = 4) -> str | None:
+    """The recurrent layer a traced reshape belongs to, if any (None: none found).
+
+    Torch-Pruning traces a GRU or plain RNN as tensor operations, not as a module, so a group
+    feeding one stops at a reshape inside it; that layer's weights lie a few steps below it.
+    """
+    owners = {id(p): f"{name}, a recurrent layer ({type(m).__name__})"
+              for name, m in model.named_modules()
+              if isinstance(m, nn.RNNBase) for p in m.parameters()}
+    frontier = [grad_fn] if owners else []
+    for _ in range(depth + 1):
+        for fn in frontier:
+            if id(getattr(fn, "variable", None)) in owners:
+                return owners[id(fn.variable)]
+        frontier = [g for fn in frontier for g, _ in fn.next_functions if g is not None]
+    return None
 
 
 @contextlib.contextmanager
@@ -287,6 +306,9 @@ def _judged_groups(graph: tp.DependencyGraph,
         for dep, _ in () if why else group:
             if opaque := getattr(dep.target, "opaque", None):
                 why = f"its channels cross a reshape that does not keep them whole ({opaque})"
+                if recurrent_layer := getattr(dep.target, "recurrent", None):
+                    why = (f"it touches {recurrent_layer} that Torch-Pruning does not prune "
+                           f"reliably (its channels cross a reshape inside it: {opaque})")
             elif dep.target.module in fixed:
                 why = (f"it touches {graph._module2name.get(dep.target.module, '?')}, whose "
                        "width is fixed")

@@ -166,11 +166,11 @@ def test_adaptive_bn_without_batchnorm() -> None:
 class _ConvLSTM(nn.Module):
     """Conv1d features -> LSTM over 25 steps -> classifier: an audio or sensor model."""
 
-    def __init__(self) -> None:
+    def __init__(self, recurrent: type[nn.RNNBase] = nn.LSTM) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv1d(1, 32, 9, stride=4), nn.BatchNorm1d(32), nn.ReLU(),
                                   nn.AdaptiveAvgPool1d(25))
-        self.rnn = nn.LSTM(32, 24, batch_first=True)
+        self.rnn = recurrent(32, 24, batch_first=True)
         self.fc = nn.Linear(24, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,13 @@ def test_groups_that_reach_a_recurrent_layer_are_left_out_and_say_why() -> None:
     why = left_out_groups(model, x)
     assert why == {n: "it touches rnn, a recurrent layer (LSTM) that Torch-Pruning does not "
                       "prune reliably" for n in ("rnn", "conv.0")}
+    # Torch-Pruning traces a GRU as tensor operations: the group stops at a reshape inside it,
+    # and the reason names the GRU, not only the reshape
+    gru = _ConvLSTM(nn.GRU).eval()
+    assert [g.name for g in describe_groups(gru, x)] == []
+    assert left_out_groups(gru, x)["conv.0"].startswith(
+        "it touches rnn, a recurrent layer (GRU) that Torch-Pruning does not prune reliably "
+        "(its channels cross a reshape inside it: ")
 
 
 class _PixelShuffleNet(nn.Module):
