@@ -403,7 +403,7 @@ def _ratios(text: str) -> list[float]:
 def _study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options that find a study: its name and its storage (given, from a space, or the
     default under ``--runs-dir``)."""
-    p.add_argument("--study", required=True)
+    p.add_argument("--study", required=True, help="the study's name")
     p.add_argument("--space", help="read the storage from this space file")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
     p.add_argument("--runs-dir", help="the study's runs directory (default runs/; export also "
@@ -424,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224")
     lay.add_argument("--input-dtype", choices=INPUT_DTYPE_NAMES,
                      default="float32", help="int64 for token ids (default float32)")
-    lay.add_argument("--num-classes", type=int, default=None)
-    lay.add_argument("--checkpoint", default=None)
+    lay.add_argument("--num-classes", type=int, default=None,
+                     help="classifier size, for sources that take num_classes")
+    lay.add_argument("--checkpoint", default=None, help="the model's state dict (.pt)")
     lay.add_argument("--json", action="store_true", help="print JSON")
     lay.add_argument("--write-space", metavar="FILE", help="write a starter search space")
     lay.set_defaults(fn=cmd_layers)
@@ -437,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--study", help="study name (default: the space's name)")
     se.add_argument("--jobs", type=_count, help="parallel trials on this machine")
     se.add_argument("--resume", action="store_true", help="continue an existing study")
-    se.add_argument("--seed", type=_seed)
+    se.add_argument("--seed", type=_seed,
+                    help="seed of the sampler and the trials (default: the space's search.seed)")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
                                        "(default: the space's runs_dir, runs/)")
@@ -451,47 +453,50 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(fn=cmd_search)
 
     sn = sub.add_parser("sensitivity", help="scan each group's accuracy vs pruning ratio")
-    sn.add_argument("space")
+    sn.add_argument("space", help="search space YAML")
     sn.add_argument("--ratios", type=_ratios, help="e.g. 0.25,0.5,0.75 (default: the space's)")
-    sn.add_argument("--json", action="store_true")
+    sn.add_argument("--json", action="store_true", help="print JSON")
     sn.set_defaults(fn=cmd_sensitivity)
 
     pa = _study_args(sub.add_parser("pareto", help="print a study's current Pareto front"))
-    pa.add_argument("--json", action="store_true")
+    pa.add_argument("--json", action="store_true", help="print JSON")
     pa.set_defaults(fn=cmd_pareto)
 
     ex = _study_args(sub.add_parser("export", help="export a point of the front for deployment"))
     ex.add_argument("--pick", default="knee",
                     help="knee | max-accuracy | macs<=R | params<=R | latency_ms<=MS | "
                          "accuracy>=A | trial:N")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="the folder to write")
     ex.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow registry")
-    ex.add_argument("--alias", default="champion")
+    ex.add_argument("--alias", default="champion",
+                    help="the registry alias set on the new version (default: %(default)s)")
     ex.set_defaults(fn=cmd_export)
 
     ap = sub.add_parser("apply", help="rebuild a pruned model from prune_config.json")
-    ap.add_argument("config")
+    ap.add_argument("config", help="an export's prune_config.json")
     ap.add_argument("--weights", help="the pruned model's fine-tuned weights (the export's "
                                       "weights.pt)")
     ap.add_argument("--checkpoint", help="the base model checkpoint (its hash must match the "
                                          "config's); needed with --untrained")
     ap.add_argument("--untrained", action="store_true",
                     help="no --weights: the pruned architecture with the base weights")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="the folder to write")
     ap.add_argument("--force", action="store_true", help="accept a different base checkpoint")
     ap.set_defaults(fn=cmd_apply)
 
     sb = sub.add_parser("submit", help="submit the search as a Ray job to a running cluster")
-    sb.add_argument("space")
+    sb.add_argument("space", help="search space YAML (sent with the working dir)")
     sb.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
                                       "(default: RAY_ADDRESS or the local cluster)")
-    sb.add_argument("--runtime-env", default="cluster/runtime_env.yaml")
-    sb.add_argument("--trials", type=_count)
-    sb.add_argument("--study")
-    sb.add_argument("--concurrency", type=_count)
-    sb.add_argument("--cpus-per-trial", type=_share, default=1.0)
-    sb.add_argument("--seed", type=_seed)
-    sb.add_argument("--resume", action="store_true")
+    sb.add_argument("--runtime-env", default="cluster/runtime_env.yaml",
+                    help="the job's runtime env YAML (default: %(default)s)")
+    sb.add_argument("--trials", type=_count, help="as in search")
+    sb.add_argument("--study", help="as in search")
+    sb.add_argument("--concurrency", type=_count, help="trials at once")
+    sb.add_argument("--cpus-per-trial", type=_share, default=1.0,
+                    help="CPUs per trial (default 1)")
+    sb.add_argument("--seed", type=_seed, help="as in search")
+    sb.add_argument("--resume", action="store_true", help="continue an existing study")
     sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "
                                        "(default: runs/ inside the job's working dir)")
     sb.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
@@ -499,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", help="tracking URI (default sqlite:///runs/mlflow.db)")
-    ui.add_argument("--runs-dir", default="runs")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--runs-dir", default="runs", help="whose mlflow.db to show (default runs)")
+    ui.add_argument("--port", type=int, default=5000, help="default 5000")
     ui.set_defaults(fn=cmd_ui)
     return p
 
