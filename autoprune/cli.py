@@ -256,10 +256,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.untrained and (args.weights is not None or args.checkpoint is None):
         raise AutopruneError("apply: --untrained takes --checkpoint (the base weights) and no "
                              "--weights")
-    model = rebuild(config, args.checkpoint, args.weights, args.force)
     out = check_out_dir(args.out)
+    model = rebuild(config, args.checkpoint, args.weights, args.force)
     shape = tuple(config["model"]["input_shape"])
     dtype = config["model"].get("input_dtype", "float32")
+    cost = count_cost(model, shape, dtype)
+    _check_recorded_cost(config, cost.macs, cost.params, args.config)
     x = example_input(shape, dtype, random=True, batch=max(2, shape[0]))
     with staged(out) as stage:
         files, _ = write_model_files(model, shape, stage,
@@ -267,16 +269,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
                                      dtype)
         written = list(files.values())
         if args.weights is not None:  # the exported model itself: its config goes with it
+            listed = {k: v for k, v in config["files"].items() if k != "model_card"}  # not made
             (stage / "prune_config.json").write_text(json.dumps(
-                {**config, "files": {**config["files"], **files}}, indent=2))
+                {**config, "files": {**listed, **files}}, indent=2))
             written.append("prune_config.json")
-    cost = count_cost(model, shape, dtype)
     print(f"rebuilt {config['model']['source']} pruned: {cost.macs / 1e6:.3f} MMACs, "
           f"{cost.params:,} params{' (base weights, not fine-tuned)' if args.untrained else ''}"
           f"; wrote " + ", ".join(str(out / f) for f in written)
           + ("; no prune_config.json: its metrics are the fine-tuned model's" if args.untrained
              else ""))
     return 0
+
+
+def _check_recorded_cost(config: dict[str, Any], macs: float, params: int, where: str) -> None:
+    """The rebuilt model must cost what the config's metrics say: a config edited after export
+    (another input shape, other pruning) would otherwise pass its old figures on."""
+    trial = config.get("metrics", {}).get("trial", {})
+    wrong = {k: (trial[k], got) for k, got in (("macs", macs), ("params", params))
+             if trial.get(k) is not None and abs(float(trial[k]) - got) > 0.5}
+    if wrong:
+        shown = ", ".join(f"{k} {want:,.0f} (rebuilt: {got:,.0f})" for k, (want, got) in
+                          wrong.items())
+        raise AutopruneError(f"{where}: metrics.trial says {shown}, so model or pruning was "
+                             "changed after export; allowed: the config as export wrote it")
 
 
 def submit_command(args: argparse.Namespace) -> list[str]:

@@ -292,5 +292,12 @@ def replay(base_model: nn.Module, example_inputs: torch.Tensor,
     except Exception as e:  # noqa: BLE001
         raise PruningError(f"the pruning record does not fit this base model: "
                            f"{type(e).__name__}: {e}") from e
+    off = {n: (c, int(graph.get_out_channels(named[n]) or 0))
+           for n, c in record.kept_channels.items()
+           if n in named and int(graph.get_out_channels(named[n]) or 0) != c}
+    if off:  # kept_channels edited by hand, or another record's history
+        raise PruningError("the pruning record contradicts itself: its history keeps other "
+                           "channel counts than its kept_channels; group: (kept_channels, "
+                           f"history) channels: {dict(list(off.items())[:5])}")
     _sync_attributes(model)
     return model

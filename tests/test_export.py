@@ -120,6 +120,8 @@ def test_apply_rebuilds_bit_for_bit(searched: tuple[Any, Path], exported: Path,
                                   tmp_path / "applied" / "weights.pt")
     assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
     assert (tmp_path / "applied" / "model.pt2").is_file()
+    files = read_config(tmp_path / "applied" / "prune_config.json")["files"]
+    assert all((tmp_path / "applied" / f).is_file() for f in files.values())  # no card listed
     # no --checkpoint needed with --weights: the record fixes the architecture
     assert cli(["apply", str(exported / "prune_config.json"), "--weights",
                 str(exported / "weights.pt"), "--out", str(tmp_path / "w")]) == 0
@@ -342,7 +344,8 @@ def test_knee_is_the_best_trade_off_never_a_point_below_the_chord() -> None:
 
 
 def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], exported: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     space, _ = searched
     config = json.loads((exported / "prune_config.json").read_text())
     broken = json.loads(json.dumps(config))
@@ -375,6 +378,22 @@ def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], e
     with pytest.raises(CheckpointError, match="--force"):
         rebuild(config, checkpoint=other)
     rebuild(config, checkpoint=other, force=True)  # forced: rebuilds all the same
+
+    # a config edited after export: its figures would be passed on with a model they don't fit
+    group, kept = next(iter(config["pruning"]["kept_channels"].items()))
+    edited = json.loads(json.dumps(config))
+    edited["pruning"]["kept_channels"][group] = kept + 4
+    with pytest.raises(AutopruneError, match=rf"contradicts itself.*'{re.escape(group)}': "
+                                             rf"\({kept + 4}, {kept}\)"):
+        rebuild(edited, weights=exported / "weights.pt")
+    edited = json.loads(json.dumps(config))
+    edited["model"]["input_shape"] = [1, 1, 16, 16]
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert cli(["apply", str(tmp_path / "edited.json"), "--weights",
+                str(exported / "weights.pt"), "--out", str(tmp_path / "e")]) == 2
+    assert re.search(r"edited.json: metrics.trial says macs [\d,]+ \(rebuilt: [\d,]+\), so "
+                     r"model or pruning was changed after export", capsys.readouterr().err)
+    assert not (tmp_path / "e").exists()
 
 
 # ----------------------------------------------------------------------------------------------
