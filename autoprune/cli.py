@@ -161,7 +161,7 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from autoprune.report import format_front, pareto_frame
+    from autoprune.report import format_front, json_records, pareto_frame, plain
     from autoprune.study import load_study
 
     study = load_study(args.study, _storage(args))
@@ -169,8 +169,8 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     base = study.user_attrs.get("base", {})
     if args.json:
         cols = [c for c in front.columns if c != "error"]
-        print(json.dumps({"study": args.study, "base": base,
-                          "front": json.loads(front[cols].to_json(orient="records"))}, indent=2))
+        print(json.dumps({"study": args.study, "base": plain(base),
+                          "front": json_records(front[cols])}, indent=2, allow_nan=False))
     else:
         print(f"study {args.study}: base accuracy {base.get('accuracy', float('nan')):.4f}, "
               f"latency {base.get('latency_ms', float('nan')):.3f} ms")

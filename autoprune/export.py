@@ -156,11 +156,21 @@ def check_formats(model: nn.Module, x: torch.Tensor, onnx_path: Path,
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """``--out``: a directory, new or existing (checked before any work)."""
+    """``--out``: a directory, new or existing, that this process can write (checked before
+    any work)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AutopruneError(f"--out: got {str(out)!r}, a file; allowed: a directory (new or "
                              "existing)")
+    there = out.absolute()
+    while not there.exists():  # the folder that a new --out would be made in
+        there = there.parent
+    if not there.is_dir():
+        raise AutopruneError(f"--out: got {str(out)!r}, inside {str(there)!r}, a file; allowed: "
+                             "a directory (new or existing)")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise AutopruneError(f"--out: got {str(out)!r}, but {str(there)!r} cannot be written "
+                             "here (read-only or not ours); allowed: a writable directory")
     return out
 
 
@@ -176,16 +186,56 @@ def staged(out: Path) -> Iterator[Path]:
     ``model.pt2`` this model did not get is removed): a pipeline never finds two exports' files
     side by side, and a failed export leaves the one before intact. Other files stay."""
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".autoprune-staging-", dir=out))
+    for left in out.glob(f"{STAGING}*"):  # from an export that was killed
+        pid = left.name.removeprefix(STAGING).split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(left, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=out))
     try:
-        yield stage
-        for name in OUT_FILES:
-            if (stage / name).exists():
-                os.replace(stage / name, out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
+        with _terminate_as_exit():
+            yield stage
+            for name in OUT_FILES:
+                if (stage / name).exists():
+                    os.replace(stage / name, out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+STAGING = ".autoprune-staging-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a pipeline's timeout) and SIGHUP end the export as an exception would, so the
+    staging folder is removed; a ``kill -9`` leaves it, for the next export there to remove."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
@@ -286,14 +336,23 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
 
 def _trial_state(study: Any, rule: str) -> str:
     """For ``trial:N`` off the front: what trial N is."""
+    from autoprune.study import front_numbers
+
     found = re.fullmatch(r"trial:(-?\d+)", rule.strip())
     if found is None or not study.trials:
         return ""
     n = int(found.group(1))
     if not 0 <= n < len(study.trials):
-        return f" (the study has no trial {n}: its trials are 0-{len(study.trials) - 1})"
+        waiting = sum(t.state.name == "WAITING" for t in study.trials)
+        return (f" (the study has no trial {n}: its trials are 0-{len(study.trials) - 1}"
+                f"{f', {waiting} of them queued, not run' if waiting else ''})")
     t = study.trials[n]
     state = t.user_attrs.get("state", t.state.name.lower())
+    if state == "complete" and t.user_attrs.get("duplicate_of") is not None:
+        first = t.user_attrs["duplicate_of"]
+        return (f" (it is a duplicate of trial {first}, the same model: trial:{first} "
+                "exports it)" if first in front_numbers(study) else
+                f" (it is a duplicate of trial {first}, dominated)")
     return f" (it is {state}{', dominated' if state == 'complete' else ''})"
 
 
@@ -322,9 +381,11 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
             :func:`runs_dir_now`); base checkpoint, kept weights and the default MLflow store
             are found there, whatever directory the search ran in.
     """
+    from autoprune.registry import check_names
     from autoprune.report import format_front, pareto_frame
     from autoprune.study import load_study
 
+    check_names(register, alias)
     study = load_study(study_name, storage_url)
     space, base = space_of(study.user_attrs, storage_url, runs_dir)
     front = pareto_frame(study)

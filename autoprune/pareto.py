@@ -146,15 +146,25 @@ def pick(front: pd.DataFrame, rule: str, cost: str = "macs_ratio") -> int:
         i = knee_index(front2["accuracy"].to_numpy(float), front2[cost].to_numpy(float))
         return int(front2.iloc[i]["trial"])
     m = _BUDGET.match(rule)
-    if not m:
+    try:
+        limit = float(m.group(3)) if m else float("nan")
+    except ValueError:
+        limit = float("nan")
+    if not m or limit != limit:
         raise ValueError(f"--pick: got {rule!r}; allowed: {', '.join(PICK_RULES)}")
-    col, op, limit = _COLUMN[m.group(1)], m.group(2), float(m.group(3))
+    col, op = _COLUMN[m.group(1)], m.group(2)
+    if op != (">=" if col == "accuracy" else "<="):
+        # a budget is an upper bound on a cost and a floor on accuracy; the other direction
+        # would quietly export a model the user did not mean
+        want = f"{m.group(1)}{'>=' if col == 'accuracy' else '<='}{m.group(3)}"
+        raise ValueError(f"--pick: got {rule!r}; allowed: {want} (a floor on accuracy, an "
+                         f"upper bound on a cost), or {', '.join(PICK_RULES)}")
     if col == "accuracy":
-        ok = front[front["accuracy"] >= limit] if op == ">=" else front[front["accuracy"] <= limit]
+        ok = front[front["accuracy"] >= limit]
         if ok.empty:
             raise ValueError(f"--pick {rule}: no point of the front meets it")
         return int(ok.loc[ok[cost].idxmin(), "trial"])
-    ok = front[front[col] <= limit] if op == "<=" else front[front[col] >= limit]
+    ok = front[front[col] <= limit]
     if ok.empty:
         raise ValueError(f"--pick {rule}: no point of the front meets it")
     return int(ok.loc[ok["accuracy"].idxmax(), "trial"])

@@ -13,6 +13,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoprune.errors import AutopruneError
+
+
+def check_names(name: str | None, alias: str) -> None:
+    """``--register`` and ``--alias`` as MLflow's registry takes them, checked before any work
+    (MLflow checks them only once the model is logged, or the version made).
+
+    Raises:
+        AutopruneError: naming the option, the value and MLflow's rule.
+    """
+    if name is None:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = (("--register", name, ("_validate_model_name",)),
+              ("--alias", alias, ("_validate_model_alias_name",
+                                  "_validate_model_alias_name_reserved")))
+    for option, value, names in checks:
+        for check in names:
+            try:
+                getattr(validation, check, lambda _v: None)(value)
+            except MlflowException as e:
+                raise AutopruneError(f"{option}: got {value!r}; allowed: a name MLflow's "
+                                     f"registry takes ({e.message})") from None
+
 
 def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
                    model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...],

@@ -168,3 +168,22 @@ def format_front(front: pd.DataFrame, objectives: Sequence[str] = ()) -> str:
         return "(no feasible completed trial yet)"
     with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
         return summary_columns(front, objectives).to_string(index=False)
+
+
+def plain(value: Any) -> Any:
+    """A table cell or attribute as JSON has it: numpy scalars as Python numbers (floats at full
+    precision, so a value read back picks the same trial), missing values and NaN as null."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    return value
+
+
+def json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table's rows for ``--json`` output (see :func:`plain`)."""
+    return [{k: plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]

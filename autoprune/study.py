@@ -160,9 +160,21 @@ def make_sampler(space: SpaceConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def storage_for(url: str) -> optuna.storages.BaseStorage:
-    with sqlite_setup(url):  # a new file gets its tables: one process at a time
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                          if url.startswith("sqlite") else None)
+    """The Optuna storage at ``url``; one that cannot be opened (a malformed URL, a database
+    driver not installed, a server not reachable) is an error naming the URL."""
+    import sqlalchemy.exc
+
+    try:
+        with sqlite_setup(url):  # a new file gets its tables: one process at a time
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}}
+                if url.startswith("sqlite") else None)
+    except (ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.OperationalError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AutopruneError(f"storage: got {url!r}, which cannot be opened ({reason}); "
+                             "allowed: an Optuna storage URL such as "
+                             "sqlite:////abs/path/optuna.db, or a database URL whose driver "
+                             "is installed and whose server is reachable") from None
 
 
 def list_studies(storage_url: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from autoprune.cli import main as cli
 from autoprune.config import parse_space
 from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.export import export_trial
-from autoprune.pareto import knee_index
+from autoprune.pareto import knee_index, pick
 from autoprune.rebuild import read_config, rebuild, validate_config
 from autoprune.search import run_search
 from autoprune.study import front_numbers, load_study
@@ -152,7 +153,12 @@ def test_an_export_replaces_the_one_before_whole_or_not_at_all(
     out = tmp_path / "deploy"
     shutil.copytree(exported, out)
     (out / "NOTES.txt").write_text("the user's own file")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # an export killed (kill -9) mid-way left its staging folder; the next export removes it
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (out / f".autoprune-staging-{dead.pid}-abc").mkdir()
+    (out / f".autoprune-staging-{dead.pid}-abc" / "model.onnx").write_text("partial")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = next(n for n in front_numbers(load_study("exp", space.storage_url))
                  if n != read_config(out / "prune_config.json")["source"]["trial"])
 
@@ -166,6 +172,7 @@ def test_an_export_replaces_the_one_before_whole_or_not_at_all(
         with pytest.raises(AutopruneError, match="differs"):
             export_trial("exp", space.storage_url, f"trial:{other}", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no staging
+    assert not list(out.glob(".autoprune-staging-*"))
 
     with monkeypatch.context() as m:
         m.setattr(export_mod, "export_program", raising(RuntimeError("torch.export cannot")))
@@ -216,13 +223,67 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
         with pytest.raises(AutopruneError,
                            match=rf"trial {off[0].number} is not on the front \(it is \w+"):
             export_trial("exp", space.storage_url, f"trial:{off[0].number}", tmp_path / "j")
+    for rule in ("macs<=0.5.5", "macs>=0.3", "accuracy<=0.9"):  # a typo, a flipped bound
+        with pytest.raises(AutopruneError, match=rf"--pick: got '{re.escape(rule)}'; allowed: "):
+            export_trial("exp", space.storage_url, rule, tmp_path / "k")
     (tmp_path / "afile").write_text("")
     with pytest.raises(AutopruneError, match=r"--out: got .*afile', a file"):
         export_trial("exp", space.storage_url, "knee", tmp_path / "afile")
+    with pytest.raises(AutopruneError, match=r"--out: got .*afile/sub', inside .*afile', a file"):
+        export_trial("exp", space.storage_url, "knee", tmp_path / "afile" / "sub")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if not os.access(tmp_path / "locked", os.W_OK):  # root may write anywhere
+        with pytest.raises(AutopruneError, match=r"--out: .*cannot be written"):
+            export_trial("exp", space.storage_url, "knee", tmp_path / "locked" / "new")
+    # names the registry refuses are refused before any work, and no version is made
+    for flags, match in (({"register": "a/b"}, r"--register: got 'a/b'.*cannot contain"),
+                         ({"register": ""}, r"--register: got ''"),
+                         ({"register": "ok", "alias": "latest"}, r"--alias: got 'latest'.*reserved"),
+                         ({"register": "ok", "alias": "v3"}, r"--alias: got 'v3'.*reserved")):
+        with pytest.raises(AutopruneError, match=match):
+            export_trial("exp", space.storage_url, "knee", tmp_path / "r", **flags)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(AutopruneError, match=r"storage: got 'bogus://x', which cannot be opened"):
+        export_trial("exp", "bogus://x", "knee", tmp_path / "s")
     missing = tmp_path / "elsewhere" / "optuna.db"  # e.g. run from another directory
     with pytest.raises(AutopruneError, match="no study 'exp': there is no study store at"):
         export_trial("exp", f"sqlite:///{missing}", "knee", tmp_path / "g")
     assert not missing.exists()
+
+
+def test_a_terminated_export_removes_its_staging_folder(tmp_path: Path) -> None:
+    """A pipeline's timeout sends SIGTERM: the export ends as on an error, with no staging
+    folder left in --out, and the signal's handler is the one before afterwards."""
+    import signal
+
+    from autoprune.export import staged
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info, staged(tmp_path) as stage:
+        (stage / "model.onnx").write_text("partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_pareto_json_gives_the_study_s_values_exactly(searched: tuple[Any, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A pipeline reads ``pareto --json`` and picks by its figures: rounded to 10 digits,
+    ``accuracy>=`` its own value matched no point."""
+    from autoprune.report import pareto_frame
+
+    space, _ = searched
+    capsys.readouterr()
+    assert cli(["pareto", "--study", "exp", "--storage", space.storage_url, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    study = load_study("exp", space.storage_url)
+    assert {row["trial"] for row in data["front"]} == set(front_numbers(study))
+    for row in data["front"]:
+        attrs = study.trials[row["trial"]].user_attrs
+        assert row["accuracy"] == attrs["accuracy"] and row["macs_ratio"] == attrs["macs_ratio"]
+        assert pick(pareto_frame(study), f"accuracy>={row['accuracy']!r}") in {
+            r["trial"] for r in data["front"] if r["accuracy"] >= row["accuracy"]}
 
 
 def test_export_finds_a_relative_runs_dir_from_another_directory(
