@@ -238,7 +238,8 @@ def test_pick_rules(searched: tuple[Any, Path], tmp_path: Path) -> None:
     # names the registry refuses are refused before any work, and no version is made
     for flags, match in (({"register": "a/b"}, r"--register: got 'a/b'.*cannot contain"),
                          ({"register": ""}, r"--register: got ''"),
-                         ({"register": "ok", "alias": "latest"}, r"--alias: got 'latest'.*reserved"),
+                         ({"register": "ok", "alias": "latest"},
+                          r"--alias: got 'latest'.*reserved"),
                          ({"register": "ok", "alias": "v3"}, r"--alias: got 'v3'.*reserved")):
         with pytest.raises(AutopruneError, match=match):
             export_trial("exp", space.storage_url, "knee", tmp_path / "r", **flags)
