@@ -95,7 +95,13 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     m = space.model
     batch = next(iter(data.val))
     inputs = batch[0]
-    if inputs.is_floating_point() != INPUT_DTYPES[m.input_dtype].is_floating_point:
+    want = INPUT_DTYPES[m.input_dtype]
+    if inputs.is_floating_point() and want.is_floating_point and inputs.dtype != want:
+        raise SourceError(f"data.source: {space.data.source!r} yields "
+                          f"{str(inputs.dtype).removeprefix('torch.')} inputs; allowed: "
+                          f"{m.input_dtype} inputs, as model.input_dtype says and the model's "
+                          "weights are (convert in the loader, e.g. x.float())")
+    if inputs.is_floating_point() != want.is_floating_point:
         given = str(inputs.dtype).removeprefix("torch.")
         closest = given if given in INPUT_DTYPES else \
             "float32" if inputs.is_floating_point() else "int64"
@@ -112,9 +118,26 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     _check_last_batch(space, model, data.train)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None
+    if space.data.evaluate and evaluate_fn is not None:
+        _check_evaluate(space.data.evaluate, evaluate_fn, model, data.val)
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
+
+
+def _check_evaluate(name: str, fn: Any, model: nn.Module, val: Any) -> None:
+    """``data.evaluate`` is called as ``fn(model, loader)``: a function that cannot take that
+    fails here, not after the base model has trained."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(model, val)
+    except TypeError as e:
+        raise SourceError(f"data.evaluate: {name!r} cannot be called as fn(model, loader) "
+                          f"({e}); allowed: a function of (model, loader) returning a score, "
+                          "higher is better") from None
+    except ValueError:  # no signature to read (a builtin): it is called as it is
+        pass
 
 
 def example_output(model: nn.Module, source: str, input_shape: tuple[int, ...],
@@ -151,11 +174,26 @@ def _check_last_batch(space: SpaceConfig, model: nn.Module, train: Any) -> None:
         n = len(train.dataset)  # type: ignore[arg-type]
     except TypeError:  # an iterable dataset: no length
         return
-    if n % train.batch_size == 1:
+    if n % train.batch_size == 1 and not _trains_on_one(model, train):
         raise SourceError(f"data.source: {space.data.source!r}: the training loader's last "
                           f"batch holds 1 sample ({n} samples, batch size {train.batch_size}), "
                           "and the model's BatchNorm cannot train on one; allowed: "
                           "DataLoader(..., drop_last=True), or another batch size")
+
+
+def _trains_on_one(model: nn.Module, train: Any) -> bool:
+    """Whether the model's BatchNorm takes a training batch of one sample: BatchNorm2d does
+    when a sample has more than one value per channel (H x W > 1); BatchNorm1d on (N, C) does
+    not."""
+    import copy
+
+    x = next(iter(train))[0][:1]
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(x)
+    except ValueError:  # "Expected more than 1 value per channel when training"
+        return False
+    return True
 
 
 def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
@@ -178,8 +216,8 @@ def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
                           "the cross-entropy the fine-tune uses)")
     if lshape[1:] != shape[2:]:
         raise SourceError(f"data.source: {src!r} yields labels of shape {lshape} for outputs "
-                          f"of shape {shape}; allowed: labels of shape (N, "
-                          f"{', '.join(map(str, shape[2:]))}{',' if out.ndim == 2 else ''}), "
+                          f"of shape {shape}; allowed: labels of shape (N"
+                          f"{''.join(', ' + str(d) for d in shape[2:]) or ','}), "
                           "one class id per output position")
     k = int(out.shape[1])
     if m.num_classes is not None and k != m.num_classes:
@@ -212,9 +250,13 @@ def ignoring(space: SpaceConfig) -> list[int]:
 
 def code_digest(source: str) -> str:
     """For a user's ``module:function``: a hash of the file that defines it, so a trained base
-    model cached for it is not reused after the code changed ("" for the built-in sources)."""
-    kind = source.partition(":")[0]
-    if kind in ("builtin", "torchvision", "imagefolder") or ":" not in source:
+    model cached for it is not reused after the code changed. For ``imagefolder:``: a hash of
+    its files (names, sizes, modification times), so images added, removed or relabelled
+    train it again. "" for the built-in sources."""
+    kind, _, rest = source.partition(":")
+    if kind == "imagefolder":
+        return _folder_digest(Path(rest))
+    if kind in ("builtin", "torchvision") or ":" not in source:
         return ""
     import inspect
 
@@ -223,6 +265,19 @@ def code_digest(source: str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
     except (OSError, TypeError, SourceError):
         return ""
+
+
+def _folder_digest(root: Path) -> str:
+    if not root.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0"
+                     f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
@@ -249,7 +304,12 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
         load_checkpoint(model, path)
         return path
     seed_everything(space.search.seed)
-    log = train_base(model, data.train, m.train, device, space.data.ignore_index)
+    try:
+        log = train_base(model, data.train, m.train, device, space.data.ignore_index)
+    except FloatingPointError as e:
+        raise SourceError(f"model.train: training the base model diverged ({e}); allowed: "
+                          f"finite training data (a NaN or inf in {space.data.source!r}?) and "
+                          f"a learning rate that trains (model.train.lr is {m.train.lr})") from e
     model.cpu().eval()
     acc = evaluate(model, data.val, "cpu", evaluate_fn)
     tmp = path.with_suffix(".tmp")

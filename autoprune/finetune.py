@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autoprune.config import FinetuneConfig, TrainConfig
-from autoprune.measure import IGNORE_INDEX
+from autoprune.measure import IGNORE_INDEX, check_labels
 
 
 @dataclass
@@ -76,15 +76,16 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
                                                     / max(total_steps, 1))))
-        self.loss_fn = nn.CrossEntropyLoss(
-            label_smoothing=label_smoothing,
-            ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index)
+        self.ignore_index = IGNORE_INDEX if ignore_index is None else ignore_index
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing,
+                                           ignore_index=self.ignore_index)
         self.teacher = teacher.to(device).eval() if teacher is not None and alpha > 0 else None
         self.alpha, self.temperature = alpha, temperature
         self._batches = iter(_batches(loader, total_steps)) if total_steps > 0 else iter(())
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
+        check_labels(out, y, self.ignore_index, "training")
         loss = self.loss_fn(out, y)
         if self.teacher is None:
             return loss
@@ -106,9 +107,7 @@ class Trainer:
         while self.log.steps < to_step:
             batch = next(self._batches)
             x, y = batch[0].to(self.device), batch[1].to(self.device)
-            if not y.is_floating_point() and y.dtype not in (torch.long, torch.uint8):
-                y = y.long()  # cross-entropy takes int64 (or uint8) class indices, not int32
-            loss = self._loss(x, y)
+            loss = self._loss(x, class_ids(y))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss {loss.item()} at step "
                                          f"{self.log.steps}")
@@ -121,6 +120,22 @@ class Trainer:
                 self.log.losses.append((self.log.steps, float(loss.detach())))
         self.model.eval()
         return self.log
+
+
+def class_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels as cross-entropy takes them: int64 (int32, int16 and uint8 masks are
+    not taken for dense logits)."""
+    return labels if labels.is_floating_point() or labels.dtype == torch.long else labels.long()
+
+
+def class_loss(ignore_index: int | None = None) -> Any:
+    """The cross-entropy the fine-tune uses, for gradient importance (``taylor``): the same
+    label conversion and the same ``data.ignore_index``."""
+    ignore = IGNORE_INDEX if ignore_index is None else ignore_index
+
+    def loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, class_ids(labels), ignore_index=ignore)
+    return loss
 
 
 def train(model: nn.Module, loader: Any, steps: int, lr: float, optimizer: str = "sgd",

@@ -171,7 +171,9 @@ def prune_model(
             raise PruningError(f"model.input_shape: the model does not accept an input of shape "
                                f"{list(example_inputs.shape)} ({type(e).__name__}: {e})") from e
     if importance == "taylor":
-        _accumulate_gradients(pruned, grad_batches or [], loss_fn or nn.functional.cross_entropy)
+        _accumulate_gradients(pruned, grad_batches or [],
+                              loss_fn or (lambda out, y: nn.functional.cross_entropy(
+                                  out, y if y.is_floating_point() else y.long())))
 
     ignored = ignored_modules(pruned, example_inputs, ignore)
     graph = build_graph(pruned, example_inputs)

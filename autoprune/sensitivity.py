@@ -48,7 +48,7 @@ class Sensitivity:
 def scan(ctx: TrialContext, ratios: Sequence[float]) -> Sensitivity:
     """Prune each searchable group alone at each ratio and measure the proxy accuracy."""
     from autoprune.base import seed_everything
-    from autoprune.finetune import adaptive_bn
+    from autoprune.finetune import adaptive_bn, class_loss
     from autoprune.measure import evaluate
     from autoprune.prune import prune_model
 
@@ -63,7 +63,8 @@ def scan(ctx: TrialContext, ratios: Sequence[float]) -> Sensitivity:
             seed_everything(space.search.seed)
             try:
                 model, _rec = prune_model(ctx.base_model, ctx.example_inputs, {g.name: r},
-                                          p.importance, p.round_to, space.groups.ignore, grad)
+                                          p.importance, p.round_to, space.groups.ignore, grad,
+                                          class_loss(space.data.ignore_index))
             except Exception as e:  # noqa: BLE001 - one group's failure must not stop the scan
                 warnings.warn(f"sensitivity: pruning group {g.name} at ratio {r} failed "
                               f"({type(e).__name__}: {e}); scored 0, so the warm start prunes "

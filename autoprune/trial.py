@@ -25,7 +25,7 @@ from autoprune.base import (
 )
 from autoprune.config import SpaceConfig
 from autoprune.fidelity import Promote, Promoter, rung_steps
-from autoprune.finetune import TrainLog, adaptive_bn, finetuner
+from autoprune.finetune import TrainLog, adaptive_bn, class_loss, finetuner
 from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, example_input, measure_latency
 from autoprune.prune import failing_groups, prune_model
@@ -248,8 +248,9 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     p = space.pruning
     grad_batches = (list(ctx.data.calibration_batches(p.taylor_batches))
                     if p.importance == "taylor" else None)
+    loss = class_loss(space.data.ignore_index)
     model, record = prune_model(ctx.base_model, ctx.example_inputs, result.ratios,
-                                p.importance, p.round_to, space.groups.ignore, grad_batches)
+                                p.importance, p.round_to, space.groups.ignore, grad_batches, loss)
     result.record = record.to_dict()
     result.kept_channels = dict(record.kept_channels)
     if reuse is not None and finetune_steps is None:
@@ -266,7 +267,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
         seed_everything(result.seed)
         start, start_record = parent_model(ctx, parent)
         model, record = prune_model(start, ctx.example_inputs, result.ratios, p.importance,
-                                    p.round_to, space.groups.ignore, grad_batches,
+                                    p.round_to, space.groups.ignore, grad_batches, loss,
                                     parent=start_record)
         if record.kept_channels != result.kept_channels:  # a bug, not user input
             raise RuntimeError(f"inherited pruning kept {record.kept_channels}, not "

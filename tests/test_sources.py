@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import uuid
 import warnings
@@ -16,7 +17,7 @@ from torch import nn
 
 from autoprune.base import load_sources
 from autoprune.config import DataConfig, ModelConfig, SpaceConfig, parse_space
-from autoprune.errors import CheckpointError, SourceError
+from autoprune.errors import CheckpointError, ConfigError, SourceError
 from autoprune.sources import (
     DataBundle,
     build_data,
@@ -361,6 +362,48 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         build_data(DataConfig(source=f"imagefolder:{other}"), (1, 3, 16, 16))
 
 
+def test_imagefolder_and_builtin_data_that_cannot_work_fail_at_load(tmp_path: Path) -> None:
+    """Each of these gave a torchvision, PIL or StopIteration traceback, some mid-training."""
+    root = _image_folder(tmp_path / "pets")
+    src = f"imagefolder:{root}"
+    with pytest.raises(ConfigError, match=r"model.input_shape: got \[1, 4, 16, 16\]; allowed: "
+                                          r"1 or 3 channels"):
+        build_data(DataConfig(source=src, batch_size=4), (1, 4, 16, 16))
+    for source in (src, "builtin:digits"):
+        with pytest.raises(ConfigError, match=r"model.input_shape: got \[1, 64\]; allowed: "
+                                              r"\[N, C, H, W\]"):
+            build_data(DataConfig(source=source, batch_size=4), (1, 64))
+        with pytest.raises(ConfigError, match=r"data.kwargs: got \{'val_fraction': 0.5\}; "
+                                              r"allowed: \{\}"):
+            build_data(DataConfig(source=source, kwargs={"val_fraction": 0.5}), (1, 1, 8, 8))
+    with pytest.raises(ConfigError, match=rf"data.batch_size: got 64; allowed: at most 8, the "
+                                          rf"training samples of '{re.escape(src)}'"):
+        build_data(DataConfig(source=src), (1, 3, 16, 16))
+    with pytest.raises(ConfigError, match=r"data.batch_size: got 5000; allowed: at most 1437"):
+        build_data(DataConfig(source="builtin:digits", batch_size=5000), (1, 1, 8, 8))
+    (root / "val" / "cat" / "notes.txt").write_text("not an image, skipped")
+    build_data(DataConfig(source=src, batch_size=4), (1, 3, 16, 16))
+    (root / "train" / "cat" / "9.png").write_text("not an image, named like one")
+    data = build_data(DataConfig(source=src, batch_size=9), (1, 3, 16, 16))
+    with pytest.raises(SourceError, match=r"cannot read the image .*train/cat/9.png"):
+        next(iter(data.train))
+    (root / "train" / "cat" / "9.png").unlink()
+    for split in ("train", "val"):
+        (root / split / "fish").mkdir()
+    with pytest.raises(SourceError, match=r"train/: .*fish.*allowed: a folder per class"):
+        build_data(DataConfig(source=src, batch_size=4), (1, 3, 16, 16))
+    # the cached base model's key follows the images: relabelled ones train it again
+    from autoprune.base import code_digest
+
+    before = code_digest(src)
+    assert before and code_digest(src) == before
+    (root / "train" / "dog" / "0.png").rename(root / "train" / "cat" / "dog0.png")
+    assert code_digest(src) != before
+    one = _image_folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(SourceError, match=r"has 1 class \(\['cat'\]\); allowed: 2 classes"):
+        build_data(DataConfig(source=f"imagefolder:{one}", batch_size=2), (1, 3, 16, 16))
+
+
 def test_relative_imagefolder_resolves_against_project(space_dict: dict[str, Any], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     project = tmp_path / "project"
@@ -461,12 +504,29 @@ def test_user_loaders_that_cannot_work_fail_at_load_and_say_why(
         def dicts():
             batches = [{"x": torch.randn(4, 1, 8, 8), "y": torch.zeros(4, dtype=torch.long)}]
             return batches, batches
+
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(_ds(8))
+
+        def iterable():  # no length: training counts epochs in batches
+            return DataLoader(Stream(), batch_size=4), DataLoader(_ds(8), batch_size=4)
+
+        def datasets():  # data sets, not loaders: one (x, y) sample passed for a batch
+            return _ds(8), _ds(8)
+
+        def iterable_val():  # validation needs no length
+            return DataLoader(_ds(8), batch_size=4), DataLoader(Stream(), batch_size=4)
     """)
     shape = (1, 1, 8, 8)
+    build_data(DataConfig(source=f"{mod}:iterable_val"), shape)
     for fn, message in (
             ("empty_val", "the validation loader yielded no batches"),
-            ("generator", "the training loader is a generator; allowed: something iterable "
-                          "more than once with a length"),
+            ("generator", "the training loader is a generator without a length"),
+            ("iterable", r"the training loader is a DataLoader without a length \(an "
+                         r"IterableDataset"),
+            ("datasets", r"the training loader is a TensorDataset, a data set; allowed: a "
+                         r"DataLoader of it"),
             ("dicts", r"the training loader yields batches of dict with keys \['x', 'y'\]; "
                       r"allowed: \(inputs, labels\) tuples")):
         with pytest.raises(SourceError, match=rf"data.source: '{mod}:{fn}': {message}"):
@@ -529,12 +589,13 @@ _TASKS = """
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.Conv2d(8, num_classes, 1))
 
-    def masks(void=255, flat=False, train_only=False):
+    def masks(void=255, flat=False, train_only=False, dtype="int64"):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(48, 1, 8, 8, generator=g)
         y = (x[:, 0] > 0.5).long() + (x[:, 0] > -0.5).long()  # 3 classes by intensity
         clean = y.clone()
         y[:, :2, :2] = void  # a void border, as in VOC or Cityscapes
+        y, clean = y.to(getattr(torch, dtype)), clean.to(getattr(torch, dtype))
         ds = TensorDataset(x, y.flatten(1) if flat else y)
         val = TensorDataset(x, clean) if train_only else ds
         return DataLoader(ds, batch_size=8, shuffle=True), DataLoader(val, batch_size=16)
@@ -605,7 +666,25 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     expected = float(((pred == y) & keep).sum() / keep.sum())
     assert evaluate_fn(model, data.val) == pytest.approx(expected)
     assert expected > 0.8  # it learned: the loss saw real labels only
-    assert top1_accuracy(model, data.val) < expected  # counting void pixels as wrong
+    # without it, a void label is not scored as a wrong answer: it is refused, naming the field
+    with pytest.raises(SourceError, match=r"a validation batch has the label 255; allowed: "
+                                          r"class ids in \[0, 3\) .* data.ignore_index "
+                                          r"\(not set\)"):
+        top1_accuracy(model, data.val)
+
+    # masks stored as uint8 (VOC, Cityscapes) and int32 labels train, and gradient importance
+    # uses the fine-tune's loss: every taylor trial failed on the void label or the dtype
+    from autoprune.finetune import class_loss
+    from autoprune.prune import prune_model
+
+    for dtype in ("uint8", "int32"):
+        model, data, _ = load("segmenter", "masks", ignore_index=255, kwargs={"dtype": dtype})
+        assert next(iter(data.train))[1].dtype == getattr(torch, dtype)
+        train(model, data.train, 4, 0.1, ignore_index=255)
+        pruned, _ = prune_model(model, torch.zeros(1, 1, 8, 8), {"0": 0.5}, "taylor",
+                                grad_batches=data.calibration_batches(2),
+                                loss_fn=class_loss(255))
+        assert pruned[0].out_channels == 4
 
 
 def test_a_last_training_batch_of_one_sample_fails_at_load_with_batchnorm(
@@ -618,6 +697,10 @@ def test_a_last_training_batch_of_one_sample_fails_at_load_with_batchnorm(
         def mlp(num_classes=2):
             return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
                                  nn.Linear(8, num_classes))
+
+        def images(n=9):
+            ds = TensorDataset(torch.randn(n, 1, 8, 8), torch.arange(n) % 10)
+            return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4)
 
         def rows(n=9, drop_last=False):
             ds = TensorDataset(torch.randn(n, 6), torch.randint(0, 2, (n,)))
@@ -634,6 +717,72 @@ def test_a_last_training_batch_of_one_sample_fails_at_load_with_batchnorm(
         load()
     load(drop_last=True)
     load(n=10)
+    # BatchNorm2d trains on one image (H x W values per channel): nothing to refuse there
+    conv = load_sources(space.replace(
+        model=ModelConfig(source="builtin:tiny_cnn", input_shape=(1, 1, 8, 8)),
+        data=DataConfig(source=f"{mod}:images")))[0]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in conv.modules())
+
+
+def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad label after the first batch crashed base training with an IndexError, or was
+    scored as a wrong answer; float64 inputs, NaN data and a data.evaluate of the wrong
+    signature failed with tracebacks after the base model had trained."""
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def data(bad="", n=64):
+            x, y = torch.randn(n, 1, 8, 8), torch.arange(n) % 10
+            xv, yv = x.clone(), y.clone()
+            if bad == "train_label":
+                y[40] = 12
+            if bad == "val_label":
+                yv[40] = 12
+            if bad == "nan":
+                x[3] = float("nan")
+            if bad == "double":
+                x, xv = x.double(), xv.double()
+            return (DataLoader(TensorDataset(x, y), batch_size=16),
+                    DataLoader(TensorDataset(xv, yv), batch_size=16))
+
+        def one_arg(model):
+            return 1.0
+
+        def nan_score(model, loader):
+            return float("nan")
+    """)
+    from autoprune.base import base_checkpoint
+    from autoprune.finetune import train
+    from autoprune.measure import evaluate
+
+    def load(bad: str = "", **data_kw: Any) -> Any:
+        return load_sources(space.replace(
+            data=DataConfig(source=f"{mod}:data", kwargs={"bad": bad}, **data_kw)))
+
+    model, data, _ = load("train_label")
+    with pytest.raises(SourceError, match=r"a training batch has the label 12; allowed: class "
+                                          r"ids in \[0, 10\)"):
+        train(model, data.train, 4, 0.1)
+    model, data, _ = load("val_label")
+    with pytest.raises(SourceError, match=r"a validation batch has the label 12"):
+        evaluate(model, data.val)
+    with pytest.raises(SourceError, match=r"yields float64 inputs; allowed: float32 inputs"):
+        load("double")
+    model, data, _ = load("nan")
+    with pytest.raises(SourceError, match=r"model.train: training the base model diverged"):
+        base_checkpoint(space.replace(runs_dir=str(tmp_path / "runs"),
+                                      data=DataConfig(source=f"{mod}:data",
+                                                      kwargs={"bad": "nan"})),
+                        model, data, torch.device("cpu"))
+    with pytest.raises(SourceError, match=rf"data.evaluate: '{mod}:one_arg' cannot be called as "
+                                          r"fn\(model, loader\)"):
+        load(evaluate=f"{mod}:one_arg")
+    model, data, fn = load(evaluate=f"{mod}:nan_score")
+    with pytest.raises(SourceError, match=r"data.evaluate: 'nan_score' returned nan; allowed: a "
+                                          r"finite score"):
+        evaluate(model, data.val, fn=fn)
 
 
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:

@@ -1,6 +1,12 @@
 """Measurements: pure functions returning typed results that say what they measured."""
 
-from autoprune.measure._accuracy import IGNORE_INDEX, accuracy_ignoring, evaluate, top1_accuracy
+from autoprune.measure._accuracy import (
+    IGNORE_INDEX,
+    accuracy_ignoring,
+    check_labels,
+    evaluate,
+    top1_accuracy,
+)
 from autoprune.measure._inputs import INPUT_DTYPES, example_input
 from autoprune.measure._latency import LatencyResult, measure_latency
 from autoprune.measure._macs import CostResult, count_cost
@@ -12,6 +18,7 @@ __all__ = [
     "CostResult",
     "LatencyResult",
     "accuracy_ignoring",
+    "check_labels",
     "count_cost",
     "evaluate",
     "example_input",

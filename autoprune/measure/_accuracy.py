@@ -12,6 +12,27 @@ from torch import nn
 IGNORE_INDEX = -100  # PyTorch's cross-entropy default: a label to leave out
 
 
+def check_labels(out: torch.Tensor, labels: torch.Tensor, ignore_index: int, split: str) -> None:
+    """Every label of a batch is a class id of the outputs or ``ignore_index``. Checked on
+    every batch: a bad label past the first batch crashed the loss mid-training, or was
+    silently scored as a wrong answer.
+
+    Raises:
+        SourceError: naming the label, the classes and ``data.ignore_index``.
+    """
+    from autoprune.errors import SourceError
+
+    if labels.is_floating_point() or out.ndim < 2:
+        return
+    k = out.shape[1]
+    bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= k))]
+    if bad.numel():
+        now = "not set" if ignore_index == IGNORE_INDEX else f"now {ignore_index}"
+        raise SourceError(f"data.source: a {split} batch has the label {int(bad[0])}; allowed: "
+                          f"class ids in [0, {k}) for the model's {k} outputs, or "
+                          f"data.ignore_index ({now}) for labels to leave out")
+
+
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
                   max_batches: int | None = None, ignore_index: int = IGNORE_INDEX) -> float:
@@ -25,6 +46,7 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
             break
         x, y = batch[0].to(device), batch[1].to(device)
         out = model(x)
+        check_labels(out, y, ignore_index, "validation")
         keep = y != ignore_index
         correct += int(((out.argmax(1) == y) & keep).sum())
         total += int(keep.sum())
@@ -51,4 +73,10 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
         return top1_accuracy(model, loader, device)
     model.eval()
     with torch.no_grad():
-        return float(fn(model, loader))
+        score = float(fn(model, loader))
+    if score != score or score in (float("inf"), float("-inf")):
+        from autoprune.errors import SourceError
+
+        raise SourceError(f"data.evaluate: {getattr(fn, '__name__', fn)!r} returned {score}; "
+                          "allowed: a finite score, higher is better")
+    return score

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from autoprune.config import DataConfig
-from autoprune.errors import SourceError
+from autoprune.errors import ConfigError, SourceError
 from autoprune.sources._imports import import_object
 
 
@@ -73,6 +73,24 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, seed: int,
     return ds(xtr, ytr), ds(xva, yva)
 
 
+def _check_image_shape(cfg: DataConfig, input_shape: tuple[int, ...]) -> None:
+    """Built-in and image-folder data are images: the model takes (N, C, H, W)."""
+    if len(input_shape) != 4:
+        raise ConfigError("model.input_shape", list(input_shape),
+                          f"[N, C, H, W] for {cfg.source!r} (images); other shapes take a "
+                          "module:function data source")
+    if cfg.source.startswith("imagefolder:") and input_shape[1] not in (1, 3):
+        raise ConfigError("model.input_shape", list(input_shape),
+                          f"1 or 3 channels for {cfg.source!r} (grey or RGB images)")
+
+
+def _check_batch_size(cfg: DataConfig, n: int) -> None:
+    """The training loader drops an incomplete last batch: it must hold one batch at least."""
+    if cfg.batch_size > n:
+        raise ConfigError("data.batch_size", cfg.batch_size,
+                          f"at most {n}, the training samples of {cfg.source!r}")
+
+
 def _builtin(name: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -91,6 +109,7 @@ def _builtin(name: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBu
         raise SourceError(f"data.source: got 'builtin:{name}'; allowed: 'builtin:digits', "
                           "'builtin:mnist5k'")
     train, val = _split_arrays(x, y, seed=cfg.seed)
+    _check_batch_size(cfg, len(train))
     collate = _ToShape(tuple(input_shape[1:]))
     return DataBundle(
         train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
@@ -113,6 +132,7 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
                       "current directory, then from the space file's folder)")
             raise SourceError(f"data.source: 'imagefolder:{path}': {where}{looked}; allowed: "
                               "a folder with train/<class>/ and val/<class>/ image folders")
+    _check_image_shape(cfg, input_shape)
     c, h, w = input_shape[1], input_shape[2], input_shape[3]
     mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if c == 3 else ([0.5] * c,
                                                                                [0.5] * c)
@@ -123,11 +143,22 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
     val_tf = transforms.Compose(grey + [transforms.Resize((int(h * 1.14), int(w * 1.14))),
                                         transforms.CenterCrop((h, w)), transforms.ToTensor(),
                                         transforms.Normalize(mean, std)])
-    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+    found = []
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        try:
+            found.append(datasets.ImageFolder(str(root / split), transform=tf,
+                                              loader=_read_image))
+        except (FileNotFoundError, OSError) as e:
+            raise SourceError(f"data.source: 'imagefolder:{path}': {split}/: {e}; allowed: "
+                              f"a folder per class under {split}/, each with images") from None
+    train, val = found
     if train.classes != val.classes:
         raise SourceError(f"data.source: train/ classes {train.classes} differ from val/ "
                           f"classes {val.classes}")
+    if len(train.classes) < 2:
+        raise SourceError(f"data.source: 'imagefolder:{path}' has {len(train.classes)} class "
+                          f"({train.classes}); allowed: 2 classes or more, a folder each")
+    _check_batch_size(cfg, len(train))
     return DataBundle(
         train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                          num_workers=cfg.num_workers),
@@ -138,9 +169,26 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
     )
 
 
+def _read_image(path: str) -> Any:
+    """torchvision's image loader, with the file named when it cannot be read (it would break
+    base training, or a trial, at whichever batch holds it)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as e:  # noqa: BLE001 - any reader error is the file's
+        raise SourceError(f"data.source: cannot read the image {path} ({type(e).__name__}: "
+                          f"{e}); allowed: image files PIL reads (remove or fix this one)") from e
+
+
 def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
     """Build the loaders named by ``cfg.source`` (see the module docstring)."""
     kind, _, rest = cfg.source.partition(":")
+    if kind in ("builtin", "imagefolder"):
+        if cfg.kwargs:
+            raise ConfigError("data.kwargs", cfg.kwargs,
+                              f"{{}} for {kind}: sources (kwargs go to a module:function source)")
+        _check_image_shape(cfg, input_shape)
     if kind == "builtin":
         return _builtin(rest, cfg, input_shape)
     if kind == "imagefolder":
@@ -166,10 +214,26 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
 def _check_loader(source: str, name: str, loader: Any) -> None:
     """A user loader must be iterable again and again, with a length (epochs count batches),
     and yield ``(inputs, labels, ...)`` batches; say so here, not in a traceback later."""
+    from torch.utils.data import Dataset
+
     where = f"data.source: {source!r}: the {name} loader"
-    if not hasattr(loader, "__len__") or iter(loader) is loader:
+    if isinstance(loader, Dataset):
+        raise SourceError(f"{where} is a {type(loader).__name__}, a data set; allowed: a "
+                          "DataLoader of it (DataLoader(dataset, batch_size=..., shuffle=...)), "
+                          "or a list of batches")
+    try:
+        len(loader)
+        sized = iter(loader) is not loader
+    except TypeError:  # no __len__, or a DataLoader of an IterableDataset
+        sized = False
+    if not sized and name == "training":
+        raise SourceError(f"{where} is a {type(loader).__name__} without a length (an "
+                          "IterableDataset, a generator); allowed: something iterable more "
+                          "than once with a length (a DataLoader of a map-style Dataset, or a "
+                          "list of batches): training counts epochs in batches")
+    if not sized and iter(loader) is loader:
         raise SourceError(f"{where} is a {type(loader).__name__}; allowed: something iterable "
-                          "more than once with a length (a DataLoader, or a list of batches)")
+                          "more than once (a DataLoader, or a list of batches)")
     try:
         batch = next(iter(loader))
     except StopIteration:
