@@ -94,7 +94,7 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path,
 
     m = copy.deepcopy(model).cpu().eval()
     example = example_input(input_shape, dtype, random=True, batch=max(2, input_shape[0]))
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(m, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))

@@ -54,7 +54,7 @@ def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, dynamic: b
 
 
 def _dynamo(model: nn.Module, example: torch.Tensor, path: Path, dynamic: bool) -> None:
-    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic else None
     torch.onnx.export(model, (example,), str(path), input_names=["input"],
                       output_names=["output"], dynamo=True, external_data=False,
                       dynamic_shapes=dyn, verbose=False)
