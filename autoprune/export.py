@@ -400,7 +400,10 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         raise AutopruneError(f"{e}{_trial_state(study, rule)}\nthe front of study "
                              f"{study_name!r}:\n{table}") from None
     trial = study.trials[number]
-    run_id = _trial_run_id(space, study_name, number)
+    found = _trial_run_id(space, study_name, number)
+    run_id = found[0] if found else None
+    if register and found:
+        _check_artifacts_here(space, found[1])
     if register and run_id is None and _missing_store(space.tracking_uri):
         raise AutopruneError(f"--register: the study's MLflow store {space.tracking_uri} is not "
                              f"there (looked from {Path.cwd()}); pass --runs-dir, the study's "
@@ -449,7 +452,8 @@ def _absolute_uri(uri: str) -> str:
     return uri
 
 
-def _trial_run_id(space: SpaceConfig, study: str, number: int) -> str | None:
+def _trial_run_id(space: SpaceConfig, study: str, number: int) -> tuple[str, str] | None:
+    """The trial's MLflow run: its id and artifact URI (None: not found)."""
     from autoprune.tracking import Tracker, default_artifact_dir
 
     if _missing_store(space.tracking_uri):
@@ -459,8 +463,28 @@ def _trial_run_id(space: SpaceConfig, study: str, number: int) -> str | None:
                       default_artifact_dir(space.runs_dir))
     for run in tracker.child_runs():
         if run.data.tags.get("autoprune.trial") == str(number):
-            return str(run.info.run_id)
+            return str(run.info.run_id), str(run.info.artifact_uri)
     return None
+
+
+def _check_artifacts_here(space: SpaceConfig, artifact_uri: str) -> None:
+    """A local MLflow store keeps absolute artifact paths: after the runs directory was moved
+    or copied, registering would write the model into the old folder (or fail where it is
+    gone), while the registry entry lives in the new one. Said before any work."""
+    from urllib.parse import unquote, urlparse
+
+    from autoprune.tracking import default_artifact_dir
+
+    if space.tracking.uri or not artifact_uri.startswith(("file:", "/")):
+        return  # a store of the user's own: its artifact root is theirs to set
+    where = Path(unquote(urlparse(artifact_uri).path))
+    here = default_artifact_dir(space.runs_dir).resolve()
+    if not where.resolve().is_relative_to(here):
+        raise AutopruneError(
+            f"--register: the MLflow store {space.tracking_uri} keeps this trial's artifacts "
+            f"at {where}, outside {here} (the runs directory was moved or copied since the "
+            "search); allowed: registering from the runs directory where the search ran, or "
+            "an export without --register (its files need no MLflow)")
 
 
 def score_meaning(space: SpaceConfig, dense: bool) -> tuple[str, str]:

@@ -311,7 +311,8 @@ def test_pareto_json_gives_the_study_s_values_exactly(searched: tuple[Any, Path]
 
 
 def test_export_finds_a_relative_runs_dir_from_another_directory(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """The default runs_dir is relative: a pipeline that exports from elsewhere names the runs
     directory (or the study store in it) and gets the base checkpoint, kept weights and MLflow
     run from there, with absolute paths in the config."""
@@ -333,6 +334,20 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
         assert config["source"]["mlflow_run_id"] is not None
         assert config["source"]["tracking_uri"] == f"sqlite:///{runs / 'mlflow.db'}"
     assert not Path("runs").exists()  # no stray, empty stores made here
+    # a copied runs directory: its MLflow store still points at the old artifact folder, so
+    # registering from it would write there; refused before any work, export itself works
+    import shutil
+
+    shutil.copytree(runs, tmp_path / "copied")
+    capsys.readouterr()
+    assert cli(["export", "--study", "rel", "--out", "c1", "--runs-dir", str(tmp_path / "copied"),
+                "--register", "rel-model"]) == 2
+    assert re.search(r"--register: the MLflow store .* keeps this trial's artifacts at .*/proj/"
+                     r"runs/mlartifacts/.*, outside .*/copied/mlartifacts",
+                     capsys.readouterr().err)
+    assert not Path("c1").exists()
+    assert cli(["export", "--study", "rel", "--out", "c2", "--runs-dir",
+                str(tmp_path / "copied")]) == 0
     # with the space file too: --runs-dir still names the store (the space's relative runs
     # dir was taken, and the study was looked for in ./runs)
     import yaml
