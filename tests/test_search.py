@@ -656,3 +656,30 @@ def test_trials_table_keeps_counts_as_integers_beside_a_gap() -> None:
         user_attrs={"error": "boom", "state": "failed"}))
     csv = trials_frame(study)[["trial", "finetune_steps", "params"]].to_csv(index=False)
     assert csv.splitlines() == ["trial,finetune_steps,params", "0,44,1000", "1,,"]
+
+
+def test_taylor_importance_uses_the_fine_tune_s_loss(runs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradient importance took a plain cross-entropy: int32 labels (converted for the
+    fine-tune) and data.ignore_index labels failed every taylor trial."""
+    (tmp_path / "int32_digits.py").write_text(
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from autoprune.sources import build_data\n"
+        "from autoprune.config import DataConfig\n\n"
+        "def loaders():\n"
+        "    d = build_data(DataConfig(source='builtin:digits'), (1, 1, 8, 8))\n"
+        "    out = []\n"
+        "    for loader, shuffle in ((d.train, True), (d.val, False)):\n"
+        "        x, y = loader.dataset.tensors\n"
+        "        y = y.clone()\n"
+        "        y[::7] = 255  # unlabelled samples, left out by data.ignore_index\n"
+        "        out.append(DataLoader(TensorDataset(x, y.int()), batch_size=64,\n"
+        "                              shuffle=shuffle, drop_last=shuffle))\n"
+        "    return out[0], out[1], 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    space = parse_space(tiny_space(runs, "taylor", **{
+        "data.source": "int32_digits:loaders", "data.ignore_index": 255,
+        "pruning.importance": "taylor",
+        "search.trials": 2, "search.baselines": [0.5]}))
+    summary = run_search(space, quiet=True)
+    assert summary.trials == 2 and summary.failed == 0
