@@ -147,8 +147,7 @@ def _imagefolder(path: str, cfg: DataConfig, input_shape: tuple[int, ...]) -> Da
                       "current directory, then from the space file's folder)")
             raise SourceError(f"data.source: 'imagefolder:{path}': {where}{looked}; allowed: "
                               "a folder with train/<class>/ and val/<class>/ image folders")
-    _check_image_shape(cfg, input_shape)
-    c, h, w = input_shape[1], input_shape[2], input_shape[3]
+    c, h, w = input_shape[1], input_shape[2], input_shape[3]  # checked by build_data
     mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if c == 3 else ([0.5] * c,
                                                                                [0.5] * c)
     grey = [transforms.Grayscale(c)] if c != 3 else []
@@ -233,8 +232,9 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
 
 
 def _check_loader(source: str, name: str, loader: Any) -> None:
-    """A user loader must be iterable again and again, with a length (epochs count batches),
-    and yield ``(inputs, labels, ...)`` batches; say so here, not in a traceback later."""
+    """A user loader must be iterable again and again (the training loader with a length:
+    epochs count batches), not a data set, and yield ``(inputs, labels, ...)`` batches; say so
+    here, not in a traceback later."""
     from torch.utils.data import Dataset
 
     where = f"data.source: {source!r}: the {name} loader"
