@@ -558,12 +558,12 @@ and {lat.get('repeats')} timed runs. Verified at export: accuracy
 - Fine-tuned briefly: {config['finetune']}; seed {config['seed']}.
 - Data: `{space.data.source}`; "accuracy" is {meaning}.
 
-## Inputs
-{_inputs_section(config)}
-
 | group | ratio | kept / base channels |
 |---|---|---|
 {groups}
+
+## Inputs
+{_inputs_section(config)}
 
 ## Files
 - `model.onnx`: dynamic batch axis, input `input`, output `output`.

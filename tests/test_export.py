@@ -82,6 +82,9 @@ def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
     assert "| accuracy (top-1) |" in card and "top-1 accuracy on its validation split" in card
     assert config["files"]["program"] == "model.pt2" and "model.pt2" in card
     assert "## Inputs" in card and "divided by 16" in card
+    # each section holds its own: the groups table stays with how the model was made
+    assert card.index("## How it was made") < card.index("| group | ratio |") < \
+        card.index("## Inputs") < card.index("## Files")
 
 
 def test_the_recorded_preprocessing_reproduces_the_accuracy_from_raw_data(
