@@ -356,6 +356,8 @@ def _trial_state(study: Any, rule: str) -> str:
         return (f" (it is a duplicate of trial {first}, the same model: trial:{first} "
                 "exports it)" if first in front_numbers(study) else
                 f" (it is a duplicate of trial {first}, dominated)")
+    if state == "waiting":
+        return " (it is queued, not run yet)"
     return f" (it is {state}{', dominated' if state == 'complete' else ''})"
 
 
