@@ -780,8 +780,8 @@ def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named
                                           r"fn\(model, loader\)"):
         load(evaluate=f"{mod}:one_arg")
     model, data, fn = load(evaluate=f"{mod}:nan_score")
-    with pytest.raises(SourceError, match=r"data.evaluate: 'nan_score' returned nan; allowed: a "
-                                          r"finite score"):
+    with pytest.raises(SourceError, match=rf"data.evaluate: '{mod}:nan_score' returned nan; "
+                                          r"allowed: a finite score"):
         evaluate(model, data.val, fn=fn)
 
 

@@ -77,6 +77,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     if score != score or score in (float("inf"), float("-inf")):
         from autoprune.errors import SourceError
 
-        raise SourceError(f"data.evaluate: {getattr(fn, '__name__', fn)!r} returned {score}; "
-                          "allowed: a finite score, higher is better")
+        name = (f"{fn.__module__}:{fn.__qualname__}" if hasattr(fn, "__qualname__")
+                else repr(fn))  # as data.evaluate names it
+        raise SourceError(f"data.evaluate: {name!r} returned {score}; allowed: a finite score, "
+                          "higher is better")
     return score
