@@ -325,7 +325,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     # shown with --quiet too: it changes what the search runs (the baselines may not)
     _warn_seeds_left(study, points if backend == "ray" and not resume else None, already,
                      total, space.search.population_size,
-                     lambda msg: print(msg, file=sys.stderr))
+                     lambda msg: print(msg, file=sys.stderr), space.search.warm_start.sensitivity)
     progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
                                        desc=f"search {name}", file=sys.stderr)
     recorder = Recorder(space, study, tracker, out, progress)
@@ -362,19 +362,23 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,
-                     total: int, generation: int, log: Callable[[str], None]) -> None:
+                     total: int, generation: int, log: Callable[[str], None],
+                     warm_start: bool = True) -> None:
     """Say so when the trials left are no more than the queued seed points (warm starts,
     uniform baselines): they run first, so the sampler would propose nothing."""
     queued = (len(ray_points) if ray_points is not None else
               len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))))
     left = total - done
     if 0 < left <= queued:
-        wait = "" if queued == left else (
-            f", and {queued - left} of them wait for a later --resume" if ray_points is None
-            else f", and {queued - left} of them do not run")
-        log(f"autoprune: the {queued} seed configs (warm start, uniform baselines) run first and "
-            f"{left} trials are left to run, so the sampler proposes none{wait}; --trials "
-            f"{done + queued + generation} or more also runs a generation of proposals")
+        kinds = "sensitivity warm starts, uniform baselines" if warm_start else \
+            "uniform baselines"
+        rest = "" if queued == left else (
+            f"; the other {queued - left} wait for a later --resume" if ray_points is None
+            else f"; the other {queued - left} do not run")
+        log(f"autoprune: {queued} seed configs ({kinds}) run before any proposal, and "
+            f"--trials leaves {left} to run: {left} seed(s) run and the sampler proposes "
+            f"none{rest}. --trials {done + queued + generation} or more also runs a "
+            "generation of proposals")
 
 
 def proxy_kendall_tau(df: pd.DataFrame) -> float | None:
