@@ -359,7 +359,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from autoprune.study import distributions
     from autoprune.trial import TrialContext
 
-    space = load_space(args.space)
+    space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
     ratios = args.ratios or list(space.search.warm_start.ratios)
     ctx = TrialContext.build(space)
     warn_left_out(ctx.drop_failing_groups())
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("space", help="search space YAML")
     sn.add_argument("--ratios", type=_ratios, help="e.g. 0.25,0.5,0.75 (default: the space's)")
     sn.add_argument("--json", action="store_true", help="print JSON")
+    sn.add_argument("--runs-dir", help="where the base model and the scan are cached, as in "
+                                       "search (default: the space's runs_dir, runs/)")
     sn.set_defaults(fn=cmd_sensitivity)
 
     pa = _study_args(sub.add_parser("pareto", help="print a study's current Pareto front"))

@@ -330,6 +330,12 @@ def test_sensitivity_command_shows_the_scan_and_the_warm_start_seeds(
     assert main(["sensitivity", str(path)]) == 0  # the table and the seeds, from the cache
     text = capsys.readouterr().out
     assert "(cached)" in text and "warm-start seeds" in text and "budget 0.6" in text
+    # --runs-dir, as search takes it, finds the same cache for a space without runs_dir
+    elsewhere = tmp_path / "no_runs_dir.yaml"
+    elsewhere.write_text(yaml.safe_dump({k: v for k, v in spec.items() if k != "runs_dir"}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sensitivity", str(elsewhere), "--runs-dir", str(runs)]) == 0
+    assert "(cached)" in capsys.readouterr().out and not (tmp_path / "runs").exists()
     # a search on the same model starts from the cached seeds too
     space = parse_space(spec)
     run_search(space, study_name="ctx-seeded", trials=1, quiet=True)
