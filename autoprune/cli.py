@@ -101,7 +101,9 @@ def _print_groups(groups: Sequence[GroupInfo]) -> None:
             for g in groups]
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         print(pd.DataFrame(rows).to_string(index=False))
-    print(f"\n{len(groups)} groups (the head is never pruned)")
+    print(f"\n{len(groups)} groups (the head is never pruned; MACs share counts every layer "
+          "whose weights shrink with the group, and a layer shrinks with the group of its "
+          "inputs and that of its outputs, so the shares add up to more than 100%)")
 
 
 _RAY_FLAGS = ("address", "concurrency", "cpus_per_trial", "gpus_per_trial")
