@@ -63,11 +63,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if ckpt:
         load_checkpoint(model, ckpt)
     example_output(model, source, shape, dtype)  # what `search` refuses, `layers` refuses
-    groups = describe_groups(model, example_input(shape, dtype), ignore)
+    x = example_input(shape, dtype)
+    groups = describe_groups(model, x, ignore)
     # groups Torch-Pruning traces but cannot prune: each would fail every trial
     probes = (probe_ratios(distributions(space, groups)) if args.space
               else {g.name: PROBE_RATIO for g in groups})
-    failing = failing_groups(model, example_input(shape, dtype), probes,
+    failing = failing_groups(model, x, probes,
                              space.pruning.round_to if args.space else 1, ignore)
     groups = [g for g in groups if g.name not in failing]
     if args.write_space:
@@ -79,7 +80,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
               file=sys.stderr)
     from autoprune.groups import left_out_groups
 
-    left = {**left_out_groups(model, example_input(shape, dtype), ignore), **failing}
+    left = {**left_out_groups(model, x, ignore), **failing}
     if args.json:
         print(json.dumps({"model": source, "input_shape": list(shape),
                           "groups": [g.to_dict() for g in groups], "left_out": left}, indent=2))
@@ -201,6 +202,8 @@ def _serve(cmd: list[str], grace_s: float = 20.0) -> int:
     import subprocess
     import threading
 
+    from autoprune.signals import handling
+
     proc = subprocess.Popen(cmd, start_new_session=True)
     stopped = []
 
@@ -215,13 +218,8 @@ def _serve(cmd: list[str], grace_s: float = 20.0) -> int:
         timer.daemon = True
         timer.start()
 
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    before = {s: signal.signal(s, stop) for s in handled}
-    try:
+    with handling((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), stop):
         rc = proc.wait()
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
     signal_group(signal.SIGKILL)  # workers that outlived the server
     return 0 if stopped else rc
 

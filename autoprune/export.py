@@ -219,26 +219,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _terminate_as_exit() -> Iterator[None]:
+def _terminate_as_exit() -> contextlib.AbstractContextManager[None]:
     """SIGTERM (a pipeline's timeout) and SIGHUP end the export as an exception would, so the
     staging folder is removed; a ``kill -9`` leaves it, for the next export there to remove."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from autoprune.signals import handling
 
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    return handling((signal.SIGTERM, signal.SIGHUP), stop)
 
 
 def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,

@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autoprune.errors import PruningError
+from autoprune.finetune import class_loss
 from autoprune.groups import (
     ROOT_TYPES,
     attention_heads,
@@ -151,7 +152,8 @@ def prune_model(
         round_to: kept channels are rounded to a multiple of this.
         ignore: glob patterns of module names never to prune (the head never is).
         grad_batches: training batches for gradient-based importance (``taylor``).
-        loss_fn: loss for those batches (cross-entropy by default).
+        loss_fn: loss for those batches (default: the fine-tune's cross-entropy,
+            :func:`autoprune.finetune.class_loss`).
         parent: the record that pruned ``model`` from the base. ``ratios`` stay relative to the
             base's channels (each group keeps what one pruning of the base would keep); only
             the channels still missing are removed, by ``model``'s own weights. The record
@@ -171,9 +173,7 @@ def prune_model(
             raise PruningError(f"model.input_shape: the model does not accept an input of shape "
                                f"{list(example_inputs.shape)} ({type(e).__name__}: {e})") from e
     if importance == "taylor":
-        _accumulate_gradients(pruned, grad_batches or [],
-                              loss_fn or (lambda out, y: nn.functional.cross_entropy(
-                                  out, y if y.is_floating_point() else y.long())))
+        _accumulate_gradients(pruned, grad_batches or [], loss_fn or class_loss())
 
     ignored = ignored_modules(pruned, example_inputs, ignore)
     graph = build_graph(pruned, example_inputs)

@@ -10,7 +10,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -23,6 +22,7 @@ from autoprune.controllers import _worker
 from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
+from autoprune.signals import handling
 from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
@@ -36,19 +36,13 @@ def _ctrl_c_remembered() -> Iterator[list[int]]:
     ("Exception ignored in ..."), and the search went on as if no key was pressed. The
     controller checks the list between trials."""
     hits: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield hits
-        return
 
     def handler(signum: int, _frame: Any) -> None:
         hits.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
+    with handling((signal.SIGINT,), handler):
         yield hits
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,

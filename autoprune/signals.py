@@ -1,0 +1,25 @@
+"""Signal handlers for the length of a block (a search's Ctrl-C, an export's SIGTERM, the UI
+server's stop), restored after it. Python installs handlers from the main thread only:
+elsewhere nothing is installed and the block runs as it would."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def handling(signals: Iterable[int], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Run the block with ``handler`` for ``signals``; the handlers before come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
