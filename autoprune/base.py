@@ -27,6 +27,7 @@ from autoprune.measure import (
     IGNORE_INDEX,
     INPUT_DTYPES,
     accuracy_ignoring,
+    check_inputs,
     count_cost,
     evaluate,
     example_input,
@@ -113,8 +114,10 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
                           f"{space.data.source!r} yields samples of shape "
                           f"{list(inputs.shape[1:])}")
-    for labels in (batch[1], next(iter(data.train))[1]):  # a void label may be in either
-        _check_targets(space, out, labels, data.num_classes)
+    first_train = next(iter(data.train))
+    for split, b in (("validation", batch), ("training", first_train)):
+        check_inputs(b[0], split)
+        _check_targets(space, out, b[1], data.num_classes)  # a void label may be in either
     _check_last_batch(space, model, data.train)
     evaluate_fn = import_object(space.data.evaluate, "data.evaluate") if space.data.evaluate \
         else None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from autoprune.config import FinetuneConfig, TrainConfig
-from autoprune.measure import IGNORE_INDEX, check_labels
+from autoprune.measure import IGNORE_INDEX, check_inputs, check_labels
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Trainer:
         self._batches = iter(_batches(loader, total_steps)) if total_steps > 0 else iter(())
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_inputs(x, "training")
         out = self.model(x)
         check_labels(out, y, self.ignore_index, "training")
         loss = self.loss_fn(out, y)

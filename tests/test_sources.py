@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
 import uuid
@@ -742,6 +743,8 @@ def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named
                 yv[40] = 12
             if bad == "nan":
                 x[3] = float("nan")
+            if bad == "val_inf":
+                xv[35, 0, 2, 2] = float("inf")
             if bad == "double":
                 x, xv = x.double(), xv.double()
             return (DataLoader(TensorDataset(x, y), batch_size=16),
@@ -770,11 +773,19 @@ def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named
         evaluate(model, data.val)
     with pytest.raises(SourceError, match=r"yields float64 inputs; allowed: float32 inputs"):
         load("double")
-    model, data, _ = load("nan")
+    with pytest.raises(SourceError, match=r"a training batch has a NaN or infinite input "
+                                          r"\(sample 3 of the batch\); allowed: finite"):
+        load("nan")
+    model, data, _ = load("val_inf")  # past the first batch: scored as a prediction before
+    with pytest.raises(SourceError, match=r"a validation batch has a NaN or infinite input "
+                                          r"\(sample 3 of the batch\)"):
+        evaluate(model, data.val)
+    model, data, _ = load()
+    steep = dataclasses.replace(space.model,
+                                train=dataclasses.replace(space.model.train, lr=1e12))
     with pytest.raises(SourceError, match=r"model.train: training the base model diverged"):
-        base_checkpoint(space.replace(runs_dir=str(tmp_path / "runs"),
-                                      data=DataConfig(source=f"{mod}:data",
-                                                      kwargs={"bad": "nan"})),
+        base_checkpoint(space.replace(runs_dir=str(tmp_path / "runs"), model=steep,
+                                      data=DataConfig(source=f"{mod}:data")),
                         model, data, torch.device("cpu"))
     with pytest.raises(SourceError, match=rf"data.evaluate: '{mod}:one_arg' cannot be called as "
                                           r"fn\(model, loader\)"):

@@ -3,6 +3,7 @@
 from autoprune.measure._accuracy import (
     IGNORE_INDEX,
     accuracy_ignoring,
+    check_inputs,
     check_labels,
     evaluate,
     top1_accuracy,
@@ -18,6 +19,7 @@ __all__ = [
     "CostResult",
     "LatencyResult",
     "accuracy_ignoring",
+    "check_inputs",
     "check_labels",
     "count_cost",
     "evaluate",

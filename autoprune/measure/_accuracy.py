@@ -33,6 +33,26 @@ def check_labels(out: torch.Tensor, labels: torch.Tensor, ignore_index: int, spl
                           f"data.ignore_index ({now}) for labels to leave out")
 
 
+def check_inputs(x: torch.Tensor, split: str) -> None:
+    """Every input of a floating-point batch is finite. A NaN in validation data was scored
+    (its argmax counted as a prediction); in training data it surfaced as a diverged loss.
+
+    Raises:
+        SourceError: naming the split and the first sample with a NaN or inf.
+    """
+    from autoprune.errors import SourceError
+
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    sample = int((~finite).reshape(len(x), -1).any(1).nonzero()[0]) if x.ndim else 0
+    raise SourceError(f"data.source: a {split} batch has a NaN or infinite input (sample "
+                      f"{sample} of the batch); allowed: finite inputs (fill or drop missing "
+                      f"values before the loader)")
+
+
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
                   max_batches: int | None = None, ignore_index: int = IGNORE_INDEX) -> float:
@@ -45,6 +65,7 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
         if max_batches is not None and i >= max_batches:
             break
         x, y = batch[0].to(device), batch[1].to(device)
+        check_inputs(x, "validation")
         out = model(x)
         check_labels(out, y, ignore_index, "validation")
         keep = y != ignore_index
