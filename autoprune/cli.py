@@ -363,7 +363,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     ratios = args.ratios or list(space.search.warm_start.ratios)
     ctx = TrialContext.build(space)
     warn_left_out(ctx.drop_failing_groups())
-    sens, cached = cached_scan(ctx, ratios)
+    sens, cached = cached_scan(ctx, ratios, progress=True)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio
     configs, macs, _ = cached_warm_start(ctx, sens, distributions(space, ctx.groups))

@@ -294,7 +294,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         from autoprune.sensitivity import cached_scan
 
         log("autoprune: sensitivity scan (one group at a time) for the warm start")
-        sens, cached = cached_scan(ctx)
+        sens, cached = cached_scan(ctx, progress=not quiet)
         log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
     points = stored_seed_points(study)
     if points is None:  # counting each allocation's MACs takes minutes on a large model: once

@@ -224,15 +224,20 @@ def test_warm_start_budgets_stay_within_the_macs_constraint(ctx: TrialContext) -
     assert all(count(r) <= 0.5 + 1e-9 for r in configs.values())
 
 
-def test_sensitivity_scan_is_cached_and_seeds_the_search(runs: Path, ctx: TrialContext,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sensitivity_scan_is_cached_and_seeds_the_search(
+        runs: Path, ctx: TrialContext, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     first, cached = cached_scan(ctx, [0.3, 0.6])
     assert not cached
     assert len(first.accuracy) == len(ctx.groups) and len(first.accuracy[0]) == 2
     again, cached = cached_scan(ctx, [0.3, 0.6])
     assert cached and again.accuracy == first.accuracy
-    _other, cached = cached_scan(ctx, [0.5])
+    _other, cached = cached_scan(ctx, [0.5], progress=True)
     assert not cached  # other ratios: another scan
+    err = capsys.readouterr().err  # the bar counts (group, ratio) pairs and names the group
+    n = len(ctx.groups)
+    assert "sensitivity:" in err and f"/{n} " in err
+    assert any(g.name in err for g in ctx.groups[1:])
 
     dists = distributions(ctx.space, ctx.groups)
     count = macs_counter(ctx)
