@@ -307,3 +307,22 @@ def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(
     out = capsys.readouterr()
     assert "Configuration for experiment" not in out.out
     assert "Configuration for experiment" in out.err
+
+
+def test_a_sampler_s_repeat_of_a_seed_point_is_no_seed_point() -> None:
+    """Seed points were recognised by their config: on Ray, a proposal that repeated a uniform
+    baseline was recorded as one (and never stopped at a rung, never inherited), where the
+    local controller records it as the sampler's."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from autoprune.controllers.ray_tune import SEED_KEY, AutopruneSearch, role_of
+
+    searcher = AutopruneSearch(space={"g": FloatDistribution(0.5, 0.5)},
+                               metric=["accuracy", "macs_ratio"], mode=["max", "min"],
+                               points_to_evaluate=[{"g": 0.5}],
+                               sampler=optuna.samplers.RandomSampler(seed=0))
+    seed, repeat = searcher.suggest("t0"), searcher.suggest("t1")
+    assert seed == {"g": 0.5, SEED_KEY: True} and repeat == {"g": 0.5}
+    seeds = [({"g": 0.5}, "baseline")]
+    assert role_of(seed, seeds) == "baseline" and role_of(repeat, seeds) is None

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from autoprune.search import Recorder
 
 _CTX: TrialContext | None = None  # one per worker process, reused across trials
+SEED_KEY = "autoprune_seed"  # in a Tune config: the trial is one of ``points_to_evaluate``
 
 
 ADDRESS_FORMS = ("auto (a cluster started on this machine with `ray start`), host:port of a "
@@ -184,7 +185,8 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
         if book is not None else None
     models = payload.get("models")
     inherit = inheritor(models) if models is not None and role != "baseline" else None
-    result = run_trial(_CTX, dict(config), promote=promote, reuse=reuser(payload["seen"]),
+    ratios = {k: v for k, v in config.items() if k != SEED_KEY}
+    result = run_trial(_CTX, ratios, promote=promote, reuse=reuser(payload["seen"]),
                        keep_model=models is not None, inherit=inherit)
     if models is not None:
         offer(models, result)  # the weights go to the actor, not through Tune
@@ -194,11 +196,16 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
     tune.report(metrics)
 
 
-def role_of(config: Mapping[str, float],
+def role_of(config: Mapping[str, Any],
             seeds: Sequence[tuple[dict[str, float], str | None]]) -> str | None:
-    """A seed point's role in the rungs (see :func:`autoprune.fidelity.promoter`), found by its
-    config: Tune hands ``points_to_evaluate`` to the trainable as they were given."""
-    return next((role for params, role in seeds if params == dict(config)), None)
+    """A seed point's role in the rungs (see :func:`autoprune.fidelity.promoter`). Only a
+    trial Tune took from ``points_to_evaluate`` has one (the searcher marks it, see
+    :meth:`AutopruneSearch.suggest`): a sampler's proposal of the same config is a candidate
+    like any other, as on the local controller."""
+    if not config.get(SEED_KEY):
+        return None
+    ratios = {k: v for k, v in config.items() if k != SEED_KEY}
+    return next((role for params, role in seeds if params == ratios), None)
 
 
 def result_to_metrics(result: TrialResult) -> dict[str, Any]:
@@ -398,9 +405,13 @@ class AutopruneSearch(OptunaSearch):
         params = super().suggest(trial_id)
         study: optuna.Study = self._ot_study  # type: ignore[assignment]
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and isinstance(study.sampler, optuna.samplers.NSGAIISampler):
-            study.sampler.get_trial_generation(study,
-                                               study._storage.get_trial(ot_trial._trial_id))
+        if ot_trial is None:
+            return params
+        frozen = study._storage.get_trial(ot_trial._trial_id)
+        if isinstance(study.sampler, optuna.samplers.NSGAIISampler):
+            study.sampler.get_trial_generation(study, frozen)
+        if isinstance(params, dict) and "fixed_params" in frozen.system_attrs:
+            params = {**params, SEED_KEY: True}  # a seed point (enqueued), not a proposal
         return params
 
     def add_finished(self, study: optuna.Study) -> None:
@@ -505,8 +516,8 @@ class RecordCallback(tune.Callback):
         attrs: dict[str, Any] = {"ray_trial_id": trial_id}
         if metrics and metrics.get("node_id"):
             attrs["ray_node_id"] = metrics["node_id"]
-        for params, seed_attrs in self.points:
-            if params == ratios:
+        for params, seed_attrs in self.points if config.get(SEED_KEY) else ():
+            if params == ratios:  # a seed point Tune took from points_to_evaluate
                 attrs |= seed_attrs
                 break
         if self.searcher is not None and self.searcher.is_fill(trial_id):
