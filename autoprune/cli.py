@@ -129,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
     ray_options = None
     if backend == "ray":
-        ray_options = {"address": args.address, "concurrency": args.concurrency or args.jobs,
+        ray_options = {"address": args.address, "concurrency": args.concurrency,
                        "cpus_per_trial": 1.0 if args.cpus_per_trial is None
                        else args.cpus_per_trial,
                        "gpus_per_trial": args.gpus_per_trial or 0.0}
@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trials", type=_count,
                     help="total trials in the study (default: the space's)")
     se.add_argument("--study", help="study name (default: the space's name)")
-    se.add_argument("--jobs", type=_count, help="parallel trials on this machine")
+    se.add_argument("--jobs", type=_count, help="trials at once (default: the space's "
+                                                  "search.jobs, else 1; on Ray, all that fit)")
     se.add_argument("--resume", action="store_true", help="continue an existing study")
     se.add_argument("--seed", type=_seed,
                     help="seed of the sampler and the trials (default: the space's search.seed)")
@@ -462,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local (default), or ray (the default when a Ray option is given)")
     se.add_argument("--address", help="Ray address (auto, ray://host:port, host:port); "
                                       "selects the Ray backend")
-    se.add_argument("--concurrency", type=_count, help="Ray: trials at once")
+    se.add_argument("--concurrency", type=_count, help="Ray: trials at once (default: --jobs, "
+                    "else search.jobs, else as many as the cluster's CPUs fit)")
     se.add_argument("--cpus-per-trial", type=_share, help="Ray: CPUs per trial (default 1)")
     se.add_argument("--gpus-per-trial", type=_share, help="Ray: GPUs per trial (default 0)")
     se.set_defaults(fn=cmd_search)

@@ -185,7 +185,7 @@ class SearchConfig:
     population_size: int = 16
     baselines: tuple[float, ...] = (0.25, 0.5, 0.75)
     front_fill: int = 2  # every n-th proposal after the seeds bisects the front's widest step
-    jobs: int = 1
+    jobs: int | None = None  # trials at once; unset: 1 locally, Ray's CPUs on a cluster
     device: Device = "auto"
     storage: str | None = None
     keep_models: bool = True

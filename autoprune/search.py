@@ -239,7 +239,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         space: the validated search space.
         study_name: defaults to the space name.
         trials: total trials (overrides ``search.trials``).
-        jobs: parallel trials on this machine (local backend).
+        jobs: trials at once (overrides ``search.jobs``; on Ray, ``--concurrency`` wins).
         resume: continue an existing study (and its MLflow parent run).
         seed: overrides ``search.seed``.
         backend: ``local`` (Optuna in-process) or ``ray`` (Ray Tune).
@@ -335,12 +335,14 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         if backend == "ray":
             from autoprune.controllers.ray_tune import run_ray
 
-            run_ray(ctx, study, total, dists, recorder, points=points, resume=resume,
-                    **(ray_options or {}))
+            opts = dict(ray_options or {})
+            # --concurrency, else --jobs or the space's search.jobs, else as many as fit
+            opts["concurrency"] = opts.get("concurrency") or jobs or space.search.jobs
+            run_ray(ctx, study, total, dists, recorder, points=points, resume=resume, **opts)
         else:
             from autoprune.controllers import run_local
 
-            run_local(ctx, study, total, jobs or space.search.jobs, dists, recorder,
+            run_local(ctx, study, total, jobs or space.search.jobs or 1, dists, recorder,
                       space.search.keep_models)
         status = "FINISHED"
     except KeyboardInterrupt:
