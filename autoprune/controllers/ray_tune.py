@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,6 +207,16 @@ def role_of(config: Mapping[str, Any],
         return None
     ratios = {k: v for k, v in config.items() if k != SEED_KEY}
     return next((role for params, role in seeds if params == ratios), None)
+
+
+def error_text(error: BaseException) -> str:
+    """A trial's error as the local controller records it: ``Type: message``, then the
+    traceback. A worker's exception comes wrapped in a ``RayTaskError``, whose text starts
+    with a banner (actor, pid, colour codes) that hid the user's message in the summary."""
+    cause = getattr(error, "cause", None)
+    first = cause if isinstance(cause, BaseException) else error
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    return f"{type(first).__name__}: {first}\n{text}"
 
 
 def result_to_metrics(result: TrialResult) -> dict[str, Any]:
@@ -541,7 +552,7 @@ def _record_missing(results: Any, callback: Any) -> None:
         trial_id = (res.metrics or {}).get("trial_id") or res.path.rsplit("/", 1)[-1]
         if trial_id in callback.recorded:
             continue
-        error = f"{type(res.error).__name__}: {res.error}" if res.error else None
+        error = error_text(res.error) if res.error else None
         metrics = res.metrics if res.metrics and "state" in res.metrics else None
         if metrics is None and error is None:
             continue
