@@ -309,6 +309,67 @@ def test_same_seed_gives_fronts_of_the_same_quality_on_both_controllers(
     assert "Configuration for experiment" in out.err
 
 
+def test_ray_trials_run_the_user_s_code_as_local_trials_do(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune started each trial in a folder of its own: a user's data function that opens a
+    file by a relative path failed in every Ray trial and ran locally. The space's
+    ``search.jobs`` was ignored on Ray, and a worker's error reached the user as Ray's banner
+    (actor, pid, colour codes) instead of the user's message."""
+    import textwrap
+    import uuid
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    project = tmp_path / "project"
+    project.mkdir()
+    digits = load_digits()
+    np.savez(project / "digits.npz", x=digits.data, y=digits.target)
+    mod = f"udata_{uuid.uuid4().hex[:8]}"
+    (project / f"{mod}.py").write_text(textwrap.dedent("""
+        import os
+
+        import numpy as np
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def make(root, driver_pid=0):
+            if driver_pid and os.getpid() != driver_pid:
+                raise RuntimeError("/data/scans is not mounted on this node")
+            d = np.load(root)  # relative to where the search was started
+            x = torch.tensor(d["x"], dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+            y = torch.tensor(d["y"])
+            return (DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=64,
+                               shuffle=True, drop_last=True),
+                    DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=128))
+    """))
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    spec = ray_space(tmp_path / "runs", "ray-user", trials=4)
+    spec["data"] = {"source": f"{mod}:make", "kwargs": {"root": "digits.npz"}}
+    spec["search"]["jobs"] = 1
+    space = parse_space(spec)
+    summary = run_search(space, backend="ray", quiet=True,
+                         ray_options={"address": cluster.address, "cpus_per_trial": 1.0})
+    study = load_study("ray-user", space.storage_url)
+    assert summary.failed == 0, summary.errors
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    # search.jobs: 1 runs one trial at a time, in one reused actor (two CPUs were free)
+    assert len({t.user_attrs["ray_node_id"] for t in study.trials}) == 1
+
+    spec["name"] = "ray-user-fails"
+    spec["data"]["kwargs"]["driver_pid"] = os.getpid()
+    space = parse_space(spec)
+    summary = run_search(space, backend="ray", quiet=True,
+                         ray_options={"address": cluster.address, "concurrency": 2})
+    assert summary.failed == summary.trials == 4
+    first, = summary.errors  # one error, grouped across trials and processes
+    assert first.startswith(f"SourceError: data.source: '{mod}:make' raised RuntimeError: "
+                            "/data/scans is not mounted on this node"), first
+    study = load_study("ray-user-fails", space.storage_url)
+    assert all("\x1b" not in t.user_attrs["error"] for t in study.trials)
+
+
 def test_a_sampler_s_repeat_of_a_seed_point_is_no_seed_point() -> None:
     """Seed points were recognised by their config: on Ray, a proposal that repeated a uniform
     baseline was recorded as one (and never stopped at a rung, never inherited), where the

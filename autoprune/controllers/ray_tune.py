@@ -172,6 +172,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
 def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
     """The Tune function trainable: one :func:`run_trial`, one report."""
     global _CTX
+    _enter(payload["cwd"])
     if _CTX is None:
         from autoprune.base import BaseMetrics
         from autoprune.config import parse_space
@@ -195,6 +196,29 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
     metrics["node_id"] = ray.get_runtime_context().get_node_id()
     metrics["pid"] = os.getpid()
     tune.report(metrics)
+
+
+def _enter(cwd: str) -> None:
+    """Run trials where the search was started, as local trials run. Tune starts each in a
+    folder of its own, where a relative path in the user's code (a data file, an image
+    folder) was not found: every trial failed on Ray that ran locally. On a node without that
+    folder the worker stays where Ray started it (a job's uploaded working directory)."""
+    if os.path.isdir(cwd) and os.getcwd() != cwd:
+        os.chdir(cwd)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment (unless the user set it) for the block:
+    Tune copies it to the trial actors it starts then."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def role_of(config: Mapping[str, Any],
@@ -300,7 +324,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     exp_path = storage / study.study_name
     base_state = {k: v.detach().cpu() for k, v in ctx.base_model.state_dict().items()}
     payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
-               "threads": max(1, int(cpus_per_trial)),
+               "threads": max(1, int(cpus_per_trial)), "cwd": os.getcwd(),
                "device": "cuda" if gpus_per_trial > 0 else "cpu",
                "seeds": [(dict(p), seed_role(a)) for p, a in points or []]}
     fid = space.search.fidelity
@@ -367,7 +391,8 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     try:
         # Tune prints its experiment box and paths to stdout whatever the verbosity: keep
         # stdout for the search's result (the front table)
-        with _watch_sigint() as ctrl_c, contextlib.redirect_stdout(sys.stderr):
+        with _watch_sigint() as ctrl_c, contextlib.redirect_stdout(sys.stderr), \
+                _env("RAY_CHDIR_TO_TRIAL_DIR", "0"):  # see _enter
             results = tuner.fit()
         _record_missing(results, callback)
         if ctrl_c["hit"]:  # Tune saved the experiment and returned: stop, for --resume
