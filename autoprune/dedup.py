@@ -80,6 +80,26 @@ def remember(seen: Any, result: TrialResult, number: int) -> None:
         seen.put(key, number, result_fields(result))
 
 
+def mark_twin(seen: Any, result: TrialResult) -> None:
+    """Record a trial that ran alongside its twin as a duplicate of the one recorded first.
+
+    With several trials at once, two that keep the same channels can both start before
+    either has finished, so neither finds the other (on Ray, NSGA-II proposed 0.5/0.5 twice
+    and both were fine-tuned and listed on the front). The one recorded second takes the
+    first one's measurements and ``duplicate_of``, so the front lists the model once; its
+    fine-tune steps stay, as they were spent.
+    """
+    if result.state == "failed" or result.duplicate_of is not None or not result.kept_channels:
+        return
+    hit = reuser(seen)(structure_key(result.kept_channels, result.seed))
+    if hit is None:
+        return
+    spent = result.finetune_steps, result.finetune_losses, result.rungs
+    reuse_into(result, hit)
+    result.finetune_steps, result.finetune_losses, result.rungs = spent
+    result.state_dict = None  # its weights are not the ones the original's record stands for
+
+
 def reuser(seen: Any) -> Reuse:
     """A ``reuse(key)`` callable for :func:`autoprune.trial.run_trial`, whatever holds ``seen``."""
     if hasattr(seen, "get") and hasattr(seen.get, "remote"):  # a Ray actor handle

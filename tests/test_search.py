@@ -513,6 +513,23 @@ def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
     assert all(t.user_attrs["finetune_steps"] == 4 for t in study.trials)
 
 
+def test_twins_that_ran_at_once_are_recorded_as_one_model(runs: Path) -> None:
+    """With trials at once, two that keep the same channels both ran before either finished,
+    and both were listed on the front. The second recorded is a duplicate of the first."""
+    space = parse_space(tiny_space(runs, "twins", groups={"default": {"low": 0.5, "high": 0.5}},
+                                   **{"search.trials": 4, "search.jobs": 2,
+                                      "search.baselines": []}))
+    run_search(space, quiet=True)
+    study = load_study("twins", space.storage_url)
+    attrs = [t.user_attrs for t in study.trials]
+    originals = [t.number for t in study.trials if t.user_attrs.get("duplicate_of") is None]
+    assert len(originals) == 1 and front_numbers(study) == set(originals)
+    assert all(a.get("duplicate_of") in (None, originals[0]) for a in attrs)
+    # trials 0 and 1 started together and both fine-tuned; the later two reused the result
+    assert sorted(a["finetune_steps"] for a in attrs) == [0, 0, 4, 4]
+    assert len({a["accuracy"] for a in attrs}) == 1
+
+
 def _open_stores(root: str, study: str, barrier: Any) -> None:
     from autoprune.study import storage_for
     from autoprune.tracking import Tracker

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from autoprune.controllers import _worker
-from autoprune.dedup import SeenConfigs, remember, reuser, study_entries
+from autoprune.dedup import SeenConfigs, mark_twin, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
 from autoprune.signals import handling
@@ -75,6 +75,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
 
     def record(trial: optuna.Trial, result: TrialResult, seen: Any, models: Any) -> None:
         """Record a finished trial, and remember its model for later proposals."""
+        mark_twin(seen, result)
         if models is not None:
             offer(models, result)
         if not keep_model:

@@ -33,7 +33,14 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from autoprune.dedup import SeenConfigs, remember, reuser, structure_key, study_entries
+from autoprune.dedup import (
+    SeenConfigs,
+    mark_twin,
+    remember,
+    reuser,
+    structure_key,
+    study_entries,
+)
 from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.fill import FILL_ATTR
@@ -544,6 +551,8 @@ class RecordCallback(tune.Callback):
             result = TrialResult(ratios=ratios, state="failed",
                                  seed=self.recorder.space.search.seed,
                                  error=error or "the trial reported no result")
+        if self.seen is not None:
+            mark_twin(self.seen, result)
         if self.models is not None and result.state == "complete" and result.kept_channels \
                 and result.duplicate_of is None:  # a reused result has no weights of its own
             held = ray.get(self.models.get.remote(structure_key(result.kept_channels,
