@@ -38,7 +38,7 @@ from torch import nn
 from autoprune.dedup import DUPLICATE_OF, structure_key
 from autoprune.pareto import nondominated_ranks
 from autoprune.prune import PruneRecord, replay
-from autoprune.sources._models import load_state_dict_strict
+from autoprune.sources._models import cpu_state, load_state_dict_strict
 
 if TYPE_CHECKING:
     import optuna
@@ -120,7 +120,7 @@ def parent_of(result: TrialResult) -> Parent | None:
         return None
     return Parent(structure_key(result.kept_channels, result.seed), dict(result.kept_channels),
                   float(result.macs_ratio), float(result.accuracy), dict(result.record),
-                  {k: v.detach().cpu() for k, v in result.state_dict.items()})
+                  cpu_state(result.state_dict))
 
 
 def offer(models: Any, result: TrialResult) -> None:

@@ -30,7 +30,7 @@ from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import count_cost, evaluate, example_input, measure_latency
 from autoprune.prune import failing_groups, prune_model
 from autoprune.sources import DataBundle, load_checkpoint
-from autoprune.sources._models import load_state_dict_strict
+from autoprune.sources._models import cpu_state, load_state_dict_strict
 
 if TYPE_CHECKING:
     from autoprune.dedup import Reuse
@@ -318,7 +318,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     result.constraints = constraint_values(space, result)
     result.state = "complete" if result.feasible or not constraints else "infeasible"
     if keep_model:
-        result.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        result.state_dict = cpu_state(model.state_dict(), clone=True)
 
 
 def rung_accuracy(model: nn.Module, ctx: TrialContext) -> float:

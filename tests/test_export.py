@@ -611,3 +611,52 @@ def test_a_model_of_token_ids_is_searched_and_exported_with_integer_inputs(
     assert torch.allclose(program(ids), ref, atol=1e-5)
     assert cli(["apply", str(out / "prune_config.json"), "--weights", str(out / "weights.pt"),
                 "--out", str(tmp_path / "applied")]) == 0
+
+
+def test_a_model_that_checks_its_version_on_load_inherits_and_exports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's MNASNet refuses weights without its module version. Trials kept their
+    weights as a plain dict of tensors, which has none: every inheriting trial failed, and so
+    did every export."""
+    import textwrap
+    import uuid
+
+    mod = f"versioned_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class Versioned(nn.Module):
+            _version = 2
+
+            def __init__(self, num_classes=10):
+                super().__init__()
+                self.body = nn.Sequential(
+                    nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                    nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+                self.head = nn.Linear(16, num_classes)
+
+            def forward(self, x):
+                return self.head(self.body(x).mean((2, 3)))
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+                if local_metadata.get("version") != 2:  # as MNASNet does
+                    raise ValueError("version should be set to 1 or 2 instead of "
+                                     f"{local_metadata.get('version')}")
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+        def build(num_classes=10):
+            return Versioned(num_classes)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tiny_space(tmp_path / "runs", "versioned", **{
+        "search.trials": 4, "search.baselines": [0.5, 0.25], "search.inherit": True})
+    spec["model"] = {"source": f"{mod}:build", "input_shape": [1, 1, 8, 8],
+                     "train": {"epochs": 2}}
+    space = parse_space(spec)
+    summary = run_search(space, quiet=True)
+    study = load_study("versioned", space.storage_url)
+    assert summary.failed == 0, summary.errors
+    assert any(t.user_attrs.get("inherits_trial") is not None for t in study.trials)
+    result = export_trial("versioned", space.storage_url, "max-accuracy", tmp_path / "out",
+                          runs_dir=space.runs_dir)
+    assert (tmp_path / "out" / "model.onnx").exists() and result.trial in front_numbers(study)

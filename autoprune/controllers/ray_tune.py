@@ -45,6 +45,7 @@ from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.fill import FILL_ATTR
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
+from autoprune.sources._models import cpu_state
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
@@ -329,7 +330,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
     space = ctx.space
     storage = Path(space.runs_dir).resolve() / "ray"
     exp_path = storage / study.study_name
-    base_state = {k: v.detach().cpu() for k, v in ctx.base_model.state_dict().items()}
+    base_state = cpu_state(ctx.base_model.state_dict())
     payload = {"space": space.to_dict(), "base": ctx.base.to_dict(), "base_state": base_state,
                "threads": max(1, int(cpus_per_trial)), "cwd": os.getcwd(),
                "device": "cuda" if gpus_per_trial > 0 else "cpu",

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +201,25 @@ def _unreadable(e: Exception) -> str:
     return text.split("\n")[0].strip() or type(e).__name__
 
 
+def cpu_state(state: Mapping[str, torch.Tensor], clone: bool = False) -> dict[str, Any]:
+    """``state`` detached on the CPU (copied with ``clone``), keeping the module versions a
+    state dict carries (``_metadata``): a plain ``{k: v}`` copy dropped them, and a model that
+    checks its version when loading (torchvision's MNASNet) refused the kept trial weights."""
+    out = OrderedDict((k, v.detach().cpu().clone() if clone else v.detach().cpu())
+                      for k, v in state.items())
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
+    return out
+
+
 def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) -> None:
-    """``model.load_state_dict`` whose error lists missing, unexpected and mis-shaped keys."""
+    """``model.load_state_dict`` whose error lists missing, unexpected and mis-shaped keys.
+
+    A state dict without module versions (a plain dict of tensors, a checkpoint whose keys
+    were renamed) is read as of the model's own versions, the layout its keys and shapes were
+    just checked against; torch would take them for the oldest layout (MNASNet refuses that).
+    """
     own = model.state_dict()
     # BatchNorm fills a missing step counter itself (files from older torch, converted weights)
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
@@ -217,4 +236,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) 
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {shapes[:10]}")
         raise CheckpointError(f"{field}: weights do not fit the architecture; " + "; ".join(parts))
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = own._metadata  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
