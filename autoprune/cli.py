@@ -85,9 +85,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
         print(json.dumps({"model": source, "input_shape": list(shape),
                           "groups": [g.to_dict() for g in groups], "left_out": left}, indent=2))
     elif not args.write_space:
-        _print_groups(groups)
-        if left:
-            print(f"{len(left)} more group(s) cannot be searched:")
+        if groups:
+            _print_groups(groups)
+        if left or not groups:
+            print(f"{len(left)} more group(s) cannot be searched:" if groups else
+                  f"no group of this model can be searched ({len(left)} found):")
             for root, why in left.items():
                 print(f"  {root}: {why}")
     return 0
@@ -354,7 +356,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.preflight import warn_left_out
+    from autoprune.preflight import check_reachable, warn_left_out
     from autoprune.sensitivity import cache_path, cached_scan, cached_warm_start, plot_heatmap
     from autoprune.study import distributions
     from autoprune.trial import TrialContext
@@ -363,6 +365,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     ratios = args.ratios or list(space.search.warm_start.ratios)
     ctx = TrialContext.build(space)
     warn_left_out(ctx.drop_failing_groups())
+    check_reachable(ctx, distributions(space, ctx.groups))
     sens, cached = cached_scan(ctx, ratios, progress=True)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio

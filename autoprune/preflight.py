@@ -28,7 +28,13 @@ def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
     limit below it would make every trial infeasible, the whole budget spent for an empty
     front."""
     space = ctx.space
-    if dists and all(d.high <= 0 for d in dists.values()):
+    if not dists:
+        raise ConfigError("model.source", space.model.source,
+                          "a model with a channel group Torch-Pruning can prune (none is left "
+                          "to search: each fails to prune, see the warning above, or is in "
+                          "groups.ignore; `autoprune layers` lists them with the reasons, and "
+                          "ignoring the layer a failure names may free the others)")
+    if all(d.high <= 0 for d in dists.values()):
         raise ConfigError("groups", space.to_dict()["groups"],
                           "at least one group with a range above 0 (every group's high is 0, "
                           "so every trial would be the unpruned model)")

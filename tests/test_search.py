@@ -190,6 +190,17 @@ def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
     study = load_study("left-out", f"sqlite:///{runs / 'optuna.db'}")
     assert all(set(t.params) == {"conv2"} for t in study.trials)
 
+    # with conv2 ignored too, nothing is left: the search ran every trial on the unpruned
+    # model and exited 0 (its export was the base model); now it is an error, before a study
+    spec["groups"]["ignore"] = ["conv2"]
+    path.write_text(yaml.safe_dump({**spec, "name": "none-left"}))
+    assert cli(["search", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "conv1: pruning it to ratio 0.75 fails" in err
+    assert ("error: model.source: got 'fragile_model:build'; allowed: a model with a channel "
+            "group Torch-Pruning can prune") in err
+    assert "none-left" not in list_studies(f"sqlite:///{runs / 'optuna.db'}")
+
 
 def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Path) -> None:
     import yaml
