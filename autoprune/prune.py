@@ -194,6 +194,11 @@ def prune_model(
     # MetaPruner keeps int(C * (1 - r)) channels; +0.5 makes that exactly our rounded count.
     effective = {by_name[n]: 1.0 - (kept[n] + 0.5) / current[n]
                  for n in ratios if kept[n] < current[n]}
+    # The groups not pruned now are left alone: MetaPruner scores every group it may prune
+    # before it prunes any, so one group whose importance cannot be computed (a chunk's half
+    # with a residual add) failed every other group's pruning too, and on a model of 120
+    # groups each one-group pruning scored all 120.
+    still = [m for m in groups if m not in effective]
     try:
         with shape_checked_reshapes(), warnings.catch_warnings():
             # Its own graph must map reshapes like build_graph's. It warns of "unwrapped
@@ -202,7 +207,7 @@ def prune_model(
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             pruner = tp.pruner.MetaPruner(
                 pruned, example_inputs, importance=IMPORTANCES[importance](), pruning_ratio=0.0,
-                pruning_ratio_dict=effective, ignored_layers=ignored, round_to=None,
+                pruning_ratio_dict=effective, ignored_layers=ignored + still, round_to=None,
                 root_module_types=list(ROOT_TYPES),
                 # Heads as channel groups (every head keeps the same dims), not num_heads: with
                 # that, MetaPruner skips a width group whose attention it reaches from the

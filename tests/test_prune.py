@@ -322,6 +322,25 @@ class _TiedNet(nn.Module):
         return self.fc(torch.relu(self.p2(torch.relu(self.p1(x)))))
 
 
+class _ChunkNet(nn.Module):
+    """An SE block beside a torch.chunk whose half gets a residual add (Torch-Pruning cannot
+    score the trunk's group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, 2, 1)
+        self.b1 = nn.BatchNorm2d(32)
+        self.se1, self.se2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.up = nn.Conv2d(32, 16, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = x * torch.sigmoid(self.se2(torch.relu(self.se1(x.mean((2, 3), keepdim=True)))))
+        p, q = torch.chunk(x, 2, dim=1)
+        return self.fc(torch.cat([p + self.up(x), q], 1).mean((2, 3)))
+
+
 def test_groups_torch_pruning_cannot_prune_are_found_and_named() -> None:
     """Groups that fail to prune (every trial over them would fail) are named with the error;
     the groups that prune are not, and a model whose groups all prune costs one pass."""
@@ -338,6 +357,14 @@ def test_groups_torch_pruning_cannot_prune_are_found_and_named() -> None:
     shuffle = _PixelShuffleNet().eval()
     why = failing_groups(shuffle, x, {g.name: 0.25 for g in describe_groups(shuffle, x)})
     assert "up" in why and "IndexError" in why["up"]
+    # one group Torch-Pruning cannot score failed every other group's pruning too
+    chunk = _ChunkNet().eval()
+    names = sorted(g.name for g in describe_groups(chunk, x))
+    assert names == ["se1", "se2"]
+    why = failing_groups(chunk, x, {n: 0.25 for n in names})
+    assert list(why) == ["se2"] and "IndexError" in why["se2"]
+    pruned, record = prune_model(chunk, x, {"se1": 0.5})
+    assert record.kept_channels["se1"] == 4 and pruned.se1.out_channels == 4
     plain = build_model("builtin:resnet_tiny", (1, 1, 8, 8), 10, {"width": 8}).eval()
     assert failing_groups(plain, x, {g.name: 0.5 for g in describe_groups(plain, x)}) == {}
 
