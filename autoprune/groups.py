@@ -205,6 +205,7 @@ def _map_reshape(graph: tp.DependencyGraph, node: Any) -> None:
     if how is None:
         src, dst = shapes or ("?", "?")
         node.opaque = f"{node.grad_fn.name()} {list(src)} -> {list(dst)}"
+        node.untraced = c_in is None and c_out is None  # Torch-Pruning found neither width
         node.recurrent = _recurrent_owner(graph.model, node.grad_fn)
         node.dependencies.clear()
     elif how[0] != "same":
@@ -306,6 +307,10 @@ def _judged_groups(graph: tp.DependencyGraph,
         for dep, _ in () if why else group:
             if opaque := getattr(dep.target, "opaque", None):
                 why = f"its channels cross a reshape that does not keep them whole ({opaque})"
+                if getattr(dep.target, "untraced", False):
+                    why = (f"its channels cross a reshape ({opaque}) between layers whose "
+                           "width Torch-Pruning could not trace, so no channel can be "
+                           "followed through it")
                 if recurrent_layer := getattr(dep.target, "recurrent", None):
                     why = (f"it touches {recurrent_layer} that Torch-Pruning does not prune "
                            f"reliably (its channels cross a reshape inside it: {opaque})")

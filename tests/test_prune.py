@@ -278,6 +278,25 @@ def test_groups_that_reach_a_recurrent_layer_are_left_out_and_say_why() -> None:
         "(its channels cross a reshape inside it: ")
 
 
+def test_a_reshape_between_widths_torch_pruning_cannot_trace_says_so() -> None:
+    """Swin's window reshapes keep the channels whole, but Torch-Pruning finds no width on
+    either side (its recursion runs out), and the reason said they do not keep them whole."""
+    import torchvision
+
+    from autoprune.groups import left_out_groups
+
+    why = left_out_groups(torchvision.models.swin_t(weights=None).eval(),
+                          torch.zeros(1, 3, 224, 224))
+    assert why["features.1.1.mlp.3"].startswith("its channels cross a reshape (")
+    assert why["features.1.1.mlp.3"].endswith(
+        "between layers whose width Torch-Pruning could not trace, so no channel can be "
+        "followed through it")
+    # a head split, whose widths are known, does not keep them whole
+    assert why["features.7.1.mlp.3"] == ("its channels cross a reshape that does not keep "
+                                         "them whole (UnsafeViewBackward0 [1, 49, 24, 32] -> "
+                                         "[1, 49, 768])")
+
+
 class _PixelShuffleNet(nn.Module):
     """An upsampler whose conv feeds a PixelShuffle, next to a plain conv block."""
 
