@@ -37,6 +37,7 @@ from autoprune.groups import (
     root_module,
     shape_checked_reshapes,
 )
+from autoprune.reshape_check import ReshapeLog, moved
 
 _FAILED = "pruning failed, the model was left untouched: "
 
@@ -166,7 +167,7 @@ def prune_model(
     if importance not in IMPORTANCES:
         raise PruningError(f"pruning.importance: got {importance!r}; allowed: {list(IMPORTANCES)}")
     pruned = copy.deepcopy(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), ReshapeLog() as before:
         try:
             ref_out = pruned(example_inputs)
         except Exception as e:
@@ -219,11 +220,18 @@ def prune_model(
             pruner.step()
         _sync_attributes(pruned)
         pruned.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        with torch.no_grad(), ReshapeLog() as after:
             out = pruned(example_inputs)
     except Exception as e:  # noqa: BLE001 - report which op broke, keep the input model intact
         raise PruningError(f"{_FAILED}{type(e).__name__}: {e}") from e
     _check_output(ref_out, out)
+    if (bad := moved(before.seen, after.seen)) is not None:
+        (src, dst), (psrc, pdst) = bad
+        raise PruningError(f"{_FAILED}a reshape does not follow the pruned channels: "
+                           f"{list(src)} -> {list(dst)} before pruning, {list(psrc)} -> "
+                           f"{list(pdst)} after, so the pruned model would compute something "
+                           "else (a width written into the model's code, as in "
+                           "x.view(n, 32, -1)? x.view(n, x.shape[1], -1) follows the pruning)")
     history = [(str(n), bool(o), [int(i) for i in idx]) for n, o, idx in pruner.pruning_history()]
     if parent is not None:
         history = [*parent.history, *history]

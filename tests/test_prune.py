@@ -278,6 +278,44 @@ def test_groups_that_reach_a_recurrent_layer_are_left_out_and_say_why() -> None:
         "(its channels cross a reshape inside it: ")
 
 
+class _AttentionMap(nn.Module):
+    """Per-channel spatial softmax attention, its width written into the code (``fixed``) or
+    read from the tensor."""
+
+    def __init__(self, fixed: bool) -> None:
+        super().__init__()
+        self.fixed, self.c = fixed, 32
+        self.c1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(self.c1(x))
+        width = self.c if self.fixed else x.shape[1]
+        att = x.view(x.shape[0], width, -1).softmax(-1).view_as(x)
+        return self.fc((x * att).sum((2, 3)))
+
+
+def test_a_width_written_into_a_reshape_is_caught_not_pruned_into_another_model() -> None:
+    """x.view(n, 32, -1) on 16 pruned channels runs and spreads two channels over each
+    softmax row: the same output shape, another model, and nothing failed."""
+    from autoprune.prune import failing_groups
+
+    x = torch.zeros(1, 1, 8, 8)
+    fixed = _AttentionMap(fixed=True).eval()
+    why = failing_groups(fixed, x, {"c1.0": 0.5, "c2.0": 0.5})
+    assert list(why) == ["c2.0"]
+    assert why["c2.0"] == (
+        "pruning it to ratio 0.5 fails (a reshape does not follow the pruned channels: "
+        "[1, 32, 8, 8] -> [1, 32, 64] before pruning, [1, 16, 8, 8] -> [1, 32, 32] after, so "
+        "the pruned model would compute something else (a width written into the model's "
+        "code, as in x.view(n, 32, -1)? x.view(n, x.shape[1], -1) follows the pruning))")
+    read = _AttentionMap(fixed=False).eval()
+    assert failing_groups(read, x, {"c1.0": 0.5, "c2.0": 0.5}) == {}
+    pruned, _ = prune_model(read, x, {"c2.0": 0.5})
+    assert pruned.c2[0].out_channels == 16
+
+
 def test_a_reshape_between_widths_torch_pruning_cannot_trace_says_so() -> None:
     """Swin's window reshapes keep the channels whole, but Torch-Pruning finds no width on
     either side (its recursion runs out), and the reason said they do not keep them whole."""
