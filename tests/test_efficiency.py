@@ -23,7 +23,7 @@ from autoprune.fill import FILL_ATTR, fill_params, front_steps
 from autoprune.finetune import finetune
 from autoprune.report import trials_frame
 from autoprune.search import run_search
-from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter
+from autoprune.sensitivity import allocate, cached_scan, estimate_macs_ratio, macs_counter, scan
 from autoprune.study import (
     coarse_to_fine,
     distributions,
@@ -286,6 +286,39 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(
     run_search(space, trials=8, resume=True, quiet=True)
     assert len([t for t in load_study("warm", space.storage_url).trials
                 if t.state.is_finished()]) == 8
+
+
+def test_an_interrupted_scan_keeps_the_groups_it_finished(
+        runs: Path, ctx: TrialContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan of a large model takes many minutes (densenet121: 120 groups); an interrupt lost
+    all of it. The rows of finished groups are kept and the next scan starts after them."""
+    import autoprune.prune as prune_mod
+    from autoprune.sensitivity import cache_path
+
+    real, calls, armed = prune_mod.prune_model, [], [True]
+
+    class Interrupt(BaseException):  # as KeyboardInterrupt, which pytest takes for its own
+        pass
+
+    def counted(model: Any, x: Any, ratios: dict[str, float], *a: Any, **k: Any) -> Any:
+        calls.append(next(iter(ratios)))
+        if len(calls) == 3 and armed:
+            armed.clear()
+            raise Interrupt  # Ctrl-C in the second group
+        return real(model, x, ratios, *a, **k)
+
+    monkeypatch.setattr(prune_mod, "prune_model", counted)
+    with pytest.raises(Interrupt):
+        cached_scan(ctx, [0.35, 0.7])
+    partial = cache_path(ctx, [0.35, 0.7]).with_suffix(".partial.json")
+    assert list(json.loads(partial.read_text())) == [ctx.groups[0].name]
+    calls.clear()
+    sens, cached = cached_scan(ctx, [0.35, 0.7])
+    assert not cached and calls[0] == ctx.groups[1].name  # the first group was not redone
+    assert len(calls) == 2 * (len(ctx.groups) - 1) and not partial.exists()
+    monkeypatch.setattr(prune_mod, "prune_model", real)
+    fresh = scan(ctx, [0.35, 0.7])
+    assert sens.accuracy == fresh.accuracy and sens.groups == fresh.groups
 
 
 def test_a_group_that_fails_to_prune_does_not_stop_the_scan(
