@@ -217,8 +217,10 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) 
     """``model.load_state_dict`` whose error lists missing, unexpected and mis-shaped keys.
 
     A state dict without module versions (a plain dict of tensors, a checkpoint whose keys
-    were renamed) is read as of the model's own versions, the layout its keys and shapes were
-    just checked against; torch would take them for the oldest layout (MNASNet refuses that).
+    were renamed) that holds exactly the model's keys is read as of the model's own versions,
+    the layout its keys and shapes were just checked against; torch would take it for the
+    oldest layout, which MNASNet refuses. One that lacks keys an older layout lacked (BatchNorm's
+    step counter) keeps torch's reading, which fills them in.
     """
     own = model.state_dict()
     # BatchNorm fills a missing step counter itself (files from older torch, converted weights)
@@ -236,7 +238,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Any], field: str) 
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {shapes[:10]}")
         raise CheckpointError(f"{field}: weights do not fit the architecture; " + "; ".join(parts))
-    if getattr(state, "_metadata", None) is None:
+    if getattr(state, "_metadata", None) is None and set(state) == set(own):
         state = OrderedDict(state)
         state._metadata = own._metadata  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
