@@ -603,7 +603,7 @@ def test_the_ray_controller_reuses_results_too(runs: Path) -> None:
 
 def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_generation(
         ) -> None:
-    from autoprune.controllers.ray_tune import AutopruneSearch, role_of
+    from autoprune.controllers.ray_tune import SEED_KEY, AutopruneSearch, role_of
     from autoprune.study import FidelityNSGAIISampler
 
     dists = {"a": optuna.distributions.FloatDistribution(0.0, 0.8, step=0.1),
@@ -612,8 +612,8 @@ def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_gene
                                mode=["max", "min"], points_to_evaluate=[{"a": 0.5, "b": 0.5}],
                                sampler=FidelityNSGAIISampler(population_size=2, seed=0))
     first = searcher.suggest("t0")
-    assert first == {"a": 0.5, "b": 0.5}
-    # the trainable finds a seed point's role in the rungs by its config
+    assert first == {"a": 0.5, "b": 0.5, SEED_KEY: True}  # marked: a seed point
+    # the trainable finds a marked seed point's role in the rungs by its config
     seeds = [({"a": 0.5, "b": 0.5}, "baseline"), ({"a": 0.2, "b": 0.7}, "warm_start")]
     assert role_of(first, seeds) == "baseline" and role_of({"a": 0.1, "b": 0.1}, seeds) is None
     for i in range(1, 6):
@@ -631,7 +631,7 @@ def test_ray_searcher_tells_pruned_trials_as_pruned_and_gives_seed_points_a_gene
 
 
 def test_ray_searcher_fills_the_front_and_tells_which_trials_are_fills() -> None:
-    from autoprune.controllers.ray_tune import AutopruneSearch
+    from autoprune.controllers.ray_tune import SEED_KEY, AutopruneSearch
     from autoprune.study import FillFidelityNSGAIISampler
 
     dists = {n: FloatDistribution(0.0, 0.8, step=0.1) for n in "ab"}
@@ -641,7 +641,7 @@ def test_ray_searcher_fills_the_front_and_tells_which_trials_are_fills() -> None
                                sampler=FillFidelityNSGAIISampler(population_size=2, seed=0,
                                                                  fill_every=2,
                                                                  fill_axes=(0, 1)))
-    assert [searcher.suggest(t) for t in ("s0", "s1")] == seeds
+    assert [searcher.suggest(t) for t in ("s0", "s1")] == [{**p, SEED_KEY: True} for p in seeds]
     searcher.on_trial_complete("s0", {"state": "complete", "accuracy": 0.8, "macs_ratio": 0.2})
     searcher.on_trial_complete("s1", {"state": "complete", "accuracy": 0.95, "macs_ratio": 1.0})
     proposed = {t: searcher.suggest(t) for t in ("t0", "t1", "t2", "t3")}
