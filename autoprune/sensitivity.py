@@ -71,11 +71,11 @@ def scan(ctx: TrialContext, ratios: Sequence[float], progress: bool = False,
     rows: dict[str, list[float]] = {}
     done = {g: list(r) for g, r in (done or {}).items() if len(r) == len(ratios)}
     bar = tqdm(total=len(ctx.groups) * len(ratios), desc="sensitivity", unit="prune",
-               file=sys.stderr, disable=not progress, leave=False)
+               file=sys.stderr, disable=not progress, leave=False,
+               initial=sum(g.name in done for g in ctx.groups) * len(ratios))
     for g in ctx.groups:
         if g.name in done:
             rows[g.name] = done[g.name]
-            bar.update(len(ratios))
             continue
         row: list[float] = []
         bar.set_postfix_str(g.name, refresh=False)
