@@ -307,11 +307,14 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
     load_checkpoint(model, base.checkpoint)
     tdir = study_dir(space, study_name) / "trials" / str(number)
     example = example_input(space.model.input_shape, space.model.input_dtype)
-    if (tdir / "weights.pt").exists() and (tdir / "prune_record.json").exists():
-        record = PruneRecord.from_dict(json.loads((tdir / "prune_record.json").read_text()))
+    from autoprune.inherit import read_kept
+
+    kept = read_kept(tdir)
+    if kept is not None:
+        record = PruneRecord.from_dict(kept[0])
         pruned = replay(model, example, record)
-        state = torch.load(tdir / "weights.pt", map_location="cpu", weights_only=True)
-    else:  # weights not kept: re-run the trial with its seed, which is deterministic
+        state = kept[1]
+    else:  # weights not kept (or unreadable): re-run the trial with its seed, deterministic
         from autoprune.inherit import originals_by_key, rerun
         from autoprune.trial import TrialContext
 

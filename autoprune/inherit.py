@@ -167,23 +167,43 @@ def parent_model(ctx: TrialContext, parent: Parent) -> tuple[nn.Module, PruneRec
 def load_kept(models: Any, study: optuna.Study, trials_dir: Path) -> int:
     """Refill ``models`` (in-process, manager proxy or Ray actor) on resume from the complete
     trials whose weights were kept."""
-    import json
-
     from optuna.trial import TrialState
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a, d = t.user_attrs, trials_dir / str(t.number)
-        if a.get("state") != "complete" or a.get(DUPLICATE_OF) is not None \
-                or not (d / "weights.pt").exists() or not (d / "prune_record.json").exists():
+        a = t.user_attrs
+        if a.get("state") != "complete" or a.get(DUPLICATE_OF) is not None:
             continue
-        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+        kept = read_kept(trials_dir / str(t.number))
+        if kept is None:
+            continue
+        record, state = kept
         parent = Parent(structure_key(a["kept_channels"], int(a["seed"])),
                         dict(a["kept_channels"]), float(a["macs_ratio"]), float(a["accuracy"]),
-                        json.loads((d / "prune_record.json").read_text()), state)
+                        record, state)
         _put(models, parent)
         n += 1
     return n
+
+
+def read_kept(d: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A trial's kept pruning record and weights from its folder ``d``, or None when they are
+    not there or cannot be read (a file cut short by a kill before saves were atomic, a full
+    disk): the trial is then re-run from its seed, as when weights were not kept."""
+    import json
+    import warnings
+
+    if not (d / "weights.pt").exists() or not (d / "prune_record.json").exists():
+        return None
+    try:
+        record = json.loads((d / "prune_record.json").read_text())
+        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable: re-run instead of stopping the search
+        warnings.warn(f"the kept weights in {d} cannot be read ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); that trial is re-run from its seed "
+                      "where it is needed", stacklevel=2)
+        return None
+    return record, state
 
 
 def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mapping[str, Any],

@@ -151,9 +151,15 @@ class Recorder:
             return []
         d = self.out / "trials" / str(number)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "prune_record.json").write_text(json.dumps(result.record))
+        # each file whole or not at all: a Ctrl-C mid-save left a truncated weights.pt that
+        # every --resume then failed to load
+        tmp = d / f".prune_record.json.{os.getpid()}"
+        tmp.write_text(json.dumps(result.record))
+        os.replace(tmp, d / "prune_record.json")
         if result.state_dict is not None:
-            torch.save(result.state_dict, d / "weights.pt")
+            tmp = d / f".weights.pt.{os.getpid()}"
+            torch.save(result.state_dict, tmp)
+            os.replace(tmp, d / "weights.pt")
         return [d / "prune_record.json"]
 
     def failed(self) -> int:

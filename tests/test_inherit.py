@@ -162,6 +162,31 @@ def test_parallel_workers_inherit_and_keep_the_weights_a_resume_reloads(runs: Pa
     assert _kept_models(space, study) > 0
 
 
+def test_kept_weights_cut_short_are_re_run_not_a_dead_end(runs: Path) -> None:
+    """A Ctrl-C while a trial's weights were saved left a truncated weights.pt (the save was
+    not atomic), and every --resume then failed loading it: the study could not go on."""
+    space = parse_space(space_dict(runs, "inh-cut", trials=4))
+    run_search(space, quiet=True)
+    study = load_study("inh-cut", space.storage_url)
+    trials = study_dir(space, "inh-cut") / "trials"
+    assert not list(trials.glob("*/.*"))  # no temporary file left beside the kept ones
+    cut = next(t for t in study.trials if t.user_attrs.get("state") == "complete"
+               and t.user_attrs.get("duplicate_of") is None)
+    weights = trials / str(cut.number) / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:674])
+    with pytest.warns(UserWarning, match=rf"kept weights in .*{cut.number} cannot be read"):
+        run_search(space, trials=6, resume=True, quiet=True)
+    study = load_study("inh-cut", space.storage_url)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 6
+    # its export re-runs it from its seed, to the accuracy it recorded
+    base = BaseMetrics.from_dict(study.user_attrs["base"])
+    with pytest.warns(UserWarning, match="cannot be read"):
+        model, _, extra, _ = trial_model(space, base, "inh-cut", cut.number, dict(cut.params),
+                                         study)
+    acc = evaluate(model, extra["data"].val, "cpu", extra["evaluate_fn"])
+    assert acc == pytest.approx(cut.user_attrs["accuracy"], abs=1e-9)
+
+
 def test_ray_inherits_and_a_resume_starts_from_the_models_finished_before(runs: Path) -> None:
     # The fine-tuned unpruned baseline (ratio 0) covers every config: each later trial inherits.
     ray_kw: dict[str, Any] = {"backend": "ray", "ray_options": {"concurrency": 1}}
