@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 from autoprune.config import parse_space
 from autoprune.errors import AutopruneError
 from autoprune.search import run_search
-from autoprune.study import front_numbers, load_study
+from autoprune.study import front_numbers, load_study, origin
 
 
 def ray_space(runs: Path, name: str, trials: int) -> dict[str, Any]:
@@ -206,6 +206,10 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
     assert sum(t.state.is_finished() for t in study.trials) < 7
 
     resume_to_the_end(cluster, space, 7)
+    # the restored searcher still tells which proposals filled the front (after a resume,
+    # fills were recorded as the sampler's)
+    study = load_study("rayint", space.storage_url)
+    assert "front_fill" in {origin(t.user_attrs) for t in study.trials}
 
 
 def test_a_local_ray_listens_on_loopback_only() -> None:

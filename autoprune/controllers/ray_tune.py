@@ -370,6 +370,11 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
             raise AutopruneError("--resume on Ray needs a driver on the cluster (use `ray job "
                                  "submit` / `autoprune submit`), not a ray:// client")
         tuner._local_tuner._run_config.callbacks = [callback]
+        # and the restored searcher, which Tune refills in place from the experiment: it
+        # tells which trials were front fills (they were recorded as the sampler's)
+        restored = tuner._local_tuner._tune_config.search_alg
+        if isinstance(restored, AutopruneSearch):
+            callback.searcher = restored
     else:
         remaining = total - done_count(study)
         if remaining <= 0:
