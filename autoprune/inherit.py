@@ -199,9 +199,9 @@ def read_kept(d: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
         record = json.loads((d / "prune_record.json").read_text())
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable: re-run instead of stopping the search
-        warnings.warn(f"the kept weights in {d} cannot be read ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}); that trial is re-run from its seed "
-                      "where it is needed", stacklevel=2)
+        why = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch adds advice after it
+        warnings.warn(f"the kept weights in {d} cannot be read ({type(e).__name__}: {why}); "
+                      "that trial is re-run from its seed where it is needed", stacklevel=2)
         return None
     return record, state
 
