@@ -356,16 +356,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from autoprune.config import load_space
-    from autoprune.preflight import check_reachable, warn_left_out
+    from autoprune.preflight import preflight
     from autoprune.sensitivity import cache_path, cached_scan, cached_warm_start, plot_heatmap
     from autoprune.study import distributions
     from autoprune.trial import TrialContext
 
     space = load_space(args.space, {"runs_dir": args.runs_dir} if args.runs_dir else None)
     ratios = args.ratios or list(space.search.warm_start.ratios)
-    ctx = TrialContext.build(space)
-    warn_left_out(ctx.drop_failing_groups())
-    check_reachable(ctx, distributions(space, ctx.groups))
+    ctx = TrialContext.build(space, check=preflight)
     sens, cached = cached_scan(ctx, ratios, progress=True)
     png = plot_heatmap(sens, cache_path(ctx, ratios).with_suffix(".png"))
     # the configs the warm start would seed: one per budget, with its counted MACs ratio

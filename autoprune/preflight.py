@@ -11,6 +11,18 @@ from autoprune.errors import ConfigError, PruningError
 from autoprune.trial import TrialContext
 
 
+def preflight(ctx: TrialContext) -> None:
+    """The checks of a space against its model's structure before a search or scan: glob
+    patterns that match nothing, groups that cannot be pruned (left out of ``ctx.groups``,
+    with a warning), and a space with nothing to search or limits out of reach."""
+    from autoprune.study import check_patterns, distributions
+
+    space = ctx.space
+    check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
+    warn_left_out(ctx.drop_failing_groups())
+    check_reachable(ctx, distributions(space, ctx.groups))
+
+
 def warn_left_out(left: Mapping[str, str]) -> None:
     """Say which groups the search leaves out because they fail to prune (not silenced by
     --quiet: it changes what is searched)."""

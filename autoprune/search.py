@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
 from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
-from autoprune.preflight import check_reachable, warn_left_out
+from autoprune.preflight import preflight
 from autoprune.report import (
     front_hypervolume,
     plot_front,
@@ -33,7 +33,6 @@ from autoprune.report import (
 from autoprune.study import (
     SEED_POINTS,
     add_result,
-    check_patterns,
     check_study,
     distributions,
     done_count,
@@ -275,11 +274,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
     log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
-    ctx = TrialContext.build(space)  # fails here, before any trial, on bad sources
-    check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
-    warn_left_out(ctx.drop_failing_groups())
+    # fails here, before any trial, on bad sources, and before base training on a space
+    # that cannot be searched
+    ctx = TrialContext.build(space, check=preflight)
     dists = distributions(space, ctx.groups)
-    check_reachable(ctx, dists)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -66,7 +66,8 @@ class TrialContext:
     @classmethod
     def build(cls, space: SpaceConfig, base: BaseMetrics | None = None,
               device: str | None = None,
-              base_state: dict[str, torch.Tensor] | None = None) -> TrialContext:
+              base_state: dict[str, torch.Tensor] | None = None,
+              check: Callable[[TrialContext], None] | None = None) -> TrialContext:
         """Load sources and the base checkpoint (training it once if needed), measure the base.
 
         Args:
@@ -75,9 +76,25 @@ class TrialContext:
             device: overrides ``search.device``.
             base_state: the base weights themselves, for workers on machines that cannot read
                 ``base.checkpoint``.
+            check: checks of the space against the model's structure (groups, patterns,
+                reachable limits), run before the base model is trained or measured, on a
+                context whose base has only its MACs and parameters counted: a space that
+                cannot be searched fails in seconds, not after the base model's training.
+                The groups it leaves in ``ctx.groups`` are the ones searched.
         """
         dev = resolve_device(device or space.search.device)
         model, data, evaluate_fn = load_sources(space)
+        example = example_input(space.model.input_shape, space.model.input_dtype)
+        groups = describe_groups(model.cpu().eval(), example, space.groups.ignore)
+        if check is not None and base is None:
+            cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
+            nan = float("nan")
+            counted = BaseMetrics(accuracy=nan, macs=cost.macs, params=cost.params,
+                                  latency_ms=nan, latency_p90_ms=nan, latency={},
+                                  checkpoint="", checkpoint_sha256="")
+            first = cls(space, model, data, counted, groups, dev, evaluate_fn)
+            check(first)
+            groups = first.groups
         if base is None:
             from autoprune.base import measure_base
 
@@ -87,10 +104,7 @@ class TrialContext:
             load_state_dict_strict(model, base_state, "base weights")
         else:
             load_checkpoint(model, base.checkpoint)
-        model.cpu().eval()
-        groups = describe_groups(model, example_input(space.model.input_shape,
-                                                      space.model.input_dtype),
-                                 space.groups.ignore)
+        model.cpu().eval()  # groups are the structure's: the same before and after training
         return cls(space, model, data, base, groups, dev, evaluate_fn)
 
     def drop_failing_groups(self) -> dict[str, str]:

@@ -192,9 +192,13 @@ def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
 
     # with conv2 ignored too, nothing is left: the search ran every trial on the unpruned
     # model and exited 0 (its export was the base model); now it is an error, before a study
+    # and before the base model is trained
     spec["groups"]["ignore"] = ["conv2"]
+    spec["model"]["train"]["epochs"] = 1  # another base model than the one cached above
     path.write_text(yaml.safe_dump({**spec, "name": "none-left"}))
+    bases = set((runs / "base").glob("*.pt"))
     assert cli(["search", str(path), "--quiet"]) == 2
+    assert set((runs / "base").glob("*.pt")) == bases
     err = capsys.readouterr().err
     assert "conv1: pruning it to ratio 0.75 fails" in err
     assert ("error: model.source: got 'fragile_model:build'; allowed: a model with a channel "
