@@ -22,7 +22,7 @@ from torch import nn
 from autoprune.config import SpaceConfig, config_hash
 from autoprune.errors import SourceError
 from autoprune.finetune import adaptive_bn, train_base
-from autoprune.locks import exclusive
+from autoprune.locks import exclusive, replacing
 from autoprune.measure import (
     IGNORE_INDEX,
     INPUT_DTYPES,
@@ -324,9 +324,8 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
     adaptive_bn(model, data.train, space.finetune.bn_calibration_batches, device)
     model.cpu().eval()
     acc = evaluate(model, data.val, "cpu", evaluate_fn)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
+    with replacing(path) as tmp:
+        torch.save(model.state_dict(), tmp)
     path.with_suffix(".json").write_text(json.dumps({
         "model": m.source, "data": space.data.source, "train": asdict(m.train),
         "steps": log.steps, "final_loss": log.losses[-1][1] if log.losses else None,

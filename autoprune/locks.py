@@ -1,4 +1,5 @@
-"""One process at a time: for searches started together on one runs directory.
+"""One process at a time: for searches started together on one runs directory, and files
+that a killed process never leaves half written.
 
 MLflow and Optuna create their tables on a new SQLite file with migrations (alembic). Two
 searches that start together on a fresh runs directory raced there: one failed with "table
@@ -10,6 +11,7 @@ same base model and ran the same scan, where one could wait and reuse the other'
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +44,17 @@ def sqlite_setup(url: str) -> Iterator[None]:
     db = Path(url.removeprefix("sqlite:///"))
     with exclusive(db.with_name(db.name + ".lock")):
         yield
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` when the block ends
+    without an error, so a process killed mid-write never leaves half a file (a truncated
+    weights.pt had failed every --resume). The name carries the pid: two processes writing
+    the same file do not share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

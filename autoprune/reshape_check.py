@@ -15,6 +15,7 @@ moves elements between them (``[n, 16, H, W] -> [n, 32, H*W/2]``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,14 +69,7 @@ def moved(before: list[Shapes], after: list[Shapes]) -> tuple[Shapes, Shapes] | 
             continue
         i0 = j0 = 0
         for i, j in blocks(src, dst):
-            if _prod(psrc[i0:i]) != _prod(pdst[j0:j]):
+            if math.prod(psrc[i0:i]) != math.prod(pdst[j0:j]):
                 return (src, dst), (psrc, pdst)
             i0, j0 = i, j
     return None
-
-
-def _prod(dims: tuple[int, ...]) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
 from autoprune.errors import ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
+from autoprune.locks import replacing
 from autoprune.preflight import preflight
 from autoprune.report import (
     front_hypervolume,
@@ -150,15 +151,11 @@ class Recorder:
             return []
         d = self.out / "trials" / str(number)
         d.mkdir(parents=True, exist_ok=True)
-        # each file whole or not at all: a Ctrl-C mid-save left a truncated weights.pt that
-        # every --resume then failed to load
-        tmp = d / f".prune_record.json.{os.getpid()}"
-        tmp.write_text(json.dumps(result.record))
-        os.replace(tmp, d / "prune_record.json")
+        with replacing(d / "prune_record.json") as tmp:
+            tmp.write_text(json.dumps(result.record))
         if result.state_dict is not None:
-            tmp = d / f".weights.pt.{os.getpid()}"
-            torch.save(result.state_dict, tmp)
-            os.replace(tmp, d / "weights.pt")
+            with replacing(d / "weights.pt") as tmp:
+                torch.save(result.state_dict, tmp)
         return [d / "prune_record.json"]
 
     def failed(self) -> int:

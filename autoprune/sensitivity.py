@@ -21,7 +21,7 @@ from optuna.distributions import FloatDistribution
 from autoprune.base import code_digest, ignoring
 from autoprune.config import config_hash
 from autoprune.groups import GroupInfo
-from autoprune.locks import exclusive
+from autoprune.locks import exclusive, replacing
 
 if TYPE_CHECKING:
     from autoprune.trial import TrialContext
@@ -141,9 +141,8 @@ def cached_scan(ctx: TrialContext, ratios: Sequence[float] | None = None,
 
 
 def _write(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)  # atomic: a killed scan never leaves half a file
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def estimate_macs_ratio(groups: Sequence[GroupInfo], ratios: Mapping[str, float]) -> float:
@@ -279,9 +278,7 @@ def cached_warm_start(ctx: TrialContext, sens: Sensitivity,
     configs = warm_start_configs(s, dists, ctx.groups, sens, count)
     macs = {b: count(c) for b, c in configs.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"configs": configs, "macs_ratio": macs}))
-    tmp.replace(path)
+    _write(path, {"configs": configs, "macs_ratio": macs})
     return configs, macs, False
 
 

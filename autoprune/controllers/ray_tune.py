@@ -195,8 +195,7 @@ def _trainable(config: dict[str, float], payload: dict[str, Any]) -> None:
         if book is not None else None
     models = payload.get("models")
     inherit = inheritor(models) if models is not None and role != "baseline" else None
-    ratios = {k: v for k, v in config.items() if k != SEED_KEY}
-    result = run_trial(_CTX, ratios, promote=promote, reuse=reuser(payload["seen"]),
+    result = run_trial(_CTX, _ratios(config), promote=promote, reuse=reuser(payload["seen"]),
                        keep_model=models is not None, inherit=inherit)
     if models is not None:
         offer(models, result)  # the weights go to the actor, not through Tune
@@ -237,8 +236,12 @@ def role_of(config: Mapping[str, Any],
     like any other, as on the local controller."""
     if not config.get(SEED_KEY):
         return None
-    ratios = {k: v for k, v in config.items() if k != SEED_KEY}
-    return next((role for params, role in seeds if params == ratios), None)
+    return next((role for params, role in seeds if params == _ratios(config)), None)
+
+
+def _ratios(config: Mapping[str, Any]) -> dict[str, float]:
+    """A Tune config's ratios, without the searcher's seed mark."""
+    return {k: v for k, v in config.items() if k != SEED_KEY}
 
 
 def error_text(error: BaseException) -> str:
