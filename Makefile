@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -X faulthandler tests/main.py $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/autoprune search $(SPACE) $(DEMO_ARGS)
