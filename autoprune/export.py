@@ -10,6 +10,7 @@ seed, which gives the same model).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -42,11 +43,16 @@ from autoprune.sources._models import load_state_dict_strict
 ACCURACY_TOLERANCE = 0.002  # same weights, same data: only float summation order may differ
 MACS_RTOL = 1e-6  # MACs are counted, not measured: they must match exactly
 # ONNX Runtime vs PyTorch outputs on real validation inputs may differ by
-# ONNX_ATOL + ONNX_RTOL * (largest |output|): float32 rounding grows with the outputs' scale
-# (ONNX Runtime fuses BN into convs and sums in another order). An unpruned efficientnet_b0
-# with logits up to 977 differed by 7e-4; an export bug (a wrong op or weight) is off by far more.
-ONNX_ATOL = 1e-4
+# ONNX_RTOL x (largest |output|) + ONNX_NOISE x (PyTorch's own float32 rounding on those inputs,
+# measured against a float64 run of the same model): ONNX Runtime fuses BN into convs and sums
+# in another order, so it rounds differently, by about as much as PyTorch's float32 does
+# (0.8x to 1.8x on 8 torchvision models). An unpruned efficientnet_b0 with logits up to 977
+# differed by 7e-4. A fixed absolute term (1e-4 before) let any export pass for a model whose
+# outputs are smaller (an untrained mobilenet_v2's are about 1e-9); the float64 run scales it.
+# ONNX_ATOL is used in its place only where the model cannot run in float64.
 ONNX_RTOL = 1e-3
+ONNX_NOISE = 100.0
+ONNX_ATOL = 1e-4
 
 
 @dataclass
@@ -104,16 +110,39 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path,
     return path
 
 
-def _max_diff(out: np.ndarray, ref: np.ndarray, what: str) -> float:
-    """The largest difference of ``out`` from PyTorch's ``ref``; beyond the tolerance
-    (ONNX_ATOL + ONNX_RTOL x the largest output) an error."""
-    diff = float(np.abs(out - ref).max())
+def float32_noise(model: nn.Module, x: torch.Tensor, ref: np.ndarray) -> float | None:
+    """PyTorch's own rounding on ``x``: the largest difference of ``ref`` (float32) from a
+    float64 run of a copy of ``model``; None where the model cannot run in float64 (a cast to
+    float32 inside it, an op without a float64 kernel). Integer inputs (token ids) go in as
+    they are."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = copy.deepcopy(model).double()(x.double() if x.is_floating_point() else x)
+    except Exception:  # noqa: BLE001 - no float64 run: the fixed tolerance applies
+        return None
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float64 or out.shape != ref.shape:
+        return None
+    return float(np.abs(out.numpy() - ref.astype(np.float64)).max())
+
+
+def tolerance(ref: np.ndarray, noise: float | None) -> tuple[float, str]:
+    """The largest difference allowed from PyTorch's ``ref`` outputs, and how it was made."""
     scale = float(np.abs(ref).max())
-    tol = ONNX_ATOL + ONNX_RTOL * scale
-    if not diff <= tol:  # NaN fails too
+    if noise is None:
+        return (ONNX_ATOL + ONNX_RTOL * scale,
+                f"{ONNX_ATOL} + {ONNX_RTOL} x the largest |output|, {scale:.3g}")
+    return (ONNX_NOISE * noise + ONNX_RTOL * scale,
+            f"{ONNX_NOISE:g} x PyTorch's own float32 rounding, {noise:.3g} (against float64), "
+            f"+ {ONNX_RTOL} x the largest |output|, {scale:.3g}")
+
+
+def _max_diff(out: np.ndarray, ref: np.ndarray, what: str, tol: tuple[float, str]) -> float:
+    """The largest difference of ``out`` from PyTorch's ``ref``; beyond ``tol``, an error."""
+    diff = float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max())
+    if not diff <= tol[0]:  # NaN fails too
         raise AutopruneError(f"verification: {what} output differs from PyTorch by "
-                             f"{diff:.2e} (> {tol:.2e} = {ONNX_ATOL} + {ONNX_RTOL} x the "
-                             f"largest |output|, {scale:.3g})")
+                             f"{diff:.2e} (> {tol[0]:.2e} = {tol[1]})")
     return diff
 
 
@@ -146,15 +175,18 @@ def check_formats(model: nn.Module, x: torch.Tensor, onnx_path: Path,
 
     with torch.no_grad():
         ref = model(x).numpy()
+    noise = float32_noise(model, x, ref)
+    tol = tolerance(ref, noise)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    checked = {"onnx_max_abs_diff": _max_diff(out, ref, "ONNX Runtime"),
-               "onnx_batch": int(x.shape[0]), "onnx_atol": ONNX_ATOL, "onnx_rtol": ONNX_RTOL,
+    checked = {"onnx_max_abs_diff": _max_diff(out, ref, "ONNX Runtime", tol),
+               "onnx_batch": int(x.shape[0]), "onnx_tolerance": tol[0],
+               "onnx_tolerance_rule": tol[1], "onnx_float32_noise": noise,
                "onnx_output_scale": float(np.abs(ref).max())}
     if program_path is not None:
         with torch.no_grad():
             got = torch.export.load(str(program_path)).module()(x).numpy()
-        checked["program_max_abs_diff"] = _max_diff(got, ref, "the torch.export program")
+        checked["program_max_abs_diff"] = _max_diff(got, ref, "the torch.export program", tol)
     return checked
 
 
@@ -519,6 +551,7 @@ def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConf
     p = config["pruning"]
     rank = front.sort_values("accuracy", ascending=False)["trial"].tolist().index(number) + 1
     lat = b.get("latency") or {}
+    ver = config["metrics"]["verified"]
     score, meaning = score_meaning(space, dense)
     rows = [
         (score, f"{t['accuracy']:.4f}", f"{b['accuracy']:.4f}"),
@@ -545,8 +578,8 @@ model is physically smaller. It was picked from the Pareto front with `--pick {s
 Latency: {lat.get('runtime')} on {lat.get('device')}, {lat.get('threads')} thread(s), batch
 {lat.get('batch_size')}, input {config['model']['input_shape'][1:]}, {lat.get('warmup')} warm-up
 and {lat.get('repeats')} timed runs. Verified at export: accuracy
-{config['metrics']['verified']['accuracy']:.4f}, ONNX Runtime vs PyTorch max abs difference
-{config['metrics']['verified']['onnx_max_abs_diff']:.1e}.
+{ver['accuracy']:.4f}, ONNX Runtime vs PyTorch max abs difference {ver['onnx_max_abs_diff']:.1e}
+(allowed {ver['onnx_tolerance']:.1e}: {ver['onnx_tolerance_rule']}).
 
 ## How it was made
 - Base checkpoint SHA-256 `{config['model']['checkpoint_sha256']}`.
