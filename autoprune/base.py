@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,8 @@ def ignoring(space: SpaceConfig) -> list[int]:
 
 
 def code_digest(source: str) -> str:
-    """For a user's ``module:function``: a hash of the file that defines it, so a trained base
+    """For a user's ``module:function``: a hash of the file that defines it and of the other
+    files of the user's project loaded with it (:func:`_local_modules`), so a trained base
     model cached for it is not reused after the code changed. For ``imagefolder:``: a hash of
     its files (names, sizes, modification times), so images added, removed or relabelled
     train it again. "" for the built-in sources."""
@@ -264,10 +266,45 @@ def code_digest(source: str) -> str:
     import inspect
 
     try:
-        path = inspect.getsourcefile(import_object(source, "source"))
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
+        obj = import_object(source, "source")
+        path = inspect.getsourcefile(obj)
+        if not path:
+            return ""
+        files = [Path(path).resolve(), *_local_modules(obj, Path(path).resolve())]
+        if len(files) == 1:  # the key as before the modules it imports were hashed too
+            return hashlib.sha256(files[0].read_bytes()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}\0".encode() + f.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
     except (OSError, TypeError, SourceError):
         return ""
+
+
+def _local_modules(obj: Any, defining: Path) -> list[Path]:
+    """The other Python files of the user's project that are loaded now (after the model was
+    built, so what the function imports is there): files under the folder holding the
+    source's top-level package (or its file), outside installed packages and autoprune. An
+    edit to a helper the model file imports changes the model as much as one to that file."""
+    top = sys.modules.get(getattr(obj, "__module__", "").partition(".")[0])
+    top_file = getattr(top, "__file__", None)
+    root = Path(top_file).resolve().parent if top_file else defining.parent
+    if top_file and Path(top_file).name == "__init__.py":
+        root = root.parent
+    skip = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    skip.add(Path(__file__).resolve().parent)  # autoprune itself
+    found = set()
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        fp = Path(f).resolve()
+        if fp == defining or root not in fp.parents or \
+                any(part in ("site-packages", "dist-packages") for part in fp.parts) or \
+                any(d in fp.parents for d in skip):
+            continue
+        found.add(fp)
+    return sorted(found)
 
 
 def _folder_digest(root: Path) -> str:

@@ -231,6 +231,7 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     storage = storage_for(space.storage_url)
     old = check_study(space, name, resume)
     if old is not None:
+        check_same_base(name, old, space, base)
         old.sampler = make_sampler(space, sampler_seed(seed, old))
         return old
     if name in list_studies(space.storage_url):  # one without trials: made again
@@ -264,6 +265,11 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
     before, now = flat_items(stored), flat_items(space.to_dict())
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+    order = list((stored.get("groups") or {}).get("patterns") or {})
+    if not changed and order != list(space.groups.patterns):  # the first match wins
+        before["groups (pattern order)"] = order
+        now["groups (pattern order)"] = list(space.groups.patterns)
+        changed = ["groups (pattern order)"]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise AutopruneError(
@@ -271,6 +277,30 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
             f"{'; ...' if len(changed) > 6 else ''}); allowed changes on resume: "
             f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)}; anything else needs a new "
             "--study")
+
+
+def check_same_base(name: str, study: optuna.Study, space: SpaceConfig,
+                    base: BaseMetrics) -> None:
+    """A resumed study must prune the base model its trials were pruned from. Your checkpoint
+    file replaced at the same path, or a trained base made again for other model or data code
+    (its cache file is keyed by that code), would put trials of two base models on one front,
+    and export could rebuild none of the old ones. (The same base trained again after its
+    cache file was deleted is the same base: same file name.)"""
+    stored = study.user_attrs.get("base") or {}
+    was, now = stored.get("checkpoint_sha256"), base.checkpoint_sha256
+    if not was or was == now:
+        return
+    if space.model.checkpoint:
+        raise AutopruneError(
+            f"model.checkpoint: {space.model.checkpoint!r} is not the file study {name!r} was "
+            f"made from (SHA-256 {was[:12]}... then, {now[:12]}... now); allowed: that "
+            "checkpoint, or a new --study for this one")
+    if Path(str(stored.get("checkpoint", ""))).name != Path(base.checkpoint).name:
+        raise AutopruneError(
+            f"--resume: study {name!r} pruned the base model {stored.get('checkpoint')!r}; "
+            f"this space gives {base.checkpoint!r}: the code or files of model.source "
+            f"({space.model.source!r}) or data.source ({space.data.source!r}) changed since; "
+            "allowed: the code the study was made with, or a new --study")
 
 
 def sampler_seed(seed: int, study: optuna.Study) -> int:

@@ -407,6 +407,49 @@ def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> No
     assert again.user_attrs["space"]["finetune"]["lr"] == 0.05
 
 
+def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
+                                                                   tmp_path: Path) -> None:
+    """A checkpoint file replaced at the same path was accepted on --resume: trials of two
+    base models on one front, and no export of either. Swapping two overlapping patterns
+    (the first match wins) gave new trials other ranges in the same study."""
+    import shutil
+
+    import torch
+
+    from autoprune.study import check_study
+
+    first = tiny_space(runs, "ckpt-a", **{"search.baselines": [0.5], "search.trials": 1})
+    run_search(parse_space(first), quiet=True)
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(next((runs / "base").glob("*.pt")), ckpt)
+    spec = tiny_space(runs, "ckpt-b", **{"search.baselines": [0.5], "search.trials": 1,
+                                         "model.checkpoint": str(ckpt)})
+    run_search(parse_space(spec), quiet=True)
+    original = ckpt.read_bytes()
+    state = torch.load(ckpt)
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, ckpt)
+    with pytest.raises(AutopruneError, match=r"model.checkpoint: .*ckpt.pt' is not the file "
+                                             r"study 'ckpt-b' was made from \(SHA-256 .*; "
+                                             r"allowed: that checkpoint, or a new --study"):
+        run_search(parse_space(spec), trials=2, resume=True, quiet=True)
+    ckpt.write_bytes(original)  # the study's own file again: it goes on
+    run_search(parse_space(spec), trials=2, resume=True, quiet=True)
+    assert len(load_study("ckpt-b", parse_space(spec).storage_url).trials) == 2
+
+    patterns = {"layer1*": {"low": 0.2, "high": 0.6, "step": 0.1},
+                "layer*": {"low": 0.0, "high": 0.3, "step": 0.1}}
+    ordered = tiny_space(runs, "order", **{"search.baselines": [0.5], "search.trials": 1,
+                                           "groups.layer1*": patterns["layer1*"],
+                                           "groups.layer*": patterns["layer*"]})
+    run_search(parse_space(ordered), quiet=True)
+    swapped = tiny_space(runs, "order", **{"search.baselines": [0.5], "search.trials": 1,
+                                           "groups.layer*": patterns["layer*"],
+                                           "groups.layer1*": patterns["layer1*"]})
+    with pytest.raises(AutopruneError, match=r"groups \(pattern order\): \['layer1\*', "
+                                             r"'layer\*'\] -> \['layer\*', 'layer1\*'\]"):
+        check_study(parse_space(swapped), "order", resume=True)
+
+
 def test_a_resumed_search_draws_new_configs(runs: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On resume the sampler moves on: from its seed again, a random search would re-draw the

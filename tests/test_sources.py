@@ -851,6 +851,21 @@ def test_cached_base_model_follows_the_user_code(space: SpaceConfig, tmp_path: P
     second = base_checkpoint(spec, model, data, torch.device("cpu"))
     assert second != first and first.exists() and second.exists()
 
+    # a file of the user's project that the model file imports is the model's code too
+    helper = f"{mod}_parts"
+    (tmp_path / f"{helper}.py").write_text("def head(n):\n    return n\n")
+    (tmp_path / f"{mod}.py").write_text(edited.replace(
+        "def build(", f"from {helper} import head\n\ndef build(").replace(
+        "num_classes, bias=False", "head(num_classes), bias=False"))
+    importlib.reload(sys.modules[mod])
+    model, data, _ = load_sources(spec)
+    third = base_checkpoint(spec, model, data, torch.device("cpu"))
+    assert base_checkpoint(spec, model, data, torch.device("cpu")) == third != second
+    (tmp_path / f"{helper}.py").write_text("def head(n):\n    return n + 0  # edited\n")
+    importlib.reload(sys.modules[helper])
+    model, data, _ = load_sources(spec)
+    assert base_checkpoint(spec, model, data, torch.device("cpu")) not in (first, second, third)
+
 
 def test_a_base_trained_here_gets_the_batchnorm_statistics_trials_get(
         space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
