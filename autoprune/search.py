@@ -270,6 +270,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
+    from autoprune.measure import threads_warning
+
+    slow = threads_warning(space.latency.threads,
+                           1 if backend == "ray" else jobs or space.search.jobs or 1)
+    if slow:  # not silenced by --quiet: it changes what is measured
+        _warn(slow)
     log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
     # fails here, before any trial, on bad sources, and before base training on a space
     # that cannot be searched

@@ -27,7 +27,14 @@ from autoprune.config import SpaceConfig
 from autoprune.fidelity import Promote, Promoter, rung_steps
 from autoprune.finetune import TrainLog, adaptive_bn, class_loss, finetuner
 from autoprune.groups import GroupInfo, describe_groups
-from autoprune.measure import count_cost, evaluate, example_input, measure_latency
+from autoprune.measure import (
+    check_threads,
+    count_cost,
+    evaluate,
+    example_input,
+    latency_device,
+    measure_latency,
+)
 from autoprune.prune import failing_groups, prune_model
 from autoprune.sources import DataBundle, load_checkpoint
 from autoprune.sources._models import cpu_state, load_state_dict_strict
@@ -83,6 +90,9 @@ class TrialContext:
                 The groups it leaves in ``ctx.groups`` are the ones searched.
         """
         dev = resolve_device(device or space.search.device)
+        if base is None:  # the base's latency is measured here: settings it cannot take fail
+            latency_device(space.latency.runtime, space.latency.device)  # before training
+            check_threads(space.latency.threads)
         model, data, evaluate_fn = load_sources(space)
         example = example_input(space.model.input_shape, space.model.input_dtype)
         groups = describe_groups(model.cpu().eval(), example, space.groups.ignore)

@@ -205,3 +205,45 @@ def test_a_failed_torchscript_export_prints_nothing(tmp_path: Path) -> None:
     assert out.stdout == "exported\n"
     assert "Torch IR graph" not in out.stderr
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_latency_settings_this_machine_cannot_measure_fail_before_training(
+        tmp_path: Path) -> None:
+    """``latency.device: auto`` passed the config check, then failed with a raw torch error
+    after the base model had trained; ``cuda`` without CUDA (or with the CPU-only onnxruntime)
+    silently timed the CPU; 100,000 threads crashed the process."""
+    import os
+
+    import onnxruntime as ort
+    from _helpers import tiny_space
+
+    from autoprune.config import parse_space
+    from autoprune.errors import ConfigError
+    from autoprune.measure import latency_device, measure_latency, threads_warning
+    from autoprune.trial import TrialContext
+
+    runs = tmp_path / "runs"
+    cores = os.cpu_count() or 1
+    cases = [({"latency.threads": 8 * cores + 1},
+              rf"latency.threads: got {8 * cores + 1}; allowed: 1 to {8 * cores} \(8 per core")]
+    if not torch.cuda.is_available():
+        cases.append(({"latency.runtime": "torch", "latency.device": "cuda"},
+                      r"latency.device: got 'cuda'; allowed: 'cpu' or 'auto' here, with "
+                      r"latency.runtime 'torch': no CUDA device is available"))
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        cases.append(({"latency.runtime": "onnxruntime", "latency.device": "cuda"},
+                      r"latency.device: got 'cuda'; allowed: 'cpu' or 'auto' here, with "
+                      r"latency.runtime 'onnxruntime'"))
+    for changes, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            TrialContext.build(parse_space(tiny_space(runs, "lat", **changes)))
+        assert not (runs / "base").exists()  # before the base model's training
+
+    # auto: CUDA where the runtime can use it, else the CPU; the result names which
+    where = latency_device("torch", "auto")
+    assert where == ("cuda" if torch.cuda.is_available() else "cpu")
+    got = measure_latency(nn.Linear(4, 2), (1, 4), "torch", device="auto", warmup=0, repeats=2)
+    assert got.device.startswith(where)
+    assert threads_warning(cores) is None
+    assert f"latency.threads {cores} x 2 trials at once exceeds this machine's {cores} cores" \
+        in str(threads_warning(cores, jobs=2))

@@ -9,7 +9,13 @@ from autoprune.measure._accuracy import (
     top1_accuracy,
 )
 from autoprune.measure._inputs import INPUT_DTYPES, example_input
-from autoprune.measure._latency import LatencyResult, measure_latency
+from autoprune.measure._latency import (
+    LatencyResult,
+    check_threads,
+    latency_device,
+    measure_latency,
+    threads_warning,
+)
 from autoprune.measure._macs import CostResult, count_cost
 from autoprune.measure._onnx import export_onnx
 
@@ -25,6 +31,9 @@ __all__ = [
     "evaluate",
     "example_input",
     "export_onnx",
+    "check_threads",
+    "latency_device",
     "measure_latency",
+    "threads_warning",
     "top1_accuracy",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoprune.errors import ConfigError
 from autoprune.measure._inputs import example_input
 from autoprune.measure._onnx import export_onnx
 
@@ -78,6 +80,57 @@ def _time_onnxruntime(onnx_path: Path, x: np.ndarray, threads: int, device: str,
     return times, used
 
 
+def latency_device(runtime: str, device: str) -> str:
+    """Where ``latency.device`` measures with ``runtime`` here: ``"cpu"`` or ``"cuda"``.
+
+    ``auto`` takes CUDA where the runtime can use it. An explicit ``cuda`` it cannot use is an
+    error: it had measured on the CPU, with ``latency.device=cuda`` on the run. The
+    ``onnxruntime`` package is CPU-only; ``onnxruntime-gpu`` brings its CUDA provider."""
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        can = torch.cuda.is_available() and \
+            "CUDAExecutionProvider" in ort.get_available_providers()
+        why = ("no CUDA device is available" if not torch.cuda.is_available() else
+               "this onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it)")
+    else:
+        can, why = torch.cuda.is_available(), "no CUDA device is available"
+    if device == "auto":
+        return "cuda" if can else "cpu"
+    if device == "cuda" and not can:
+        raise ConfigError("latency.device", device,
+                          f"'cpu' or 'auto' here, with latency.runtime {runtime!r}: {why}")
+    return device
+
+
+#: More timing threads per core than this is no setting, and crashed (100,000 on 2 cores).
+MAX_THREADS_PER_CORE = 8
+
+
+def check_threads(threads: int) -> None:
+    """``latency.threads`` this machine can run at all (see :func:`threads_warning` for what
+    it can run well)."""
+    cores = os.cpu_count() or 1
+    if threads > MAX_THREADS_PER_CORE * cores:
+        raise ConfigError("latency.threads", threads,
+                          f"1 to {MAX_THREADS_PER_CORE * cores} ({MAX_THREADS_PER_CORE} per "
+                          f"core of this machine's {cores}; at most {cores} to time the model "
+                          "rather than the contention)")
+
+
+def threads_warning(threads: int, jobs: int = 1) -> str | None:
+    """A warning when the timing threads of ``jobs`` trials at once exceed this machine's
+    cores: the times then include the contention (a model timed at 1.1 ms took 35 ms with
+    64 threads on 2 cores), the base's too."""
+    cores = os.cpu_count() or 1
+    if threads * jobs <= cores:
+        return None
+    at_once = f" x {jobs} trials at once" if jobs > 1 else ""
+    return (f"autoprune: warning: latency.threads {threads}{at_once} exceeds this machine's "
+            f"{cores} cores: latencies will include the contention; set latency.threads to "
+            f"at most {max(cores // max(jobs, 1), 1)} for times of the model alone")
+
+
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], runtime: str = "onnxruntime",
                     threads: int = 1, batch_size: int = 1, warmup: int = 10, repeats: int = 50,
                     device: str = "cpu", onnx_path: str | Path | None = None,
@@ -89,15 +142,17 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], runtime: str
         input_shape: the model input shape; its batch dim is replaced by ``batch_size``.
         runtime: ``"torch"`` (eager) or ``"onnxruntime"``.
         threads: intra-op threads (torch.set_num_threads / ORT intra_op_num_threads).
-        device: ``"cpu"`` or ``"cuda"`` (ORT falls back to CPU without its CUDA provider).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (:func:`latency_device`).
         onnx_path: an exported ONNX file to time instead of exporting ``model`` again.
         dtype: the input dtype (``model.input_dtype``).
     """
+    device = latency_device(runtime, device)
+    check_threads(threads)
     shape = (batch_size, *input_shape[1:])
     how = dict(threads=threads, batch_size=batch_size, input_shape=tuple(shape), warmup=warmup,
                repeats=repeats)
     if runtime == "torch":
-        dev = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
