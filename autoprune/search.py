@@ -319,9 +319,18 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     dump_space(space, out / "space.yaml")
     tracker = Tracker(space.tracking_uri, space.experiment_name, name,
                       default_artifact_dir(space.runs_dir))
-    parent = tracker.start_parent(space, ctx.base, study.user_attrs.get("parent_run_id"),
-                                  out / "space.yaml")
+    old_parent = study.user_attrs.get("parent_run_id")
+    parent = tracker.start_parent(space, ctx.base, old_parent, out / "space.yaml")
     study.set_user_attr("parent_run_id", parent)
+    if old_parent and parent != old_parent:
+        _warn(f"autoprune: the study's MLflow parent run {old_parent} is not in experiment "
+              f"{space.experiment_name!r} of {space.tracking_uri} (tracking changed, or the "
+              f"store was moved or deleted): started parent run {parent} there, and the "
+              "finished trials are logged to it")
+    stored = study.user_attrs.get("space") or {}
+    if stored and stored.get("tracking") != space.to_dict()["tracking"]:
+        # tracking may change on resume: export and pareto look runs up where they now are
+        study.set_user_attr("space", {**stored, "tracking": space.to_dict()["tracking"]})
     if sens is not None:
         from autoprune.sensitivity import plot_heatmap
 

@@ -90,8 +90,11 @@ class Tracker:
     # -- parent run ------------------------------------------------------------------------
     def start_parent(self, space: SpaceConfig, base: BaseMetrics, resume_run_id: str | None,
                      config_file: Path) -> str:
-        """Start the search's parent run, or reopen it on resume."""
-        if resume_run_id:
+        """Start the search's parent run, or reopen it on resume. A parent run this store's
+        experiment does not hold (``tracking`` changed on resume, the store was deleted) is
+        not reopened: a new one is started, and :meth:`child_runs` finds none, so the
+        finished trials are logged to it once (``reconcile``)."""
+        if resume_run_id and self._holds(resume_run_id):
             self.parent_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             run = self.client.get_run(resume_run_id)
@@ -118,6 +121,16 @@ class Tracker:
                                     RunTag("latency_setup", _latency_setup(base.latency))])
         self.client.log_artifact(self.parent_id, str(config_file))
         return self.parent_id
+
+    def _holds(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.experiment_id == self.experiment_id and \
+            run.info.lifecycle_stage != "deleted"
 
     @property
     def front(self) -> set[int]:

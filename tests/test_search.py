@@ -450,6 +450,50 @@ def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
         check_study(parse_space(swapped), "order", resume=True)
 
 
+def test_resume_to_another_mlflow_store_or_after_it_was_lost(runs: Path,
+                                                              tmp_path: Path) -> None:
+    """tracking may change on resume, but the study's parent run was reopened in the new
+    store: "Run with id=... not found", on every resume, and so after the store was deleted."""
+    import subprocess
+
+    import yaml
+
+    from autoprune.export import export_trial
+
+    spec = tiny_space(runs, "moved", **{"search.baselines": [0.5], "search.trials": 1})
+    run_search(parse_space(spec), quiet=True)
+    storage = parse_space(spec).storage_url
+    first = load_study("moved", storage).user_attrs["parent_run_id"]
+    moved = {**spec, "tracking": {"uri": f"sqlite:///{tmp_path / 'other.db'}",
+                                  "experiment": "elsewhere"}}
+    run_search(parse_space(moved), trials=2, resume=True, quiet=True)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
+    exp = client.get_experiment_by_name("elsewhere")
+    assert exp is not None
+    found = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in found if r.data.tags.get("autoprune.role") == "search"]
+    trials = sorted(r.data.tags["autoprune.trial"] for r in found
+                    if r.data.tags.get("autoprune.role") == "trial")
+    assert len(parents) == 1 and parents[0].info.run_id != first
+    assert trials == ["0", "1"]  # the finished trial once, and the new one
+    study = load_study("moved", storage)
+    assert study.user_attrs["parent_run_id"] == parents[0].info.run_id
+    assert study.user_attrs["space"]["tracking"]["experiment"] == "elsewhere"
+    # export finds the trial's run where the study now logs
+    export_trial("moved", storage, "max-accuracy", tmp_path / "out")
+
+    # the store lost (in another process: this one's MLflow holds the file open)
+    (tmp_path / "other.db").unlink()
+    path = tmp_path / "moved.yaml"
+    path.write_text(yaml.safe_dump(moved))
+    proc = subprocess.run([sys.executable, "-m", "autoprune.cli", "search", str(path),
+                           "--resume", "--trials", "3", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "is not in experiment 'elsewhere'" in proc.stderr
+    assert len(load_study("moved", storage).trials) == 3
+
+
 def test_a_resumed_search_draws_new_configs(runs: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On resume the sampler moves on: from its seed again, a random search would re-draw the
