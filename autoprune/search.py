@@ -213,6 +213,10 @@ class Recorder:
         return len(missing)
 
 
+#: A base latency whose 90th percentile exceeds its median by this factor was disturbed.
+NOISY_P90 = 1.5
+
+
 def _warn(msg: str) -> None:
     from tqdm import tqdm
 
@@ -284,15 +288,27 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
 
-    if resume and name not in list_studies(space.storage_url):
-        log(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
+    fresh = check_study(space, name, resume) is None
+    if resume and name not in list_studies(space.storage_url):  # shown with --quiet: a
+        # mistyped --study would otherwise start a new study without a word
+        _warn(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
     study = open_study(space, name, resume, space.search.seed, ctx.base)
     stored = study.user_attrs.get("base") or {}
-    if resume and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
+    if not fresh and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
         # one base latency per study: every trial's speed-up against the one the study shows
         # (measured again here, it differs by a few percent from run to run)
+        log(f"autoprune: --resume: speed-ups stay against the study's base latency "
+            f"{stored['latency_ms']:.3f} ms (measured now: {ctx.base.latency_ms:.3f} ms)")
         ctx.base = _replace(ctx.base, latency_ms=stored["latency_ms"],
                             latency_p90_ms=stored["latency_p90_ms"], latency=stored["latency"])
+    elif fresh and ctx.base.latency_p90_ms > NOISY_P90 * ctx.base.latency_ms:
+        med, p90 = ctx.base.latency_ms, ctx.base.latency_p90_ms
+        _warn(f"autoprune: warning: the base model's latency varied while it was measured "
+              f"(90th percentile {p90:.3f} ms, {p90 / med:.1f}x the median {med:.3f} ms): "
+              "something else was using the cores. "
+              "Every trial's speed-up is against this median, for the whole study; on a "
+              "quieter machine, or with more latency.repeats, start it again for steadier "
+              "figures")
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")

@@ -494,6 +494,30 @@ def test_resume_to_another_mlflow_store_or_after_it_was_lost(runs: Path,
     assert len(load_study("moved", storage).trials) == 3
 
 
+def test_a_disturbed_base_latency_and_a_new_study_on_resume_are_said(
+        runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every speed-up of a study divides by one base latency, measured once: one taken while
+    the cores were busy (90th percentile twice the median) went unsaid. And --resume with a
+    mistyped --study started a new study without a word under --quiet."""
+    import dataclasses
+
+    import autoprune.base as base_module
+
+    measure = base_module.measure_latency
+
+    def disturbed(*args: Any, **kwargs: Any) -> Any:
+        got = measure(*args, **kwargs)
+        return dataclasses.replace(got, p90_ms=3 * got.median_ms)
+
+    monkeypatch.setattr(base_module, "measure_latency", disturbed)
+    spec = tiny_space(runs, "noisy", **{"search.baselines": [0.5], "search.trials": 1})
+    run_search(parse_space(spec), study_name="noisy-typo", resume=True, quiet=True)
+    err = capsys.readouterr().err
+    assert "--resume: no study 'noisy-typo' in" in err and "yet; starting it" in err
+    assert "the base model's latency varied while it was measured (90th percentile" in err
+    assert "3.0x the median" in err
+
+
 def test_a_resumed_search_draws_new_configs(runs: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """On resume the sampler moves on: from its seed again, a random search would re-draw the
