@@ -439,12 +439,16 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     out = check_out_dir(out_dir)
     model, record, extra, _ = trial_model(space, base, study_name, number,
                                               dict(trial.params), study)
+    def checked(onnx: Path, program: Path | None) -> dict[str, Any]:
+        try:
+            return verify(model, space, extra["data"], extra["evaluate_fn"], trial.user_attrs,
+                          onnx, program)
+        except AutopruneError as e:
+            raise AutopruneError(f"{e}{_code_changed(study, space)}") from None
+
     with staged(out) as stage:
-        files, verified = write_model_files(
-            model, space.model.input_shape, stage,
-            lambda onnx, program: verify(model, space, extra["data"], extra["evaluate_fn"],
-                                         trial.user_attrs, onnx, program),
-            space.model.input_dtype)
+        files, verified = write_model_files(model, space.model.input_shape, stage, checked,
+                                            space.model.input_dtype)
         keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
                 "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
         metrics = {k: trial.user_attrs.get(k) for k in keys}
@@ -471,6 +475,21 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
 
 def _missing_store(uri: str) -> bool:
     return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def _code_changed(study: Any, space: SpaceConfig) -> str:
+    """Why an export may not match its trial: the user's code edited since the search."""
+    from autoprune.study import code_digests, code_sources
+
+    was = study.user_attrs.get("code") or {}
+    now = code_digests(space)
+    edited = [k for k in was if now.get(k) != was[k]]
+    if not edited:
+        return ""
+    named = code_sources(space)
+    return ("; the code behind " + ", ".join(f"{k} ({named.get(k)!r})" for k in edited)
+            + " changed since the search, and export rebuilds the trial through the code as it "
+            "is now: restore the code the study was made with")
 
 
 def _absolute_uri(uri: str) -> str:

@@ -242,8 +242,24 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     study.set_user_attr("space", space.to_dict())
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("base", base.to_dict())
+    study.set_user_attr("code", code_digests(space))
     study.set_user_attr("seed", seed)
     return study
+
+
+def code_digests(space: SpaceConfig) -> dict[str, str]:
+    """The hashes of the user's code behind the sources (:func:`autoprune.base.code_digest`):
+    export names an edit since the search when the model it rebuilds does not match."""
+    from autoprune.base import code_digest
+
+    return {k: d for k, v in code_sources(space).items() if (d := code_digest(v))}
+
+
+def code_sources(space: SpaceConfig) -> dict[str, str]:
+    """The space's sources that may be the user's code, by key."""
+    sources = {"model.source": space.model.source, "data.source": space.data.source,
+               "data.evaluate": space.data.evaluate or ""}
+    return {k: v for k, v in sources.items() if v}
 
 
 # What may change when a study is resumed: how many trials, how many at once, where results go.

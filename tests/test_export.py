@@ -680,3 +680,37 @@ def test_a_model_that_checks_its_version_on_load_inherits_and_exports(
     result = export_trial("versioned", space.storage_url, "max-accuracy", tmp_path / "out",
                           runs_dir=space.runs_dir)
     assert (tmp_path / "out" / "model.onnx").exists() and result.trial in front_numbers(study)
+
+
+def test_an_export_after_the_model_code_was_edited_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export rebuilds a trial through the model's code as it is now. After an edit (ReLU to
+    Tanh: the same weights, another model) it failed with "exported accuracy ... differs"
+    alone, which names no cause."""
+    import importlib
+    import textwrap
+    import uuid
+
+    mod = f"edited_{uuid.uuid4().hex[:8]}"
+    code = textwrap.dedent("""
+        from torch import nn
+
+        def build(num_classes=10):
+            return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    """)
+    (tmp_path / f"{mod}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tiny_space(tmp_path / "runs", "edited", **{"search.trials": 1,
+                                                      "search.baselines": [0.25]})
+    spec["model"] = {"source": f"{mod}:build", "input_shape": [1, 1, 8, 8],
+                     "train": {"epochs": 2}}
+    space = parse_space(spec)
+    run_search(space, quiet=True)
+    (tmp_path / f"{mod}.py").write_text(code.replace("nn.ReLU()", "nn.Tanh()"))
+    importlib.reload(sys.modules[mod])
+    with pytest.raises(AutopruneError, match=rf"exported accuracy .* differs .*; the code behind "
+                                             rf"model.source \('{mod}:build'\) changed since "
+                                             r"the search"):
+        export_trial("edited", space.storage_url, "max-accuracy", tmp_path / "out")
