@@ -421,7 +421,8 @@ def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
     first = tiny_space(runs, "ckpt-a", **{"search.baselines": [0.5], "search.trials": 1})
     run_search(parse_space(first), quiet=True)
     ckpt = tmp_path / "ckpt.pt"
-    shutil.copy(next((runs / "base").glob("*.pt")), ckpt)
+    storage = parse_space(first).storage_url
+    shutil.copy(load_study("ckpt-a", storage).user_attrs["base"]["checkpoint"], ckpt)
     spec = tiny_space(runs, "ckpt-b", **{"search.baselines": [0.5], "search.trials": 1,
                                          "model.checkpoint": str(ckpt)})
     run_search(parse_space(spec), quiet=True)
