@@ -270,11 +270,12 @@ def code_digest(source: str) -> str:
         path = inspect.getsourcefile(obj)
         if not path:
             return ""
-        files = [Path(path).resolve(), *_local_modules(obj, Path(path).resolve())]
-        if len(files) == 1:  # the key as before the modules it imports were hashed too
-            return hashlib.sha256(files[0].read_bytes()).hexdigest()[:16]
+        defining = Path(path).resolve()
+        files = _local_modules(obj, defining)
+        if not files:  # the key as before the modules it imports were hashed too
+            return hashlib.sha256(defining.read_bytes()).hexdigest()[:16]
         h = hashlib.sha256()
-        for f in files:
+        for f in [defining, *files]:
             h.update(f"{f.name}\0".encode() + f.read_bytes() + b"\0")
         return h.hexdigest()[:16]
     except (OSError, TypeError, SourceError):
@@ -293,13 +294,16 @@ def _local_modules(obj: Any, defining: Path) -> list[Path]:
         root = root.parent
     skip = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     skip.add(Path(__file__).resolve().parent)  # autoprune itself
+    main = sys.modules.get("__main__")
     found = set()
     for module in list(sys.modules.values()):
         f = getattr(module, "__file__", None)
-        if not f or not f.endswith(".py"):
+        # relative names are no files (torch.ops says "_ops.py"); the running script (a
+        # driver that calls autoprune) is not the model's code
+        if not f or not f.endswith(".py") or not os.path.isabs(f) or module is main:
             continue
         fp = Path(f).resolve()
-        if fp == defining or root not in fp.parents or \
+        if fp == defining or root not in fp.parents or not fp.is_file() or \
                 any(part in ("site-packages", "dist-packages") for part in fp.parts) or \
                 any(d in fp.parents for d in skip):
             continue

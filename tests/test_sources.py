@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import textwrap
 import uuid
@@ -837,11 +838,18 @@ def test_cached_base_model_follows_the_user_code(space: SpaceConfig, tmp_path: P
             return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=4)
     """
     mod = _user_module(tmp_path, monkeypatch, code)
+    monkeypatch.chdir(tmp_path)  # run from the model's folder, as `cd project && autoprune`
     spec = space.replace(
         model=ModelConfig(source=f"{mod}:build", input_shape=(1, 1, 6, 6),
                           train=TrainConfig(epochs=1)),
         data=DataConfig(source=f"{mod}:loaders"), runs_dir=str(tmp_path / "runs"))
     model, data, _ = load_sources(spec)
+    # the file's own hash: torch.ops' relative file name ("_ops.py") had been read from the
+    # working directory as one of the project's files, which failed and emptied the hash
+    from autoprune.base import code_digest
+
+    own = hashlib.sha256((tmp_path / f"{mod}.py").read_bytes()).hexdigest()[:16]
+    assert code_digest(f"{mod}:build") == own
     first = base_checkpoint(spec, model, data, torch.device("cpu"))
     assert base_checkpoint(spec, model, data, torch.device("cpu")) == first  # cached
     edited = textwrap.dedent(code).replace("36, num_classes", "36, num_classes, bias=False")
