@@ -34,6 +34,7 @@ from autoprune.report import (
 from autoprune.study import (
     SEED_POINTS,
     add_result,
+    check_same_ranges,
     check_study,
     distributions,
     done_count,
@@ -293,6 +294,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         # mistyped --study would otherwise start a new study without a word
         _warn(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
     study = open_study(space, name, resume, space.search.seed, ctx.base)
+    if not fresh:
+        check_same_ranges(name, study, dists)
     stored = study.user_attrs.get("base") or {}
     if not fresh and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
         # one base latency per study: every trial's speed-up against the one the study shows

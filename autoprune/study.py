@@ -281,11 +281,6 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
     before, now = flat_items(stored), flat_items(space.to_dict())
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
-    order = list((stored.get("groups") or {}).get("patterns") or {})
-    if not changed and order != list(space.groups.patterns):  # the first match wins
-        before["groups (pattern order)"] = order
-        now["groups (pattern order)"] = list(space.groups.patterns)
-        changed = ["groups (pattern order)"]
     if changed:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise AutopruneError(
@@ -293,6 +288,30 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
             f"{'; ...' if len(changed) > 6 else ''}); allowed changes on resume: "
             f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)}; anything else needs a new "
             "--study")
+
+
+def check_same_ranges(name: str, study: optuna.Study,
+                      dists: Mapping[str, FloatDistribution]) -> None:
+    """A resumed study must search each group in the range its trials were drawn from. The
+    space's values are compared before (:func:`check_study`); this catches what they cannot:
+    two overlapping patterns swapped (the first match wins), so a group falls under the other.
+    Patterns swapped that match no group in common change nothing, and pass."""
+    drawn: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        drawn.update(t.distributions)
+    moved = [f"{g}: {_range(drawn[g])} -> {_range(d)}" for g, d in dists.items()
+             if g in drawn and drawn[g] != d]
+    if moved:
+        raise AutopruneError(
+            f"--resume: groups would be searched in other ranges than study {name!r} drew "
+            f"from ({'; '.join(moved[:6])}{'; ...' if len(moved) > 6 else ''}): the order of "
+            "overlapping group patterns changed (the first match wins); allowed: the order "
+            "the study was made with, or a new --study")
+
+
+def _range(d: Any) -> str:
+    return f"[{d.low:g}, {d.high:g}] step {d.step:g}" if getattr(d, "step", None) else \
+        f"[{getattr(d, 'low', '?')}, {getattr(d, 'high', '?')}]"
 
 
 def check_same_base(name: str, study: optuna.Study, space: SpaceConfig,
