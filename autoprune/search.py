@@ -22,7 +22,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
-from autoprune.errors import ConfigError
+from autoprune.errors import AutopruneError, ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.locks import replacing
 from autoprune.preflight import preflight
@@ -218,6 +218,19 @@ class Recorder:
 NOISY_P90 = 1.5
 
 
+def _check_latency_device(name: str, was: dict[str, Any], now: dict[str, Any]) -> None:
+    """A resumed study times its trials where its base was timed (``latency.device: auto``
+    would pick CUDA on a GPU machine, for a study started on a CPU)."""
+    def kind(lat: dict[str, Any]) -> str:
+        return "cuda" if "cuda" in str(lat.get("device", "")).lower() else "cpu"
+
+    if was and kind(was) != kind(now):
+        raise AutopruneError(
+            f"latency.device: study {name!r} timed its base model on {kind(was)} "
+            f"({was.get('device')}) and this machine times on {kind(now)} ({now.get('device')});"
+            f" allowed: latency.device {kind(was)!r} here, or a new --study")
+
+
 def _warn(msg: str) -> None:
     from tqdm import tqdm
 
@@ -275,8 +288,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
-    from autoprune.measure import threads_warning
+    from autoprune.measure import check_threads, threads_warning
 
+    check_threads(space.latency.threads)  # before the warning about fewer of them
     slow = threads_warning(space.latency.threads,
                            1 if backend == "ray" else jobs or space.search.jobs or 1)
     if slow:  # not silenced by --quiet: it changes what is measured
@@ -300,8 +314,16 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     if not fresh and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
         # one base latency per study: every trial's speed-up against the one the study shows
         # (measured again here, it differs by a few percent from run to run)
+        _check_latency_device(name, stored.get("latency") or {}, ctx.base.latency)
         log(f"autoprune: --resume: speed-ups stay against the study's base latency "
             f"{stored['latency_ms']:.3f} ms (measured now: {ctx.base.latency_ms:.3f} ms)")
+        drift = ctx.base.latency_ms / stored["latency_ms"] if stored["latency_ms"] else 1.0
+        if not 1 / NOISY_P90 <= drift <= NOISY_P90:
+            _warn(f"autoprune: warning: the base latency measured now ({ctx.base.latency_ms:.3f}"
+                  f" ms) is {drift:.2f}x the study's ({stored['latency_ms']:.3f} ms): the "
+                  "machine or its load differs from when the study started, and the new "
+                  "trials' times are measured now: their speed-ups and the earlier trials' "
+                  "do not compare well")
         ctx.base = _replace(ctx.base, latency_ms=stored["latency_ms"],
                             latency_p90_ms=stored["latency_p90_ms"], latency=stored["latency"])
     elif fresh and ctx.base.latency_p90_ms > NOISY_P90 * ctx.base.latency_ms:

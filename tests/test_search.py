@@ -527,6 +527,19 @@ def test_a_disturbed_base_latency_and_a_new_study_on_resume_are_said(
     assert "the base model's latency varied while it was measured (90th percentile" in err
     assert "3.0x the median" in err
 
+    # resumed on a busier machine: the kept base latency is said to compare badly
+    monkeypatch.setattr(base_module, "measure_latency", lambda *a, **k: dataclasses.replace(
+        measure(*a, **k), median_ms=10 * measure(*a, **k).median_ms))
+    run_search(parse_space(spec), study_name="noisy-typo", trials=2, resume=True, quiet=True)
+    assert "x the study's" in capsys.readouterr().err
+    # resumed where latency.device auto times on CUDA: the study's base was timed on the CPU
+    monkeypatch.setattr(base_module, "measure_latency", lambda *a, **k: dataclasses.replace(
+        measure(*a, **k), device="cuda:0"))
+    with pytest.raises(AutopruneError, match=r"latency.device: study 'noisy-typo' timed its "
+                                             r"base model on cpu .* this machine times on cuda"):
+        run_search(parse_space(spec), study_name="noisy-typo", trials=3, resume=True,
+                   quiet=True)
+
 
 def test_a_resumed_search_draws_new_configs(runs: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
