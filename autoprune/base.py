@@ -335,15 +335,21 @@ def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
     if space.model.checkpoint:
         load_checkpoint(model, space.model.checkpoint)
         return Path(space.model.checkpoint)
+    path = base_cache_path(space)
+    with exclusive(path.with_suffix(".lock")):  # a search started alongside waits, then reuses
+        return _cached_or_trained(space, model, data, device, evaluate_fn, path)
+
+
+def base_cache_path(space: SpaceConfig) -> Path:
+    """Where the base trained for ``space`` is cached: keyed by everything that makes it,
+    the user's code included (its sources must be loaded: :func:`code_digest`)."""
     m = space.model
     key = config_hash(m.source, m.kwargs, m.input_shape, m.num_classes, m.train,
                       space.data.source, space.data.kwargs, space.data.seed,
                       space.data.batch_size, space.search.seed,
                       *[d for d in (code_digest(m.source), code_digest(space.data.source)) if d],
                       *ignoring(space), BASE_RECIPE, space.finetune.bn_calibration_batches)
-    path = Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
-    with exclusive(path.with_suffix(".lock")):  # a search started alongside waits, then reuses
-        return _cached_or_trained(space, model, data, device, evaluate_fn, path)
+    return Path(space.runs_dir) / "base" / f"{space.name}-{key}.pt"
 
 
 def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,

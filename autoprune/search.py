@@ -34,6 +34,7 @@ from autoprune.report import (
 from autoprune.study import (
     SEED_POINTS,
     add_result,
+    check_base_before_training,
     check_same_ranges,
     check_study,
     distributions,
@@ -298,7 +299,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     log(f"autoprune: preparing the base model for {space.model.source} on {space.data.source}")
     # fails here, before any trial, on bad sources, and before base training on a space
     # that cannot be searched
-    ctx = TrialContext.build(space, check=preflight)
+    def checks(first: TrialContext) -> None:
+        preflight(first)
+        if resume:
+            check_base_before_training(name, space)
+
+    ctx = TrialContext.build(space, check=checks)
     dists = distributions(space, ctx.groups)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")

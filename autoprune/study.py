@@ -330,10 +330,36 @@ def check_same_base(name: str, study: optuna.Study, space: SpaceConfig,
             f"model.checkpoint: {space.model.checkpoint!r} is not the file study {name!r} was "
             f"made from (SHA-256 {was[:12]}... then, {now[:12]}... now); allowed: that "
             "checkpoint, or a new --study for this one")
-    if Path(str(stored.get("checkpoint", ""))).name != Path(base.checkpoint).name:
+    _check_base_file(name, stored, base.checkpoint, space)
+
+
+def check_base_before_training(name: str, space: SpaceConfig) -> None:
+    """:func:`check_same_base` where it can run before the base model is trained or loaded
+    (the sources built, so the code is hashed): an edit refused on resume cost a base
+    training first."""
+    from autoprune.base import base_cache_path, sha256_file
+
+    study = check_study(space, name, resume=True)
+    stored = (study.user_attrs.get("base") or {}) if study is not None else {}
+    if study is None or not stored.get("checkpoint_sha256"):
+        return
+    if space.model.checkpoint:
+        if Path(space.model.checkpoint).is_file():
+            check_same_base(name, study, space, _with_sha(
+                stored, sha256_file(space.model.checkpoint)))
+        return
+    _check_base_file(name, stored, str(base_cache_path(space)), space)
+
+
+def _with_sha(stored: Mapping[str, Any], sha: str) -> BaseMetrics:
+    return BaseMetrics.from_dict({**stored, "checkpoint_sha256": sha})
+
+
+def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: SpaceConfig) -> None:
+    if Path(str(stored.get("checkpoint", ""))).name != Path(now).name:
         raise AutopruneError(
             f"--resume: study {name!r} pruned the base model {stored.get('checkpoint')!r}; "
-            f"this space gives {base.checkpoint!r}: the code or files of model.source "
+            f"this space gives {now!r}: the code or files of model.source "
             f"({space.model.source!r}) or data.source ({space.data.source!r}) changed since; "
             "allowed: the code the study was made with, or a new --study")
 

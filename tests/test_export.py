@@ -710,6 +710,11 @@ def test_an_export_after_the_model_code_was_edited_says_so(
     run_search(space, quiet=True)
     (tmp_path / f"{mod}.py").write_text(code.replace("nn.ReLU()", "nn.Tanh()"))
     importlib.reload(sys.modules[mod])
+    # a resume refuses the other base, before training it (it had trained it first)
+    with pytest.raises(AutopruneError, match=r"--resume: study 'edited' pruned the base model "
+                                             r".*the code or files of model.source"):
+        run_search(space, trials=2, resume=True, quiet=True)
+    assert len(list((tmp_path / "runs" / "base").glob("*.pt"))) == 1
     with pytest.raises(AutopruneError, match=rf"exported accuracy .* differs .*; the code behind "
                                              rf"model.source \('{mod}:build'\) changed since "
                                              r"the search"):
