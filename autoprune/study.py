@@ -326,11 +326,17 @@ def check_same_base(name: str, study: optuna.Study, space: SpaceConfig,
     if not was or was == now:
         return
     if space.model.checkpoint:
+        _check_checkpoint(name, was, now, space)
+    else:
+        _check_base_file(name, stored, base.checkpoint, space)
+
+
+def _check_checkpoint(name: str, was: str, now: str, space: SpaceConfig) -> None:
+    if was != now:
         raise AutopruneError(
             f"model.checkpoint: {space.model.checkpoint!r} is not the file study {name!r} was "
             f"made from (SHA-256 {was[:12]}... then, {now[:12]}... now); allowed: that "
             "checkpoint, or a new --study for this one")
-    _check_base_file(name, stored, base.checkpoint, space)
 
 
 def check_base_before_training(name: str, space: SpaceConfig) -> None:
@@ -345,14 +351,10 @@ def check_base_before_training(name: str, space: SpaceConfig) -> None:
         return
     if space.model.checkpoint:
         if Path(space.model.checkpoint).is_file():
-            check_same_base(name, study, space, _with_sha(
-                stored, sha256_file(space.model.checkpoint)))
+            _check_checkpoint(name, stored["checkpoint_sha256"],
+                              sha256_file(space.model.checkpoint), space)
         return
     _check_base_file(name, stored, str(base_cache_path(space)), space)
-
-
-def _with_sha(stored: Mapping[str, Any], sha: str) -> BaseMetrics:
-    return BaseMetrics.from_dict({**stored, "checkpoint_sha256": sha})
 
 
 def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: SpaceConfig) -> None:
