@@ -289,9 +289,12 @@ def _local_modules(obj: Any, defining: Path) -> list[Path]:
     edit to a helper the model file imports changes the model as much as one to that file."""
     top = sys.modules.get(getattr(obj, "__module__", "").partition(".")[0])
     top_file = getattr(top, "__file__", None)
-    root = Path(top_file).resolve().parent if top_file else defining.parent
+    here = Path(os.path.abspath(top_file)).parent if top_file else defining.parent
     if top_file and Path(top_file).name == "__init__.py":
-        root = root.parent
+        here = here.parent
+    root = here.resolve()
+    # a cheap test on the name first: thousands of modules are loaded, few are the user's
+    prefixes = tuple({str(here) + os.sep, str(root) + os.sep})
     skip = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     skip.add(Path(__file__).resolve().parent)  # autoprune itself
     main = sys.modules.get("__main__")
@@ -300,7 +303,7 @@ def _local_modules(obj: Any, defining: Path) -> list[Path]:
         f = getattr(module, "__file__", None)
         # relative names are no files (torch.ops says "_ops.py"); the running script (a
         # driver that calls autoprune) is not the model's code
-        if not f or not f.endswith(".py") or not os.path.isabs(f) or module is main:
+        if not f or not f.endswith(".py") or not f.startswith(prefixes) or module is main:
             continue
         fp = Path(f).resolve()
         if fp == defining or root not in fp.parents or not fp.is_file() or \

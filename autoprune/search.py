@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from optuna.trial import FrozenTrial
 
+from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
 from autoprune.errors import AutopruneError, ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
@@ -34,7 +35,7 @@ from autoprune.report import (
 from autoprune.study import (
     SEED_POINTS,
     add_result,
-    check_base_before_training,
+    check_same_base,
     check_same_ranges,
     check_study,
     distributions,
@@ -215,8 +216,9 @@ class Recorder:
         return len(missing)
 
 
-#: A base latency whose 90th percentile exceeds its median by this factor was disturbed.
-NOISY_P90 = 1.5
+#: A base latency whose 90th percentile exceeds its median by this factor was disturbed, and
+#: one measured on resume this far off the study's compares badly with it.
+LATENCY_SPREAD = 1.5
 
 
 def _check_latency_device(name: str, was: dict[str, Any], now: dict[str, Any]) -> None:
@@ -230,6 +232,36 @@ def _check_latency_device(name: str, was: dict[str, Any], now: dict[str, Any]) -
             f"latency.device: study {name!r} timed its base model on {kind(was)} "
             f"({was.get('device')}) and this machine times on {kind(now)} ({now.get('device')});"
             f" allowed: latency.device {kind(was)!r} here, or a new --study")
+
+
+def _study_base(name: str, stored: dict[str, Any], base: BaseMetrics, resumed: bool,
+                log: Callable[[str], None]) -> BaseMetrics:
+    """The base metrics the study's trials are compared with: on resume, the study's own base
+    latency (measured again, it differs by a few percent from run to run, so every trial's
+    speed-up is against the one the study shows); and what makes its latency untrustworthy,
+    said."""
+    if resumed and stored.get("checkpoint_sha256") == base.checkpoint_sha256:
+        _check_latency_device(name, stored.get("latency") or {}, base.latency)
+        log(f"autoprune: --resume: speed-ups stay against the study's base latency "
+            f"{stored['latency_ms']:.3f} ms (measured now: {base.latency_ms:.3f} ms)")
+        drift = base.latency_ms / stored["latency_ms"] if stored["latency_ms"] else 1.0
+        if not 1 / LATENCY_SPREAD <= drift <= LATENCY_SPREAD:
+            _warn(f"autoprune: warning: the base latency measured now ({base.latency_ms:.3f}"
+                  f" ms) is {drift:.2f}x the study's ({stored['latency_ms']:.3f} ms): the "
+                  "machine or its load differs from when the study started, and the new "
+                  "trials' times are measured now: their speed-ups and the earlier trials' "
+                  "do not compare well")
+        return _replace(base, latency_ms=stored["latency_ms"],
+                        latency_p90_ms=stored["latency_p90_ms"], latency=stored["latency"])
+    if not resumed and base.latency_p90_ms > LATENCY_SPREAD * base.latency_ms:
+        med, p90 = base.latency_ms, base.latency_p90_ms
+        _warn(f"autoprune: warning: the base model's latency varied while it was measured "
+              f"(90th percentile {p90:.3f} ms, {p90 / med:.1f}x the median {med:.3f} ms): "
+              "something else was using the cores. "
+              "Every trial's speed-up is against this median, for the whole study; on a "
+              "quieter machine, or with more latency.repeats, start it again for steadier "
+              "figures")
+    return base
 
 
 def _warn(msg: str) -> None:
@@ -285,13 +317,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         from autoprune.controllers.ray_tune import check_address
 
         check_address((ray_options or {}).get("address"))
-    check_study(space, name, resume)  # an existing study, before minutes of base training
+    existing = check_study(space, name, resume)  # before minutes of base training
     out = study_dir(space, name)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
 
-    from autoprune.measure import check_threads, threads_warning
+    from autoprune.measure import threads_warning
 
-    check_threads(space.latency.threads)  # before the warning about fewer of them
     slow = threads_warning(space.latency.threads,
                            1 if backend == "ray" else jobs or space.search.jobs or 1)
     if slow:  # not silenced by --quiet: it changes what is measured
@@ -301,45 +332,22 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     # that cannot be searched
     def checks(first: TrialContext) -> None:
         preflight(first)
-        if resume:
-            check_base_before_training(name, space)
+        if existing is not None:
+            check_same_base(name, existing, space)
 
     ctx = TrialContext.build(space, check=checks)
     dists = distributions(space, ctx.groups)
     log(f"autoprune: base accuracy {ctx.base.accuracy:.4f}, {ctx.base.macs / 1e6:.2f} MMACs, "
         f"latency {ctx.base.latency_ms:.3f} ms; {len(dists)} groups to search")
 
-    fresh = check_study(space, name, resume) is None
     if resume and name not in list_studies(space.storage_url):  # shown with --quiet: a
         # mistyped --study would otherwise start a new study without a word
         _warn(f"autoprune: --resume: no study {name!r} in {space.storage_url} yet; starting it")
     study = open_study(space, name, resume, space.search.seed, ctx.base)
-    if not fresh:
+    if existing is not None:
         check_same_ranges(name, study, dists)
-    stored = study.user_attrs.get("base") or {}
-    if not fresh and stored.get("checkpoint_sha256") == ctx.base.checkpoint_sha256:
-        # one base latency per study: every trial's speed-up against the one the study shows
-        # (measured again here, it differs by a few percent from run to run)
-        _check_latency_device(name, stored.get("latency") or {}, ctx.base.latency)
-        log(f"autoprune: --resume: speed-ups stay against the study's base latency "
-            f"{stored['latency_ms']:.3f} ms (measured now: {ctx.base.latency_ms:.3f} ms)")
-        drift = ctx.base.latency_ms / stored["latency_ms"] if stored["latency_ms"] else 1.0
-        if not 1 / NOISY_P90 <= drift <= NOISY_P90:
-            _warn(f"autoprune: warning: the base latency measured now ({ctx.base.latency_ms:.3f}"
-                  f" ms) is {drift:.2f}x the study's ({stored['latency_ms']:.3f} ms): the "
-                  "machine or its load differs from when the study started, and the new "
-                  "trials' times are measured now: their speed-ups and the earlier trials' "
-                  "do not compare well")
-        ctx.base = _replace(ctx.base, latency_ms=stored["latency_ms"],
-                            latency_p90_ms=stored["latency_p90_ms"], latency=stored["latency"])
-    elif fresh and ctx.base.latency_p90_ms > NOISY_P90 * ctx.base.latency_ms:
-        med, p90 = ctx.base.latency_ms, ctx.base.latency_p90_ms
-        _warn(f"autoprune: warning: the base model's latency varied while it was measured "
-              f"(90th percentile {p90:.3f} ms, {p90 / med:.1f}x the median {med:.3f} ms): "
-              "something else was using the cores. "
-              "Every trial's speed-up is against this median, for the whole study; on a "
-              "quieter machine, or with more latency.repeats, start it again for steadier "
-              "figures")
+    ctx.base = _study_base(name, study.user_attrs.get("base") or {}, ctx.base,
+                           resumed=existing is not None, log=log)
     lost = recover_interrupted(study) if resume else []
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
@@ -374,10 +382,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
               f"{space.experiment_name!r} of {space.tracking_uri} (tracking changed, or the "
               f"store was moved or deleted): started parent run {parent} there, and the "
               "finished trials are logged to it")
-    stored = study.user_attrs.get("space") or {}
-    if stored and stored.get("tracking") != space.to_dict()["tracking"]:
+    made_with = study.user_attrs.get("space") or {}
+    if made_with and made_with.get("tracking") != space.to_dict()["tracking"]:
         # tracking may change on resume: export and pareto look runs up where they now are
-        study.set_user_attr("space", {**stored, "tracking": space.to_dict()["tracking"]})
+        study.set_user_attr("space", {**made_with, "tracking": space.to_dict()["tracking"]})
     if sens is not None:
         from autoprune.sensitivity import plot_heatmap
 

@@ -231,7 +231,6 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     storage = storage_for(space.storage_url)
     old = check_study(space, name, resume)
     if old is not None:
-        check_same_base(name, old, space, base)
         old.sampler = make_sampler(space, sampler_seed(seed, old))
         return old
     if name in list_studies(space.storage_url):  # one without trials: made again
@@ -314,47 +313,31 @@ def _range(d: Any) -> str:
         f"[{getattr(d, 'low', '?')}, {getattr(d, 'high', '?')}]"
 
 
-def check_same_base(name: str, study: optuna.Study, space: SpaceConfig,
-                    base: BaseMetrics) -> None:
+def check_same_base(name: str, study: optuna.Study, space: SpaceConfig) -> None:
     """A resumed study must prune the base model its trials were pruned from. Your checkpoint
     file replaced at the same path, or a trained base made again for other model or data code
     (its cache file is keyed by that code), would put trials of two base models on one front,
     and export could rebuild none of the old ones. (The same base trained again after its
-    cache file was deleted is the same base: same file name.)"""
+    cache file was deleted is the same base: same file name.) Run before the base model is
+    trained or loaded, with the sources built (so their code is hashed): an edit refused
+    after a base training had cost that training."""
+    from autoprune.base import base_cache_path, sha256_file
+
     stored = study.user_attrs.get("base") or {}
-    was, now = stored.get("checkpoint_sha256"), base.checkpoint_sha256
-    if not was or was == now:
+    was = stored.get("checkpoint_sha256")
+    if not was:
         return
-    if space.model.checkpoint:
-        _check_checkpoint(name, was, now, space)
-    else:
-        _check_base_file(name, stored, base.checkpoint, space)
-
-
-def _check_checkpoint(name: str, was: str, now: str, space: SpaceConfig) -> None:
+    if not space.model.checkpoint:
+        _check_base_file(name, stored, str(base_cache_path(space)), space)
+        return
+    if not Path(space.model.checkpoint).is_file():
+        return  # loading it says so
+    now = sha256_file(space.model.checkpoint)
     if was != now:
         raise AutopruneError(
             f"model.checkpoint: {space.model.checkpoint!r} is not the file study {name!r} was "
             f"made from (SHA-256 {was[:12]}... then, {now[:12]}... now); allowed: that "
             "checkpoint, or a new --study for this one")
-
-
-def check_base_before_training(name: str, space: SpaceConfig) -> None:
-    """:func:`check_same_base` where it can run before the base model is trained or loaded
-    (the sources built, so the code is hashed): an edit refused on resume cost a base
-    training first."""
-    from autoprune.base import base_cache_path, sha256_file
-
-    study = check_study(space, name, resume=True)
-    stored = (study.user_attrs.get("base") or {}) if study is not None else {}
-    if study is None or not stored.get("checkpoint_sha256"):
-        return
-    if space.model.checkpoint:
-        if Path(space.model.checkpoint).is_file():
-            _check_checkpoint(name, stored["checkpoint_sha256"],
-                              sha256_file(space.model.checkpoint), space)
-        return
-    _check_base_file(name, stored, str(base_cache_path(space)), space)
 
 
 def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: SpaceConfig) -> None:

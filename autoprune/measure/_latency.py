@@ -121,7 +121,9 @@ def check_threads(threads: int) -> None:
 def threads_warning(threads: int, jobs: int = 1) -> str | None:
     """A warning when the timing threads of ``jobs`` trials at once exceed this machine's
     cores: the times then include the contention (a model timed at 1.1 ms took 35 ms with
-    64 threads on 2 cores), the base's too."""
+    64 threads on 2 cores), the base's too. More than it can run at all is an error
+    (:func:`check_threads`)."""
+    check_threads(threads)
     cores = os.cpu_count() or 1
     if threads * jobs <= cores:
         return None
