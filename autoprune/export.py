@@ -321,6 +321,21 @@ def _moved(path: str, old_root: str, new_root: str) -> str:
         return path
 
 
+def _missing_base(space: SpaceConfig, checkpoint: str) -> str:
+    """Why the study's base checkpoint is not found, and what would find it: a trained base
+    lives in the runs directory (``--runs-dir`` moves it); a user's ``model.checkpoint`` outside
+    it is read from the path the search was given."""
+    where = f"the study's base checkpoint {checkpoint} is not there (looked from {Path.cwd()})"
+    inside = Path(os.path.abspath(checkpoint)).is_relative_to(os.path.abspath(space.runs_dir))
+    if inside:
+        return (f"{where}; the runs directory in use is {space.runs_dir}: run export from the "
+                "directory the search ran in, or pass --runs-dir, the study's runs directory "
+                "(where it keeps base/ and studies/)")
+    return (f"{where}; it is the model.checkpoint the search was given, outside its runs "
+            "directory: put that file back at this path (relative paths are read from the "
+            "current directory)")
+
+
 def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: int,
                 ratios: dict[str, float], study: Any = None,
                 ) -> tuple[nn.Module, PruneRecord, dict[str, Any], Any]:
@@ -330,10 +345,7 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
 
     model, data, evaluate_fn = load_sources(space)
     if not Path(base.checkpoint).is_file():
-        raise CheckpointError(
-            f"the study's base checkpoint {base.checkpoint} is not there (looked from "
-            f"{Path.cwd()}); run export from the directory the search ran in, or pass "
-            f"--runs-dir: the study's runs directory, where it keeps base/ and studies/")
+        raise CheckpointError(_missing_base(space, base.checkpoint))
     if sha256_file(base.checkpoint) != base.checkpoint_sha256:
         raise CheckpointError(f"base checkpoint {base.checkpoint} changed since the search")
     load_checkpoint(model, base.checkpoint)

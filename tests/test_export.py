@@ -351,6 +351,12 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
     assert not Path("c1").exists()
     assert cli(["export", "--study", "rel", "--out", "c2", "--runs-dir",
                 str(tmp_path / "copied")]) == 0
+    # a runs directory given without its base/: the error names the one in use
+    shutil.rmtree(tmp_path / "copied" / "base")
+    capsys.readouterr()
+    assert cli(["export", "--study", "rel", "--out", "c3", "--runs-dir",
+                str(tmp_path / "copied")]) == 2
+    assert f"the runs directory in use is {tmp_path / 'copied'}:" in capsys.readouterr().err
     # with the space file too: --runs-dir still names the store (the space's relative runs
     # dir was taken, and the study was looked for in ./runs)
     import yaml
@@ -719,3 +725,14 @@ def test_an_export_after_the_model_code_was_edited_says_so(
                                              rf"model.source \('{mod}:build'\) changed since "
                                              r"the search"):
         export_trial("edited", space.storage_url, "max-accuracy", tmp_path / "out")
+
+
+def test_a_missing_user_checkpoint_is_not_blamed_on_the_runs_dir() -> None:
+    """--runs-dir moves a trained base, never a user's model.checkpoint outside the runs
+    directory: the hint for a missing one says to put the file back instead."""
+    from autoprune.export import _missing_base
+
+    space = parse_space(tiny_space(Path("runs"), "hint"))
+    assert "--runs-dir" in _missing_base(space, "runs/base/resnet_tiny-abc.pt")
+    message = _missing_base(space, "/data/ckpt/best.pt")
+    assert "--runs-dir" not in message and "model.checkpoint the search was given" in message
