@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import types
@@ -385,6 +386,11 @@ def _positive(value: float | int | None, path: str, allow_zero: bool = False) ->
         raise ConfigError(path, value, ">= 0" if allow_zero else "> 0")
 
 
+def _fraction(value: float, path: str, allowed: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(path, value, allowed)
+
+
 #: ``model.input_dtype`` names (the keys of ``measure.INPUT_DTYPES``; no torch needed here)
 INPUT_DTYPE_NAMES = ("float32", "int64", "int32", "uint8")
 
@@ -408,6 +414,12 @@ def _validate(space: SpaceConfig) -> None:
     _positive(space.finetune.log_every, "finetune.log_every")
     _positive(space.model.train.epochs, "model.train.epochs", allow_zero=True)
     _positive(space.model.train.lr, "model.train.lr")
+    for key, opt in (("finetune", space.finetune), ("model.train", space.model.train)):
+        _fraction(opt.momentum, f"{key}.momentum", "SGD's momentum in [0, 1) (0: none)")
+        _positive(opt.weight_decay, f"{key}.weight_decay", allow_zero=True)
+    _fraction(space.model.train.label_smoothing, "model.train.label_smoothing",
+              "a fraction in [0, 1) (0: none)")
+    _positive(space.pruning.taylor_batches, "pruning.taylor_batches")
     _positive(space.data.batch_size, "data.batch_size")
     _positive(space.data.eval_batch_size, "data.eval_batch_size")
     _positive(space.data.num_workers, "data.num_workers", allow_zero=True)
@@ -435,8 +447,9 @@ def _validate(space: SpaceConfig) -> None:
         if not 0.0 < f < 1.0:
             raise ConfigError(f"search.fidelity.rungs[{i}]", f, "a fraction of the fine-tune "
                               "budget in (0, 1); the full budget is always the last rung")
-    if list(fid.rungs) != sorted(fid.rungs):
-        raise ConfigError("search.fidelity.rungs", list(fid.rungs), "increasing fractions")
+    if any(b <= a for a, b in itertools.pairwise(fid.rungs)):
+        raise ConfigError("search.fidelity.rungs", list(fid.rungs),
+                          "strictly increasing fractions")
     if fid.eta <= 1.0:
         raise ConfigError("search.fidelity.eta", fid.eta, "a number > 1 (keep the top 1/eta)")
     _positive(fid.min_trials, "search.fidelity.min_trials")

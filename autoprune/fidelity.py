@@ -170,3 +170,14 @@ def rung_steps(total: int, fractions: Iterable[float]) -> list[int]:
     """Fine-tune steps at which the rungs after rung 0 are judged (distinct, < total)."""
     steps = sorted({max(1, round(f * total)) for f in fractions})
     return [s for s in steps if s < total]
+
+
+def numbered_rungs(total: int, fractions: Iterable[float]) -> list[tuple[int, int]]:
+    """``(rung, step)`` of the rungs after rung 0. The last is numbered ``len(fractions)``, the
+    rung the book measures every earlier rung's trust against (:func:`book_args`), also when a
+    small budget merges or drops rungs (fewer distinct steps than fractions: 4 steps make 1/9
+    and 1/3 both step 1); numbered 1, 2, ... they never reached it, so no rung earned trust and
+    none stopped a trial."""
+    fractions = tuple(fractions)
+    steps = rung_steps(total, fractions)
+    return list(enumerate(steps, start=len(fractions) - len(steps) + 1))

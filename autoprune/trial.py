@@ -24,7 +24,7 @@ from autoprune.base import (
     seed_everything,
 )
 from autoprune.config import SpaceConfig
-from autoprune.fidelity import Promote, Promoter, rung_steps
+from autoprune.fidelity import Promote, Promoter, numbered_rungs
 from autoprune.finetune import TrainLog, adaptive_bn, class_loss, finetuner
 from autoprune.groups import GroupInfo, describe_groups
 from autoprune.measure import (
@@ -333,7 +333,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
                         copy.deepcopy(teacher) if teacher is not None else None,
                         space.data.ignore_index)
     later = judge is not None and not (isinstance(judge, Promoter) and judge.keep)
-    for i, step in enumerate(rung_steps(trainer.total, fid.rungs) if later else [], start=1):
+    for i, step in numbered_rungs(trainer.total, fid.rungs) if later else []:
         _log(result, trainer.advance(step))
         if not _judged(result, judge, i, rung_accuracy(model, ctx), ctx):  # type: ignore[arg-type]
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from optuna.distributions import FloatDistribution
 from autoprune.cli import main
 from autoprune.config import parse_space
 from autoprune.errors import ConfigError
-from autoprune.fidelity import RungBook, promoter, rung_steps
+from autoprune.fidelity import RungBook, book_args, numbered_rungs, promoter, rung_steps
 from autoprune.fill import FILL_ATTR, fill_params, front_steps
 from autoprune.finetune import finetune
 from autoprune.report import trials_frame
@@ -31,6 +32,7 @@ from autoprune.study import (
     load_study,
     make_sampler,
     origin,
+    rung_history,
 )
 from autoprune.trial import TrialContext, run_trial
 
@@ -144,6 +146,27 @@ def test_rung_steps() -> None:
     assert rung_steps(90, (1 / 9, 1 / 3)) == [10, 30]
     assert rung_steps(3, (1 / 9, 1 / 3)) == [1]  # distinct, at least one step, below the total
     assert rung_steps(0, (0.5,)) == []
+    # the last rung kept is numbered as the book's last rung, whatever the budget merged
+    assert numbered_rungs(90, (1 / 9, 1 / 3)) == [(1, 10), (2, 30)]
+    assert numbered_rungs(4, (1 / 9, 1 / 3)) == [(2, 1)]
+    assert numbered_rungs(0, (0.5,)) == []
+
+
+def test_a_budget_that_merges_rungs_still_earns_trust(runs: Path) -> None:
+    """4 fine-tune steps make the rungs 1/9 and 1/3 one rung (step 1). It was numbered 1 while
+    the book measures each rung's trust against rung 2: no rung ever earned trust, and a search
+    with the rungs on could stop nothing, silently."""
+    space = parse_space(space_dict(runs, "merged", trials=7, baselines=[0.5],
+                                   fidelity={"enabled": True, "min_trials": 2, "eta": 3.0,
+                                             "trust_min": 3, "trust_threshold": 0.0}))
+    space = space.replace(finetune=dataclasses.replace(space.finetune, steps=4))
+    run_search(space, quiet=True)
+    study = load_study("merged", space.storage_url)
+    sampled = [t for t in study.trials if t.number > 0]  # trial 0: the baseline
+    assert {r for t in sampled for r, _a, _c in t.user_attrs["rungs"]} == {0, 2}
+    book = RungBook(*book_args(space.search.fidelity))
+    book.load(rung_history(study))
+    assert book.trust(0) is not None  # rung 0 (the proxy) can earn trust, and so stop trials
 
 
 def test_pruned_trials_never_complete_nor_on_the_front(runs: Path) -> None:
