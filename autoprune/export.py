@@ -575,6 +575,14 @@ def _inputs_section(config: dict[str, Any]) -> str:
             f"`prune_config.json` under `data.preprocessing`):\n{steps}")
 
 
+def _speed_words(speedup: float) -> str:
+    """A speed-up as a reader says it: below 1 (the pruned model timed slower), ``1.61x
+    slower``, not ``0.62x faster``."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower" if speedup > 0 else "not timed"
+
+
 def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConfig,
                dense: bool = False) -> str:
     """The export's README: ``dense`` when the model predicts per position (segmentation)."""
@@ -589,7 +597,7 @@ def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConf
         ("MACs", f"{t['macs'] / 1e6:.3f} M ({t['macs_ratio']:.3f}x)", f"{b['macs'] / 1e6:.3f} M"),
         ("FLOPs", f"{2 * t['macs'] / 1e6:.3f} M", f"{2 * b['macs'] / 1e6:.3f} M"),
         ("parameters", f"{t['params']:,} ({t['params_ratio']:.3f}x)", f"{b['params']:,}"),
-        ("latency (median)", f"{t['latency_ms']:.3f} ms ({t['speedup']:.2f}x faster)",
+        ("latency (median)", f"{t['latency_ms']:.3f} ms ({_speed_words(t['speedup'])})",
          f"{b['latency_ms']:.3f} ms"),
     ]
     table = "\n".join(f"| {a} | {x} | {y} |" for a, x, y in rows)

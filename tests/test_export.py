@@ -80,6 +80,9 @@ def test_export_writes_a_verified_deployable_model(searched: tuple[Any, Path],
     card = (exported / "model_card.md").read_text()
     assert f"trial {trial.number}" in card and "base" in card
     assert "| accuracy (top-1) |" in card and "top-1 accuracy on its validation split" in card
+    speedup = config["metrics"]["trial"]["speedup"]
+    said = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    assert f"ms ({said}) |" in card  # a model timed slower is not "0.62x faster"
     assert config["files"]["program"] == "model.pt2" and "model.pt2" in card
     assert "## Inputs" in card and "divided by 16" in card
     # each section holds its own: the groups table stays with how the model was made
@@ -736,3 +739,10 @@ def test_a_missing_user_checkpoint_is_not_blamed_on_the_runs_dir() -> None:
     assert "--runs-dir" in _missing_base(space, "runs/base/resnet_tiny-abc.pt")
     message = _missing_base(space, "/data/ckpt/best.pt")
     assert "--runs-dir" not in message and "model.checkpoint the search was given" in message
+
+
+def test_the_card_says_slower_for_a_speed_up_below_one() -> None:
+    from autoprune.export import _speed_words
+
+    assert _speed_words(2.5) == "2.50x faster"
+    assert _speed_words(0.62) == "1.61x slower"  # it read "0.62x faster"
