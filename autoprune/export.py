@@ -440,7 +440,7 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         raise AutopruneError(f"{e}{_trial_state(study, rule)}\nthe front of study "
                              f"{study_name!r}:\n{table}") from None
     trial = study.trials[number]
-    found = _trial_run_id(space, study_name, number)
+    found = _trial_run(space, study_name, number, register)
     run_id = found[0] if found else None
     if register and found:
         _check_artifacts_here(space, found[1])
@@ -448,6 +448,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         raise AutopruneError(f"--register: the study's MLflow store {space.tracking_uri} is not "
                              f"there (looked from {Path.cwd()}); pass --runs-dir, the study's "
                              "runs directory")
+    experiment_id = _export_experiment(space, study_name, number) \
+        if register and run_id is None else None
     out = check_out_dir(out_dir)
     model, record, extra, _ = trial_model(space, base, study_name, number,
                                               dict(trial.params), study)
@@ -478,10 +480,15 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
     version = None
     if register:
         from autoprune.registry import register_model
+        from autoprune.tracking import STUDY_TAG
 
-        version = register_model(space.tracking_uri, run_id, register, alias, model,
-                                 onnx_path, space.model.input_shape, space.model.input_dtype,
-                                 metadata={"data": config["data"]})
+        version = register_model(
+            space.tracking_uri, run_id, register, alias, model, onnx_path,
+            space.model.input_shape, space.model.input_dtype, metadata={"data": config["data"]},
+            experiment_id=experiment_id, torch_flavour="program" in files,
+            run_tags={STUDY_TAG: study_name, "autoprune.role": "export",
+                      "autoprune.exported_trial": str(number),
+                      "mlflow.runName": f"{study_name}/export-trial-{number}"})
     return ExportResult(out, number, config, version)
 
 
@@ -509,6 +516,45 @@ def _absolute_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
     return uri
+
+
+def _trial_run(space: SpaceConfig, study: str, number: int,
+               register: str | None) -> tuple[str, str] | None:
+    """:func:`_trial_run_id`, when the study's MLflow store answers. A server that does not
+    is an error with ``--register``; without it, a warning: the files need no MLflow (the
+    config's ``source.mlflow_run_id`` is then null)."""
+    from mlflow.exceptions import MlflowException
+
+    from autoprune.tracking import check_server
+
+    try:
+        check_server(space.tracking_uri, timeout=5.0)
+        return _trial_run_id(space, study, number)
+    except (AutopruneError, MlflowException) as e:
+        why = (e.message.splitlines()[0] if isinstance(e, MlflowException) else str(e))
+        if register:
+            raise AutopruneError(f"--register: the study's MLflow store does not answer "
+                                 f"({why}); allowed: a running store, or an export without "
+                                 "--register (its files need no MLflow)") from None
+        warnings.warn(f"the study's MLflow store does not answer ({why}); the files are "
+                      "written without the trial's MLflow run (source.mlflow_run_id: null)",
+                      stacklevel=3)
+        return None
+
+
+def _export_experiment(space: SpaceConfig, study: str, number: int) -> str:
+    """The study's MLflow experiment, for ``--register`` of a trial that has no run in it
+    (deleted in the UI, or missed while the server was down): the model is logged on a run of
+    the study's own, with its artifacts, not in MLflow's Default experiment."""
+    from autoprune.tracking import Tracker, default_artifact_dir
+
+    tracker = Tracker(space.tracking_uri, space.experiment_name, study,
+                      default_artifact_dir(space.runs_dir))
+    warnings.warn(f"--register: trial {number} of study {study!r} has no run in MLflow "
+                  f"experiment {space.experiment_name!r} (deleted, or missed while the server "
+                  f"was down); the model is logged on a new run, {study}/export-trial-{number}",
+                  stacklevel=3)
+    return str(tracker.experiment_id)
 
 
 def _trial_run_id(space: SpaceConfig, study: str, number: int) -> tuple[str, str] | None:

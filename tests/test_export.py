@@ -559,6 +559,14 @@ def test_register_and_consume_from_a_real_mlflow_server(mlflow_server: str,
     info = mlflow.models.get_model_info("models:/digits-pruned@champion")
     assert info.metadata["data"] == res.config["data"]  # the preprocessing travels with it
     assert "divided by 16" in info.metadata["data"]["preprocessing"]["steps"][0]
+    assert mv.tags["autoprune.pytorch_flavour"] == "logged"
+    # the ONNX flavour takes and returns the graph's names, as the card gives them
+    pyfunc = mlflow.pyfunc.load_model("models:/digits-pruned@champion")
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    by_name = pyfunc.predict({"input": x})
+    assert set(by_name) == {"output"} and by_name["output"].shape == (3, 10)
+    assert np.array_equal(pyfunc.predict(x)["output"], by_name["output"])
+    assert [i.name for i in pyfunc.metadata.get_input_schema().inputs] == ["input"]
 
     out = subprocess.run(
         [sys.executable, str(REPO / "examples" / "deploy_from_registry.py"), "--tracking-uri",
@@ -567,6 +575,88 @@ def test_register_and_consume_from_a_real_mlflow_server(mlflow_server: str,
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["output_shape"] == [5, 10]
     assert len(result["predictions"]) == 5
+
+
+_BRANCHY = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        if x.abs().sum() > 1e9:  # data-dependent: torch.export cannot take it, ONNX can
+            x = x * 0
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def build(num_classes=10):
+    return Net(num_classes)
+"""
+
+
+def test_register_without_torch_export_a_trial_run_or_a_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--register had logged the ONNX flavour as a version and then failed on the PyTorch
+    flavour (MLflow's is a torch.export program): a version without its alias, and a
+    traceback. A trial whose run was deleted was logged into MLflow's Default experiment. And
+    an export without --register needed the study's MLflow server (a traceback)."""
+    import uuid
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from autoprune.tracking import STUDY_TAG
+
+    mod = f"branchy_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{mod}.py").write_text(_BRANCHY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = space_dict(tmp_path / "runs", "branchy", tracking_uri="x")
+    spec["model"] = {"source": f"{mod}:build", "input_shape": [1, 1, 8, 8],
+                     "train": {"epochs": 2}}
+    spec["search"].update({"trials": 3, "baselines": [0.25, 0.5]})
+    with mlflow_server_process(tmp_path / "store") as url:
+        spec["tracking"] = {"uri": url}
+        space = parse_space(spec)
+        run_search(space, quiet=True)
+        study = load_study("branchy", space.storage_url)
+        with pytest.warns(UserWarning, match="the ONNX flavour alone was logged"):
+            res = export_trial("branchy", space.storage_url, "max-accuracy", tmp_path / "a",
+                               register="branchy-model")
+        client = MlflowClient(url)
+        mv = client.get_model_version_by_alias("branchy-model", "champion")
+        assert mv.version == res.registered_version == "1"
+        assert mv.tags["autoprune.pytorch_flavour"].startswith("not logged: torch.export")
+        mlflow.set_tracking_uri(url)
+        assert mlflow.onnx.load_model("models:/branchy-model@champion") is not None
+        # a trial whose run is gone: logged on a run of the study's own experiment
+        other = next(t.number for t in study.trials if t.number != res.trial and
+                     t.user_attrs.get("state") == "complete")
+        run_id = next(r.info.run_id for r in client.search_runs(
+            [client.get_experiment_by_name("branchy").experiment_id])
+            if r.data.tags.get("autoprune.trial") == str(other))
+        client.delete_run(run_id)
+        with pytest.warns(UserWarning, match=f"trial {other} .* has no run"):
+            res2 = export_trial("branchy", space.storage_url, f"trial:{other}",
+                                tmp_path / "b", register="branchy-model")
+        run = client.get_run(client.get_model_version("branchy-model",
+                                                      res2.registered_version).run_id)
+        assert run.info.experiment_id == client.get_experiment_by_name("branchy").experiment_id
+        assert run.data.tags[STUDY_TAG] == "branchy"
+        assert run.data.tags["autoprune.exported_trial"] == str(other)
+    # the server is gone: the files need no MLflow; a registration does
+    with pytest.warns(UserWarning, match="MLflow store does not answer"):
+        res3 = export_trial("branchy", space.storage_url, "max-accuracy", tmp_path / "c")
+    assert res3.config["source"]["mlflow_run_id"] is None
+    assert (tmp_path / "c" / "model.onnx").exists()
+    with pytest.raises(AutopruneError, match="--register: the study's MLflow store does not"):
+        export_trial("branchy", space.storage_url, "max-accuracy", tmp_path / "d",
+                     register="branchy-model")
+    assert not (tmp_path / "d").exists()
 
 
 _TEXT = """
