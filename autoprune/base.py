@@ -334,10 +334,12 @@ BASE_RECIPE = "adaptive-bn-after-training"
 
 def base_checkpoint(space: SpaceConfig, model: nn.Module, data: DataBundle,
                     device: torch.device, evaluate_fn: Any = None) -> Path:
-    """The base checkpoint: the space's own, or one trained here and cached under ``runs/``."""
+    """The base checkpoint: the space's own (absolute: export may run from another directory,
+    and finds a trained base through ``--runs-dir``, never the user's file), or one trained
+    here and cached under ``runs/``."""
     if space.model.checkpoint:
         load_checkpoint(model, space.model.checkpoint)
-        return Path(space.model.checkpoint)
+        return Path(os.path.abspath(space.model.checkpoint))
     path = base_cache_path(space)
     with exclusive(path.with_suffix(".lock")):  # a search started alongside waits, then reuses
         return _cached_or_trained(space, model, data, device, evaluate_fn, path)

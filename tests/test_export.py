@@ -368,6 +368,19 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
     assert cli(["pareto", "--study", "rel", "--space", "space.yaml", "--runs-dir",
                 str(runs)]) == 0
     assert not Path("runs").exists()
+    # a relative model.checkpoint of the user's (as the README writes it) is found from
+    # elsewhere too: it was recorded as written, and looked for from the export's directory
+    monkeypatch.chdir(tmp_path / "proj")
+    (tmp_path / "proj" / "ckpt").mkdir()
+    shutil.copy(next((runs / "base").glob("*.pt")), tmp_path / "proj" / "ckpt" / "best.pt")
+    spec = tiny_space(Path("runs"), "relck", objectives=["accuracy", "macs"],
+                      **{"search.trials": 2})
+    spec["model"]["checkpoint"] = "ckpt/best.pt"
+    run_search(parse_space(spec), quiet=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli(["export", "--study", "relck", "--out", "ck", "--runs-dir", str(runs)]) == 0
+    assert read_config(Path("ck") / "prune_config.json")["model"]["checkpoint"] == str(
+        tmp_path / "proj" / "ckpt" / "best.pt")
 
 
 def test_a_rerun_remakes_the_recorded_model_whatever_the_constraints_say(tmp_path: Path) -> None:
