@@ -466,8 +466,10 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         keys = ("accuracy", "proxy_accuracy", "macs", "macs_ratio", "params", "params_ratio",
                 "latency_ms", "latency_p90_ms", "speedup", "finetune_steps")
         metrics = {k: trial.user_attrs.get(k) for k in keys}
+        from autoprune.tracking import absolute_uri
+
         source = {"study": study_name, "trial": number, "pick": rule, "mlflow_run_id": run_id,
-                  "tracking_uri": _absolute_uri(space.tracking_uri)}
+                  "tracking_uri": absolute_uri(space.tracking_uri)}
         num_classes = space.model.num_classes or extra["data"].num_classes
         config = make_config(space, base, record, num_classes, metrics, source, verified, files,
                              extra["data"].preprocessing)
@@ -509,13 +511,6 @@ def _code_changed(study: Any, space: SpaceConfig) -> str:
     return ("; the code behind " + ", ".join(f"{k} ({named.get(k)!r})" for k in edited)
             + " changed since the search, and export rebuilds the trial through the code as it "
             "is now: restore the code the study was made with")
-
-
-def _absolute_uri(uri: str) -> str:
-    """A SQLite tracking URI with an absolute path (a relative one means nothing elsewhere)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
-    return uri
 
 
 def _trial_run(space: SpaceConfig, study: str, number: int,

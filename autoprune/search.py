@@ -49,7 +49,7 @@ from autoprune.study import (
     stored_seed_points,
     tell,
 )
-from autoprune.tracking import Tracker, check_server, default_artifact_dir
+from autoprune.tracking import Tracker, absolute_uri, check_server, default_artifact_dir
 from autoprune.trial import TrialContext, TrialResult
 
 REPORT_EVERY = 5  # trials between refreshes of the parent run's tables and plots
@@ -309,6 +309,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     if seed is not None:
         check_seed(seed, "--seed")
         space = space.replace(search=_replace(space.search, seed=seed))
+    if space.tracking.uri:  # relative to this directory, which export (from anywhere) can't know
+        space = space.replace(tracking=_replace(space.tracking,
+                                                uri=absolute_uri(space.tracking.uri)))
     name = study_name or space.name
     total = trials or space.search.trials
     _check_runs_dir(space.runs_dir)

@@ -244,5 +244,12 @@ def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
     return {re.sub(r"[^\w\-. :/]", "_", k): v for k, v in flat_items(d).items()}
 
 
+def absolute_uri(uri: str) -> str:
+    """A SQLite tracking URI with an absolute path (a relative one means nothing elsewhere)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    return uri
+
+
 def default_artifact_dir(runs_dir: str) -> Path:
     return Path(os.path.abspath(runs_dir)) / "mlartifacts"

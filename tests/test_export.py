@@ -376,11 +376,14 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
     spec = tiny_space(Path("runs"), "relck", objectives=["accuracy", "macs"],
                       **{"search.trials": 2})
     spec["model"]["checkpoint"] = "ckpt/best.pt"
+    spec["tracking"] = {"uri": "sqlite:///mlf.db"}  # and a relative store of the user's
     run_search(parse_space(spec), quiet=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert cli(["export", "--study", "relck", "--out", "ck", "--runs-dir", str(runs)]) == 0
-    assert read_config(Path("ck") / "prune_config.json")["model"]["checkpoint"] == str(
-        tmp_path / "proj" / "ckpt" / "best.pt")
+    config = read_config(Path("ck") / "prune_config.json")
+    assert config["model"]["checkpoint"] == str(tmp_path / "proj" / "ckpt" / "best.pt")
+    assert config["source"]["tracking_uri"] == f"sqlite:///{tmp_path / 'proj' / 'mlf.db'}"
+    assert config["source"]["mlflow_run_id"] is not None
 
 
 def test_a_rerun_remakes_the_recorded_model_whatever_the_constraints_say(tmp_path: Path) -> None:
