@@ -104,10 +104,31 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path,
     m = copy.deepcopy(model).cpu().eval()
     example = example_input(input_shape, dtype, random=True, batch=max(2, input_shape[0]))
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    with torch.no_grad(), _torch_export_quiet():
         program = torch.export.export(m, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return path
+
+
+@contextlib.contextmanager
+def _torch_export_quiet() -> Iterator[None]:
+    """``torch.export`` that fails prints the traced graph (about 20 lines for a small model)
+    and warnings through torch's loggers before it raises; the caller's one-line warning says
+    what happened."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch", *logging.root.manager.loggerDict)
+               if n.split(".")[0] == "torch"]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def float32_noise(model: nn.Module, x: torch.Tensor, ref: np.ndarray) -> float | None:
