@@ -380,11 +380,23 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
             params = {n: snap(ratios[n], d) for n, d in dists.items()}
             if all(params != p for p, _a in points):
                 points.append((params, {"warm_start": True, "warm_start_budget": budget}))
-    for level in space.search.baselines:
+    for i, level in enumerate(space.search.baselines):
         params = {n: snap(level, d) for n, d in dists.items()}
         attrs = {"baseline": True, "baseline_ratio": level}
+        outside = sorted(n for n, d in dists.items()  # a group fixed by the user stays out
+                         if d.low < d.high and not d.low <= level <= d.high)
         same = [a for p, a in points if p == params]
-        if same:  # an allocation that is uniform (the cheapest config, say) is both
+        if outside:
+            warnings.warn(f"search.baselines[{i}]: {level} lies outside the range of "
+                          f"{len(outside)} of {len(dists)} groups (e.g. {outside[0]!r}: "
+                          f"[{dists[outside[0]].low}, {dists[outside[0]].high}]); it runs "
+                          "clipped into each group's range, so not uniform at that level",
+                          stacklevel=2)
+        if same and "baseline" in same[0]:
+            warnings.warn(f"search.baselines[{i}]: {level} runs the same config as baseline "
+                          f"{same[0]['baseline_ratio']} (clipped into the groups' ranges); "
+                          "it is not run again", stacklevel=2)
+        elif same:  # an allocation that is uniform (the cheapest config, say) is both
             same[0].update(attrs)
         else:
             points.append((params, attrs))

@@ -33,6 +33,7 @@ from autoprune.study import (
     make_sampler,
     origin,
     rung_history,
+    seed_points,
 )
 from autoprune.trial import TrialContext, run_trial
 
@@ -98,6 +99,22 @@ def test_a_rung_stops_trials_only_once_it_predicts_the_last_rung() -> None:
     assert blind.report("bad", 0, 0.0, 0.45)
     # the last rung needs no trust
     assert not blind.trusted(0) and blind.trusted(1)
+
+
+def test_a_baseline_outside_the_groups_ranges_is_said_and_keeps_its_label(runs: Path) -> None:
+    """A level above the groups' bound was clipped onto another level's config, which then
+    carried the later level's label (a 'uniform 0.95' that never ran), silently."""
+    space = parse_space(space_dict(runs, "bl", baselines=[0.8, 0.95, 0.5]))
+    ranged = FloatDistribution(0.0, 0.8, step=0.1)
+    dists = {"a": ranged, "b": ranged, "fixed": FloatDistribution(0.0, 0.0)}
+    with pytest.warns(UserWarning) as said:
+        points = seed_points(space, dists)
+    text = [str(w.message) for w in said]
+    assert any("search.baselines[1]: 0.95 lies outside the range of 2 of 3 groups" in t
+               for t in text)
+    assert any("0.95 runs the same config as baseline 0.8" in t for t in text)
+    assert [a["baseline_ratio"] for _p, a in points] == [0.8, 0.5]
+    assert [p["a"] for p, _a in points] == [0.8, 0.5]
 
 
 def test_seed_points_stay_out_of_the_trust_sample() -> None:
