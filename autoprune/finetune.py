@@ -149,10 +149,11 @@ def train(model: nn.Module, loader: Any, steps: int, lr: float, optimizer: str =
 
 
 def steps_for(epochs: float, steps: int | None, loader: Any) -> int:
-    """Steps from an explicit count or a (possibly fractional) number of epochs."""
+    """Steps from an explicit count or a (possibly fractional) number of epochs: at least one
+    for any epochs above 0 (0.02 epochs of 23 batches had rounded to no fine-tune at all)."""
     if steps is not None:
         return steps
-    return max(0, int(round(epochs * len(loader))))
+    return max(1 if epochs > 0 else 0, int(round(epochs * len(loader))))
 
 
 def train_base(model: nn.Module, loader: Any, cfg: TrainConfig,

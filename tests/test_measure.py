@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.finetune import adaptive_bn, train
+from autoprune.finetune import adaptive_bn, steps_for, train
 from autoprune.measure import (
     LatencyResult,
     count_cost,
@@ -247,3 +247,13 @@ def test_latency_settings_this_machine_cannot_measure_fail_before_training(
     assert threads_warning(cores) is None
     assert f"latency.threads {cores} x 2 trials at once exceeds this machine's {cores} cores" \
         in str(threads_warning(cores, jobs=2))
+
+
+def test_a_fraction_of_an_epoch_is_at_least_one_step() -> None:
+    """epochs may be a fraction: 0.02 of 23 batches had rounded to no fine-tune at all, and
+    every trial's 'fine-tuned' accuracy was its proxy."""
+    loader = [None] * 23
+    assert steps_for(0.02, None, loader) == 1
+    assert steps_for(0.0, None, loader) == 0  # no fine-tune, asked for
+    assert steps_for(0.5, None, loader) == 12
+    assert steps_for(2.0, 5, loader) == 5  # steps win
