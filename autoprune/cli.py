@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoprune", description="Find per-layer (per-group) pruning ratios for a PyTorch "
         "model: list its groups, search, look at the Pareto front, export a point of it.")
+    from autoprune import __version__
+
+    p.add_argument("-V", "--version", action="version", version=f"autoprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     lay = sub.add_parser("layers", help="list the prunable dependency groups of a model")

@@ -201,3 +201,12 @@ def test_console_script(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert bad.returncode == 2
     assert "--input-shape: got 'x'" in bad.stderr
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import autoprune
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"autoprune {autoprune.__version__}"
