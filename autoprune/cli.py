@@ -296,7 +296,7 @@ def _check_recorded_cost(config: dict[str, Any], macs: float, params: int, where
                              "changed after export; allowed: the config as export wrote it")
 
 
-def submit_command(args: argparse.Namespace) -> list[str]:
+def submit_command(args: argparse.Namespace, runtime_env_file: str) -> list[str]:
     """``ray job submit`` of the same search, run on the cluster with ``--address auto``."""
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "job", "submit"]
@@ -304,7 +304,7 @@ def submit_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--address", args.address]
     if not args.wait:
         cmd.append("--no-wait")
-    cmd += ["--runtime-env", args.runtime_env, "--", "python", "-m", "autoprune.cli", "search",
+    cmd += ["--runtime-env", runtime_env_file, "--", "python", "-m", "autoprune.cli", "search",
             args.space, "--backend", "ray", "--address", "auto", "--quiet",
             "--cpus-per-trial", str(args.cpus_per_trial)]
     for flag, value in (("--trials", args.trials), ("--study", args.study),
@@ -336,20 +336,66 @@ def _check_dashboard(address: str) -> None:
                              "machine at 127.0.0.1:8265)") from None
 
 
+def runtime_env(given: str | None, folder: Path | None = None) -> dict[str, Any]:
+    """The job's runtime env: the file given; else ``cluster/runtime_env.yaml`` here (a clone
+    of autoprune), else the one autoprune ships. Its ``working_dir`` (``.``) uploads the
+    project the command runs in; when autoprune's own package lies outside it (autoprune
+    installed into a project of the user's), the package goes too, as a ``py_modules`` entry:
+    the job runs ``python -m autoprune.cli`` on the cluster.
+
+    Raises:
+        AutopruneError: the file given is not there or not a runtime env mapping.
+    """
+    import yaml
+
+    import autoprune
+    from autoprune.config import shipped
+
+    folder = folder or Path.cwd()
+    if given is None:
+        here = folder / "cluster" / "runtime_env.yaml"
+        path = here if here.is_file() else (shipped("cluster") or here.parent) / here.name
+    else:
+        path = Path(given)
+    try:
+        env = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise AutopruneError(f"--runtime-env: got {str(path)!r}, which cannot be read ({e}); "
+                             "allowed: a Ray runtime env YAML file (default: "
+                             "cluster/runtime_env.yaml, else the one autoprune ships)") from None
+    if not isinstance(env, dict):
+        raise AutopruneError(f"--runtime-env: got {str(path)!r}, which holds {env!r}; allowed: "
+                             "a mapping (working_dir, pip, env_vars, ...)")
+    package = Path(autoprune.__file__).resolve().parent
+    workdir = (folder / str(env.get("working_dir", "."))).resolve()
+    if env.get("working_dir") is not None and not package.is_relative_to(workdir):
+        env["py_modules"] = [*env.get("py_modules", []), str(package)]
+    return env
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     import subprocess
+    import tempfile
+
+    import yaml
 
     from autoprune.config import load_space
 
     load_space(args.space)  # a bad space fails here, not on the cluster
+    env_spec = runtime_env(args.runtime_env)  # and a missing runtime env
     _check_dashboard(args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
-    cmd = submit_command(args)
-    # Ray 2.60 heads use token auth by default; the job client must use the same mode, or it
-    # fails with "Missing authentication token". Never turn auth off on the user's behalf.
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "token")
-    print(f"autoprune: RAY_AUTH_MODE={env['RAY_AUTH_MODE']} " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory() as tmp:
+        env_file = Path(tmp) / "runtime_env.yaml"
+        env_file.write_text(yaml.safe_dump(env_spec, sort_keys=False))
+        cmd = submit_command(args, str(env_file))
+        # Ray 2.60 heads use token auth by default; the job client must use the same mode, or
+        # it fails with "Missing authentication token". Never turn auth off on the user's
+        # behalf.
+        env = dict(os.environ)
+        env.setdefault("RAY_AUTH_MODE", "token")
+        print(f"autoprune: RAY_AUTH_MODE={env['RAY_AUTH_MODE']} " + " ".join(cmd),
+              file=sys.stderr)
+        return subprocess.call(cmd, env=env)
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -511,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("space", help="search space YAML (sent with the working dir)")
     sb.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
                                       "(default: RAY_ADDRESS or the local cluster)")
-    sb.add_argument("--runtime-env", default="cluster/runtime_env.yaml",
-                    help="the job's runtime env YAML (default: %(default)s)")
+    sb.add_argument("--runtime-env", help="the job's runtime env YAML (default: "
+                    "cluster/runtime_env.yaml, else the one autoprune ships; autoprune's "
+                    "package is added when it lies outside the working dir)")
     sb.add_argument("--trials", type=_count, help="as in search")
     sb.add_argument("--study", help="as in search")
     sb.add_argument("--concurrency", type=_count, help="trials at once")

@@ -594,8 +594,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def shipped(folder: str) -> Path | None:
+    """A folder autoprune ships (``search_spaces``, ``cluster``): inside the installed package
+    (a wheel), or beside it (a clone, or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / folder, here.parent / folder):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def shipped_space(path: str | Path) -> Path | None:
+    """The space autoprune ships under ``path``'s name, for ``search_spaces/NAME.yaml`` (as
+    the README writes it), ``NAME.yaml`` or ``NAME`` given where no such file is (a project of
+    the user's own, with autoprune installed)."""
+    path = Path(path)
+    folder = shipped("search_spaces")
+    if folder is None or path.parent not in (Path("."), Path("search_spaces")):
+        return None
+    found = folder / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return found if found.is_file() else None
+
+
 def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> SpaceConfig:
-    """Load and validate a search-space YAML file.
+    """Load and validate a search-space YAML file (or a shipped space, see
+    :func:`shipped_space`).
 
     Args:
         path: the YAML file.
@@ -603,7 +626,14 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Spa
     """
     path = Path(path)
     if not path.exists():
-        raise ConfigError("space", str(path), "an existing YAML file")
+        found = shipped_space(path)
+        if found is None:
+            folder = shipped("search_spaces")
+            names = sorted(f.stem for f in folder.glob("*.yaml")) if folder else []
+            raise ConfigError("space", str(path), "an existing YAML file" + (
+                ", or a space autoprune ships: " + ", ".join(
+                    f"search_spaces/{n}.yaml" for n in names) if names else ""))
+        path = found
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:

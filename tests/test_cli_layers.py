@@ -210,3 +210,32 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"autoprune {autoprune.__version__}"
+
+
+def test_an_installed_autoprune_finds_its_shipped_spaces_and_runtime_env(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """From a project of the user's own (not a clone), the README's
+    `search_spaces/digits_resnet.yaml` was 'not an existing YAML file', and `submit` sent a
+    runtime env file that was not there (a Ray traceback) or one whose job could not import
+    autoprune on the cluster."""
+    import autoprune
+    from autoprune.cli import runtime_env
+
+    monkeypatch.chdir(tmp_path)
+    assert load_space("search_spaces/digits_resnet.yaml").name == "digits-resnet"
+    assert load_space("mnist5k_resnet").model.source.startswith("builtin:")
+    assert main(["layers", "search_spaces/nope.yaml"]) == 2
+    assert "a space autoprune ships: search_spaces/digits_resnet.yaml" in capsys.readouterr().err
+    env = runtime_env(None)
+    assert env["working_dir"] == "." and env["pip"]  # the shipped one
+    assert env["py_modules"] == [str(Path(autoprune.__file__).resolve().parent)]
+    (tmp_path / "mine.yaml").write_text("working_dir: .\npy_modules: [extra]\n")
+    assert runtime_env("mine.yaml")["py_modules"] == ["extra", env["py_modules"][0]]
+    # a runtime env that is not there is said before Ray is called
+    assert main(["submit", "search_spaces/digits_resnet.yaml", "--runtime-env", "gone.yaml",
+                 "--address", "http://127.0.0.1:9"]) == 2
+    assert "--runtime-env: got 'gone.yaml', which cannot be read" in capsys.readouterr().err
+    # in a clone, the repository's own runtime env, autoprune inside its working dir
+    repo = Path(autoprune.__file__).resolve().parent.parent
+    assert "py_modules" not in runtime_env(None, repo)
