@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import autoprune
@@ -21,7 +20,6 @@ from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.measure import example_input
 from autoprune.prune import PruneRecord, replay
 from autoprune.sources import build_model, load_checkpoint
-from autoprune.sources._models import load_state_dict_strict
 
 SCHEMA_VERSION = 1
 
@@ -77,6 +75,11 @@ def rebuild(config: dict[str, Any], checkpoint: str | Path | None = None,
         weights: the pruned model's fine-tuned state dict.
         force: accept a base checkpoint whose hash differs.
     """
+    for flag, path in (("--checkpoint", checkpoint), ("--weights", weights)):
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"{flag}: {path}: no such file; allowed: a state dict "
+                                  "saved with torch.save (the export's weights.pt for "
+                                  "--weights, the base model's for --checkpoint)")
     model = base_architecture(config)
     if checkpoint is not None:
         digest = sha256_file(checkpoint)
@@ -92,8 +95,7 @@ def rebuild(config: dict[str, Any], checkpoint: str | Path | None = None,
     pruned = replay(model, example_input(config["model"]["input_shape"],
                                          config["model"].get("input_dtype", "float32")), record)
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        load_state_dict_strict(pruned, state, "--weights")
+        load_checkpoint(pruned, weights, "--weights")
     return pruned.eval()
 
 

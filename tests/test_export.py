@@ -515,6 +515,13 @@ def test_bad_configs_and_weights_give_clear_errors(searched: tuple[Any, Path], e
     torch.save(state, tmp_path / "bad_weights.pt")
     with pytest.raises(CheckpointError, match=r"missing keys.*unexpected keys.*extra\.weight"):
         rebuild(config, weights=tmp_path / "bad_weights.pt")
+    # a mistyped or wrong file is said, naming the flag (it was a raw traceback)
+    with pytest.raises(CheckpointError, match="--weights: .*weigths.pt: no such file"):
+        rebuild(config, weights=tmp_path / "weigths.pt")
+    with pytest.raises(CheckpointError, match="--weights: cannot read .*prune_config.json"):
+        rebuild(config, weights=exported / "prune_config.json")
+    with pytest.raises(CheckpointError, match="--checkpoint: base.pt: no such file"):
+        rebuild(config, checkpoint="base.pt")
 
     ckpt = Path(load_study("exp", space.storage_url).user_attrs["base"]["checkpoint"])
     other = tmp_path / "other.pt"
