@@ -57,6 +57,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
         print("autoprune layers: give a SPACE.yaml, or --model and --input-shape",
               file=sys.stderr)
         return 2
+    if args.write_space:  # its folder made (or refused) before the model is traced
+        try:
+            Path(args.write_space).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AutopruneError(f"--write-space: got {args.write_space!r}, whose folder "
+                                 f"cannot be made ({e.strerror}); allowed: a writable "
+                                 "path") from None
     if num_classes is None and source.startswith("builtin:"):
         num_classes = 10
     model = build_model(source, shape, num_classes, kwargs).eval()

@@ -73,7 +73,7 @@ def test_table_output_for_a_space_file(capsys: pytest.CaptureFixture[str],
 
 def test_write_space_gives_a_loadable_space(capsys: pytest.CaptureFixture[str],
                                             tmp_path: Path) -> None:
-    path = tmp_path / "starter.yaml"
+    path = tmp_path / "spaces" / "starter.yaml"  # a folder that is not there yet is made
     assert main(["layers", "--model", "builtin:resnet_tiny", "--input-shape", "1,1,8,8",
                  "--write-space", str(path)]) == 0
     captured = capsys.readouterr()
