@@ -154,7 +154,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
             print(f"  {len(numbers)} trial(s) [{shown}]: {line}")
     print(f"\ntables and plots: {summary.study_dir}; MLflow parent run {summary.parent_run_id} "
-          "(`autoprune ui` to browse)")
+          f"({_ui_hint(space)})")
     if summary.failed and summary.failed == summary.trials:
         print("autoprune: error: every trial failed (see above)", file=sys.stderr)
         return 1
@@ -190,10 +190,26 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_hint(space: Any) -> str:
+    """The command that shows this search's runs, as the search's last line gives it."""
+    uri = space.tracking.uri
+    if uri and uri.startswith(("http://", "https://")):
+        return f"open {uri} to browse"
+    if uri:
+        return f"`autoprune ui --uri {uri}` to browse"
+    if Path(space.runs_dir) != Path("runs"):
+        return f"`autoprune ui --runs-dir {space.runs_dir}` to browse"
+    return "`autoprune ui` to browse"
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.uri or f"sqlite:///{Path(args.runs_dir) / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would make an empty store and show no runs (and a stray runs/ folder)
+        raise AutopruneError(
+            f"{'--uri' if args.uri else '--runs-dir'}: no MLflow store at "
+            f"{uri.removeprefix('sqlite:///')} (looked from {Path.cwd()}); allowed: the runs "
+            "directory a search wrote (--runs-dir DIR), or the store's URI (--uri)")
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
            "127.0.0.1", "--port", str(args.port)]

@@ -239,3 +239,20 @@ def test_an_installed_autoprune_finds_its_shipped_spaces_and_runtime_env(
     # in a clone, the repository's own runtime env, autoprune inside its working dir
     repo = Path(autoprune.__file__).resolve().parent.parent
     assert "py_modules" not in runtime_env(None, repo)
+
+
+def test_ui_without_a_store_says_so_and_the_search_names_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`autoprune ui` where no search ran made an empty store (and a stray runs/ folder) and
+    showed no runs; the search's last line said `autoprune ui` whatever its runs dir."""
+    from autoprune.cli import _ui_hint
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui", "--port", "1"]) == 2
+    assert "--runs-dir: no MLflow store at runs/mlflow.db" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    space = load_space("search_spaces/digits_resnet.yaml")
+    assert _ui_hint(space) == "`autoprune ui` to browse"
+    assert _ui_hint(space.replace(runs_dir="../elsewhere")) == \
+        "`autoprune ui --runs-dir ../elsewhere` to browse"

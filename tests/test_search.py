@@ -779,6 +779,10 @@ def test_ui_stopped_by_kill_stops_the_mlflow_server_too(tmp_path: Path) -> None:
     import time
     import urllib.request
 
+    from mlflow import MlflowClient
+
+    (tmp_path / "runs").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").search_experiments()  # a store
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "ui", "--runs-dir",
                              str(tmp_path / "runs"), "--port", str(port)],
