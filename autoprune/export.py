@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -317,6 +318,11 @@ def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
     runs directory is now (see :func:`runs_dir_now`)."""
     space = parse_space(study_attrs["space"])
     base = BaseMetrics.from_dict(study_attrs["base"])
+    # the user's modules (model.source: my_project.models:build) are imported from the
+    # current directory first, then from the one the search ran in (export from anywhere)
+    where = study_attrs.get("import_dir")
+    if where and Path(where).is_dir() and where not in sys.path:
+        sys.path.append(where)
     now = runs_dir_now(space, storage_url, runs_dir)
     moved = _moved(base.checkpoint, space.runs_dir, now)
     return (dataclasses.replace(space, runs_dir=now),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -242,6 +243,7 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     study.set_user_attr("objectives", list(space.objectives))
     study.set_user_attr("base", base.to_dict())
     study.set_user_attr("code", code_digests(space))
+    study.set_user_attr("import_dir", os.getcwd())  # where the user's modules were imported
     study.set_user_attr("seed", seed)
     return study
 

@@ -862,3 +862,34 @@ def test_the_card_says_slower_for_a_speed_up_below_one() -> None:
 
     assert _speed_words(2.5) == "2.50x faster"
     assert _speed_words(0.62) == "1.61x slower"  # it read "0.62x faster"
+
+
+def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's own model (`model.source: mymodels:build`, a module in the project
+    folder) could not be exported from another directory, even with --runs-dir: 'cannot
+    import module'. The study records the folder its modules were imported from."""
+    import uuid
+
+    mod = f"mymodels_{uuid.uuid4().hex[:8]}"
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir()
+    elsewhere.mkdir()
+    (proj / f"{mod}.py").write_text(
+        "from torch import nn\n\n\ndef build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, num_classes))\n")
+    monkeypatch.chdir(proj)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the search puts proj on it
+    spec = tiny_space(Path("runs"), "own", objectives=["accuracy", "macs"],
+                      **{"search.trials": 2, "search.baselines": [0.5]})
+    spec["model"] = {"source": f"{mod}:build", "input_shape": [1, 1, 8, 8],
+                     "train": {"epochs": 1}}
+    run_search(parse_space(spec), quiet=True)
+    sys.path[:] = [p for p in sys.path if p not in (str(proj), "")]
+    sys.modules.pop(mod, None)
+    monkeypatch.chdir(elsewhere)
+    assert cli(["export", "--study", "own", "--out", "out", "--runs-dir",
+                str(proj / "runs")]) == 0
+    assert (elsewhere / "out" / "model.onnx").exists()

@@ -27,7 +27,8 @@ def import_object(ref: str, field: str) -> Any:
     except ImportError as e:
         raise SourceError(
             f"{field}: cannot import module {module_name!r} from {ref!r} ({e}); allowed: a module "
-            "importable from the current directory or the installed packages"
+            "importable from the current directory or the installed packages (run from the "
+            "folder that holds it, or add that folder to PYTHONPATH)"
         ) from e
     obj: Any = module
     for part in attr.split("."):
