@@ -603,9 +603,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _autoprune_warnings() -> Any:
+    """A ``warnings.showwarning`` that prints autoprune's own warnings as ``autoprune: warning:
+    ...`` (not ``export.py:508: UserWarning:`` and a source line); others as Python does."""
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if category is UserWarning and str(Path(filename).resolve()).startswith(package):
+            print(f"autoprune: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _autoprune_warnings()
     try:
         return int(args.fn(args))
     except AutopruneError as e:
@@ -619,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `autoprune pareto | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

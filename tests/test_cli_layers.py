@@ -256,3 +256,32 @@ def test_ui_without_a_store_says_so_and_the_search_names_its_own(
     assert _ui_hint(space) == "`autoprune ui` to browse"
     assert _ui_hint(space.replace(runs_dir="../elsewhere")) == \
         "`autoprune ui --runs-dir ../elsewhere` to browse"
+
+
+def test_autoprune_s_warnings_read_as_its_errors_do(capsys: pytest.CaptureFixture[str]) -> None:
+    import autoprune
+    from autoprune.cli import _autoprune_warnings
+
+    show = _autoprune_warnings()
+    ours = str(Path(autoprune.__file__).parent / "export.py")
+    show(UserWarning("model.pt2 not written"), UserWarning, ours, 1)
+    assert capsys.readouterr().err == "autoprune: warning: model.pt2 not written\n"
+    show(UserWarning("theirs"), UserWarning, "/elsewhere/torch/x.py", 1)
+    assert "autoprune: warning" not in capsys.readouterr().err
+
+
+def test_a_data_function_gets_the_space_s_loader_settings_or_a_warning() -> None:
+    """data.batch_size and the like went nowhere for a user's data function, silently."""
+    from autoprune.config import DataConfig
+    from autoprune.sources._data import _loader_settings
+
+    def takes(batch_size: int = 8, seed: int = 0) -> None: ...
+
+    def takes_none() -> None: ...
+
+    cfg = DataConfig(source="m:f", batch_size=32, eval_batch_size=100, seed=3)
+    with pytest.warns(UserWarning, match="data.eval_batch_size: 100 is not used"):
+        assert _loader_settings(takes, cfg) == {"batch_size": 32, "seed": 3}
+    with pytest.warns(UserWarning, match="takes no batch_size or eval_batch_size or seed"):
+        assert _loader_settings(takes_none, cfg) == {}
+    assert _loader_settings(takes_none, DataConfig(source="m:f")) == {}  # defaults: no warning

@@ -218,7 +218,7 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
                           "'builtin:mnist5k', 'imagefolder:<path>' or 'package.module:function'")
     fn = import_object(cfg.source, "data.source")
     try:
-        result = fn(**cfg.kwargs)
+        result = fn(**cfg.kwargs, **_loader_settings(fn, cfg))
     except Exception as e:
         raise SourceError(f"data.source: {cfg.source!r} raised {type(e).__name__}: {e}") from e
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
@@ -229,6 +229,35 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
         _check_loader(cfg.source, name, loader)
     return DataBundle(train=result[0], val=result[1], num_classes=num_classes,
                       description=f"user data from {cfg.source}")
+
+
+#: data settings a user's data function gets when it has a parameter of that name
+LOADER_SETTINGS = ("batch_size", "eval_batch_size", "num_workers", "seed")
+
+
+def _loader_settings(fn: Any, cfg: DataConfig) -> dict[str, Any]:
+    """``data.batch_size`` and the like, for a user's data function that takes them (and is
+    not given them in ``data.kwargs``). One set in the space that the function does not take
+    would be ignored: a warning says so (its loaders set their own)."""
+    import dataclasses
+    import inspect
+    import warnings
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    passed = {k: getattr(cfg, k) for k in LOADER_SETTINGS
+              if k in params and k not in cfg.kwargs}
+    ignored = [k for k in LOADER_SETTINGS if k not in passed and k not in cfg.kwargs
+               and getattr(cfg, k) != defaults[k]]
+    if ignored:
+        warnings.warn(f"data.{ignored[0]}: {getattr(cfg, ignored[0])} is not used: "
+                      f"{cfg.source!r} takes no {' or '.join(ignored)} parameter, so its "
+                      "loaders keep their own (give the function such a parameter, or set it "
+                      "in data.kwargs)", stacklevel=3)
+    return passed
 
 
 def _check_loader(source: str, name: str, loader: Any) -> None:
