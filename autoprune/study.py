@@ -21,7 +21,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.base import BaseMetrics
-from autoprune.config import Range, SpaceConfig, flat_items, parse_space
+from autoprune.config import Range, SearchConfig, SpaceConfig, flat_items, parse_space
 from autoprune.errors import AutopruneError
 from autoprune.fill import FILL_ATTR, FrontFill, fill_axes
 from autoprune.groups import GroupInfo
@@ -382,18 +382,22 @@ def seed_points(space: SpaceConfig, dists: Mapping[str, FloatDistribution],
             params = {n: snap(ratios[n], d) for n, d in dists.items()}
             if all(params != p for p, _a in points):
                 points.append((params, {"warm_start": True, "warm_start_budget": budget}))
+    chosen = tuple(space.search.baselines) != SearchConfig().baselines  # not the defaults
     for i, level in enumerate(space.search.baselines):
         params = {n: snap(level, d) for n, d in dists.items()}
-        attrs = {"baseline": True, "baseline_ratio": level}
-        outside = sorted(n for n, d in dists.items()  # a group fixed by the user stays out
-                         if d.low < d.high and not d.low <= level <= d.high)
+        ranged = {n: d for n, d in dists.items() if d.low < d.high}  # fixed groups stay out
+        outside = sorted(n for n, d in ranged.items() if not d.low <= level <= d.high)
+        run_at = {params[n] for n in ranged}
+        # clipped the same in every group, it is the uniform baseline at the level it ran at
+        attrs = {"baseline": True,
+                 "baseline_ratio": run_at.pop() if outside and len(run_at) == 1 else level}
         same = [a for p, a in points if p == params]
-        if outside:
+        if outside and chosen:
             warnings.warn(f"search.baselines[{i}]: {level} lies outside the range of "
-                          f"{len(outside)} of {len(dists)} groups (e.g. {outside[0]!r}: "
-                          f"[{dists[outside[0]].low}, {dists[outside[0]].high}]); it runs "
-                          "clipped into each group's range, so not uniform at that level",
-                          stacklevel=2)
+                          f"{len(outside)} of {len(ranged)} groups (e.g. {outside[0]!r}: "
+                          f"[{ranged[outside[0]].low}, {ranged[outside[0]].high}]); it runs "
+                          "clipped into each group's range (labelled "
+                          f"{attrs['baseline_ratio']})", stacklevel=2)
         if same and "baseline" in same[0]:
             warnings.warn(f"search.baselines[{i}]: {level} runs the same config as baseline "
                           f"{same[0]['baseline_ratio']} (clipped into the groups' ranges); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,18 @@ def test_a_baseline_outside_the_groups_ranges_is_said_and_keeps_its_label(runs: 
     with pytest.warns(UserWarning) as said:
         points = seed_points(space, dists)
     text = [str(w.message) for w in said]
-    assert any("search.baselines[1]: 0.95 lies outside the range of 2 of 3 groups" in t
+    assert any("search.baselines[1]: 0.95 lies outside the range of 2 of 2 groups" in t
                for t in text)
     assert any("0.95 runs the same config as baseline 0.8" in t for t in text)
     assert [a["baseline_ratio"] for _p, a in points] == [0.8, 0.5]
     assert [p["a"] for p, _a in points] == [0.8, 0.5]
+    # the default levels (0.25, 0.5, 0.75) on groups that stop at 0.6: no warning for a
+    # level the user never wrote, and the clipped one is labelled as it ran
+    low = {"a": FloatDistribution(0.0, 0.6, step=0.05), "b": FloatDistribution(0.0, 0.6)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        points = seed_points(parse_space(space_dict(runs, "bl2")), low)
+    assert [a["baseline_ratio"] for _p, a in points] == [0.25, 0.5, 0.6]
 
 
 def test_seed_points_stay_out_of_the_trust_sample() -> None:
