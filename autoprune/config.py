@@ -539,11 +539,14 @@ def _normalise_groups(raw: Any) -> Any:
     return out
 
 
-def parse_space(data: dict[str, Any], base_dir: str | Path | None = None) -> SpaceConfig:
+def parse_space(data: dict[str, Any], base_dir: str | Path | None = None,
+                check: bool = True) -> SpaceConfig:
     """Validate a parsed YAML mapping and return a :class:`SpaceConfig`.
 
     Relative checkpoint and ``imagefolder:`` paths resolve against ``base_dir`` when they do not
-    exist relative to the current directory.
+    exist relative to the current directory. ``check=False`` reads a study's stored space
+    (types and keys still checked): it was validated when the study began, and a value rule
+    added since must not stop an old study's export.
     """
     if not isinstance(data, dict):
         raise ConfigError("<root>", data, _type_name(SpaceConfig))
@@ -557,7 +560,8 @@ def parse_space(data: dict[str, Any], base_dir: str | Path | None = None) -> Spa
             raise
         raise ConfigError("groups." + e.path.removeprefix("groups.patterns."), e.value,
                           e.allowed) from None
-    _validate(space)
+    if check:
+        _validate(space)
     if base_dir is not None:
         space = _resolve_paths(space, Path(base_dir))
     return space

@@ -316,7 +316,7 @@ def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
              runs_dir: str | None = None) -> tuple[SpaceConfig, BaseMetrics]:
     """The study's space and base model, with the paths the search recorded moved to where its
     runs directory is now (see :func:`runs_dir_now`)."""
-    space = parse_space(study_attrs["space"])
+    space = parse_space(study_attrs["space"], check=False)  # validated when the study began
     base = BaseMetrics.from_dict(study_attrs["base"])
     # the user's modules (model.source: my_project.models:build) are imported from the
     # current directory first, then from the one the search ran in (export from anywhere)

@@ -276,7 +276,7 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
     if stored is None:
         return
     try:  # parsed again, so fields a newer autoprune added hold their defaults, not an edit
-        stored = parse_space(stored).to_dict()
+        stored = parse_space(stored, check=False).to_dict()
     except AutopruneError:
         pass
     before, now = flat_items(stored), flat_items(space.to_dict())

@@ -893,3 +893,20 @@ def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_fold
     assert cli(["export", "--study", "own", "--out", "out", "--runs-dir",
                 str(proj / "runs")]) == 0
     assert (elsewhere / "out" / "model.onnx").exists()
+
+
+def test_an_old_study_s_space_is_read_without_today_s_value_rules(
+        searched: tuple[Any, Path]) -> None:
+    """A value rule added since a study began (strictly increasing rungs, say) stopped its
+    export: the stored space, which the user cannot edit, was validated again."""
+    import copy
+
+    from autoprune.config import ConfigError
+    from autoprune.export import space_of
+
+    space, _ = searched
+    attrs = copy.deepcopy(load_study("exp", space.storage_url).user_attrs)
+    attrs["space"]["search"]["fidelity"]["rungs"] = [0.3, 0.3]
+    assert space_of(attrs)[0].search.fidelity.rungs == (0.3, 0.3)
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        parse_space(attrs["space"])  # a space file given today still gets the rule
