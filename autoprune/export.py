@@ -572,6 +572,9 @@ def _export_experiment(space: SpaceConfig, study: str, number: int) -> str:
 
     tracker = Tracker(space.tracking_uri, space.experiment_name, study,
                       default_artifact_dir(space.runs_dir))
+    # a copied runs directory's store keeps the old folder as the experiment's artifact root
+    _check_artifacts_here(space, tracker.client.get_experiment(
+        tracker.experiment_id).artifact_location)
     warnings.warn(f"--register: trial {number} of study {study!r} has no run in MLflow "
                   f"experiment {space.experiment_name!r} (deleted, or missed while the server "
                   f"was down); the model is logged on a new run, {study}/export-trial-{number}",

@@ -352,6 +352,18 @@ def test_export_finds_a_relative_runs_dir_from_another_directory(
                      r"runs/mlartifacts/.*, outside .*/copied/mlartifacts",
                      capsys.readouterr().err)
     assert not Path("c1").exists()
+    # the same for a trial whose run is gone there: the new run would go to the old folder too
+    from mlflow import MlflowClient
+
+    copied_store = MlflowClient(f"sqlite:///{tmp_path / 'copied' / 'mlflow.db'}")
+    for run in copied_store.search_runs(
+            [copied_store.get_experiment_by_name("rel").experiment_id]):
+        if run.data.tags.get("autoprune.role") == "trial":
+            copied_store.delete_run(run.info.run_id)
+    capsys.readouterr()
+    assert cli(["export", "--study", "rel", "--out", "c1", "--runs-dir", str(tmp_path / "copied"),
+                "--register", "rel-model"]) == 2
+    assert "outside" in capsys.readouterr().err and not Path("c1").exists()
     assert cli(["export", "--study", "rel", "--out", "c2", "--runs-dir",
                 str(tmp_path / "copied")]) == 0
     # a runs directory given without its base/: the error names the one in use
