@@ -358,9 +358,11 @@ def _missing_base(space: SpaceConfig, checkpoint: str) -> str:
         return (f"{where}; the runs directory in use is {space.runs_dir}: run export from the "
                 "directory the search ran in, or pass --runs-dir, the study's runs directory "
                 "(where it keeps base/ and studies/)")
+    if not Path(checkpoint).is_absolute():  # as older studies recorded it
+        return (f"{where}; it is the model.checkpoint the search was given, by a path relative "
+                "to the directory the search ran in: run export from there")
     return (f"{where}; it is the model.checkpoint the search was given, outside its runs "
-            "directory: put that file back at this path (relative paths are read from the "
-            "current directory)")
+            "directory: put that file back at this path")
 
 
 def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: int,

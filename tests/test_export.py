@@ -867,6 +867,7 @@ def test_a_missing_user_checkpoint_is_not_blamed_on_the_runs_dir() -> None:
     assert "--runs-dir" in _missing_base(space, "runs/base/resnet_tiny-abc.pt")
     message = _missing_base(space, "/data/ckpt/best.pt")
     assert "--runs-dir" not in message and "model.checkpoint the search was given" in message
+    assert "run export from there" in _missing_base(space, "ckpt/best.pt")  # an older study
 
 
 def test_the_card_says_slower_for_a_speed_up_below_one() -> None:
