@@ -555,12 +555,13 @@ def _trial_run(space: SpaceConfig, study: str, number: int,
         check_server(space.tracking_uri, timeout=5.0)
         return _trial_run_id(space, study, number)
     except (AutopruneError, MlflowException) as e:
-        why = (e.message.splitlines()[0] if isinstance(e, MlflowException) else str(e))
+        why = (f"{space.tracking_uri}: {e.message.splitlines()[0] if e.message else e}"
+               if isinstance(e, MlflowException) else f"{space.tracking_uri} does not answer")
         if register:
-            raise AutopruneError(f"--register: the study's MLflow store does not answer "
+            raise AutopruneError(f"--register: the study's MLflow store cannot be reached "
                                  f"({why}); allowed: a running store, or an export without "
                                  "--register (its files need no MLflow)") from None
-        warnings.warn(f"the study's MLflow store does not answer ({why}); the files are "
+        warnings.warn(f"the study's MLflow store cannot be reached ({why}); the files are "
                       "written without the trial's MLflow run (source.mlflow_run_id: null)",
                       stacklevel=3)
         return None
