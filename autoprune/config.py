@@ -515,11 +515,20 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
 
 
 def _check_tracking_uri(uri: str) -> None:
+    import os
+
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
     if "://" in uri and scheme not in TRACKING_SCHEMES:
         schemes = ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
         raise ConfigError("tracking.uri", uri, f"an MLflow tracking URI ({schemes}) or a "
                           "local folder")
+    # MLflow 3 refuses a folder store (file://, or a plain path) unless told to allow it: it
+    # failed after the base model was trained, with MLflow's traceback
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in (
+            "true", "1"):
+        raise ConfigError("tracking.uri", uri, "a database or server URI (e.g. sqlite:///"
+                          "mlflow.db, http://127.0.0.1:5000); MLflow 3 refuses a folder store "
+                          "unless MLFLOW_ALLOW_FILE_STORE=true is set")
 
 
 def _normalise_groups(raw: Any) -> Any:
