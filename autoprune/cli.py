@@ -72,6 +72,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     example_output(model, source, shape, dtype)  # what `search` refuses, `layers` refuses
     x = example_input(shape, dtype)
     groups = describe_groups(model, x, ignore)
+    if args.space:  # what `search` refuses, `layers` refuses
+        from autoprune.study import check_patterns
+
+        check_patterns(space, groups, [n for n, _ in model.named_modules() if n])
     # groups Torch-Pruning traces but cannot prune: each would fail every trial
     probes = (probe_ratios(distributions(space, groups)) if args.space
               else {g.name: PROBE_RATIO for g in groups})

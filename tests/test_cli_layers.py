@@ -285,3 +285,14 @@ def test_a_data_function_gets_the_space_s_loader_settings_or_a_warning() -> None
     with pytest.warns(UserWarning, match="takes no batch_size or eval_batch_size or seed"):
         assert _loader_settings(takes_none, cfg) == {}
     assert _loader_settings(takes_none, DataConfig(source="m:f")) == {}  # defaults: no warning
+
+
+def test_layers_refuses_the_patterns_search_refuses(capsys: pytest.CaptureFixture[str],
+                                                    repo_root: Path, tmp_path: Path) -> None:
+    """`layers SPACE` said nothing of a pattern matching no group, which `search` then
+    refused, pointing back at `autoprune layers`."""
+    spec = yaml.safe_load((repo_root / "search_spaces" / "digits_resnet.yaml").read_text())
+    spec["groups"]["layer9.*"] = {"low": 0.0, "high": 0.5}
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["layers", str(tmp_path / "typo.yaml")]) == 2
+    assert "groups.layer9.*: matches no group" in capsys.readouterr().err
