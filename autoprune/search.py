@@ -452,9 +452,9 @@ def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done
             f"; the other {queued - left} wait for a later --resume" if ray_points is None
             else f"; the other {queued - left} do not run")
         log(f"autoprune: {queued} seed configs ({kinds}) run before any proposal, and "
-            f"--trials leaves {left} to run: {left} seed(s) run and the sampler proposes "
-            f"none{rest}. --trials {done + queued + generation} or more also runs a "
-            "generation of proposals")
+            f"the trial count (--trials or search.trials) leaves {left} to run: {left} "
+            f"seed(s) run and the sampler proposes none{rest}. "
+            f"{done + queued + generation} trials or more also run a generation of proposals")
 
 
 def proxy_kendall_tau(df: pd.DataFrame) -> float | None:

@@ -574,9 +574,10 @@ def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
     spec = tiny_space(runs, "few-trials", **{"search.trials": 2})  # 3 uniform baselines
     run_search(parse_space(spec), quiet=True)  # a warning, shown with --quiet too
     err = capsys.readouterr().err
-    assert ("3 seed configs (uniform baselines) run before any proposal, and --trials leaves "
-            "2 to run: 2 seed(s) run and the sampler proposes none; the other 1 wait for a "
-            "later --resume. --trials 7 or more also runs a generation of proposals") in err
+    assert ("3 seed configs (uniform baselines) run before any proposal, and the trial count "
+            "(--trials or search.trials) leaves 2 to run: 2 seed(s) run and the sampler "
+            "proposes none; the other 1 wait for a later --resume. 7 trials or more also run a "
+            "generation of proposals") in err
     run_search(parse_space(spec), trials=4, resume=True, quiet=True)
     study = load_study("few-trials", parse_space(spec).storage_url)
     done = [t for t in study.trials if t.state.is_finished()]
