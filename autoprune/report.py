@@ -76,6 +76,17 @@ def front_hypervolume(df: pd.DataFrame) -> float:
     return hypervolume_2d(ok["accuracy"].to_numpy(float), ok["macs_ratio"].to_numpy(float))
 
 
+def load_plotting() -> None:
+    """Import the plotting libraries (before a search's trials: a Ctrl-C that lands in the
+    middle of their first import, after the first trial, left matplotlib half-imported, and
+    the interrupted search's last report failed with a traceback)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+
+
 def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
                html: bool = True, study: str | None = None) -> list[Path]:
     """Accuracy vs MACs ratio and accuracy vs latency: PNG and (``html``) interactive HTML.

@@ -29,6 +29,7 @@ from autoprune.locks import replacing
 from autoprune.preflight import preflight
 from autoprune.report import (
     front_hypervolume,
+    load_plotting,
     plot_front,
     write_tables,
 )
@@ -404,6 +405,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                                        desc=f"search {name}", file=sys.stderr)
     recorder = Recorder(space, study, tracker, out, progress)
     recorder.reconcile()
+    load_plotting()
     status = "FAILED"
     try:
         if backend == "ray":
@@ -430,7 +432,14 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         if progress is not None:
             progress.close()
         recorder.catch_up()
-        df = recorder.report(final=True)
+        try:
+            df = recorder.report(final=True)
+        except Exception as e:  # noqa: BLE001 - an interrupt is on its way: it is the news
+            if status != "KILLED":
+                raise
+            print(f"autoprune: the tables and plots were not remade after the interrupt "
+                  f"({type(e).__name__}: {e}); --resume remakes them", file=sys.stderr)
+            df = pd.DataFrame()
         recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -236,23 +237,30 @@ def test_kill_then_resume_loses_and_duplicates_nothing(runs: Path, tmp_path: Pat
     assert baselines == [0.25, 0.5, 0.75]
 
 
-def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path: Path,
+                                                            jobs: int) -> None:
     """After Ctrl-C a trial that was running showed as RUNNING in Optuna (a phantom for any
-    Optuna tool) until the next --resume; it is now marked interrupted and queued at once."""
+    Optuna tool) until the next --resume; it is now marked interrupted and queued at once.
+    With --jobs 2, waiting workers printed their KeyboardInterrupt tracebacks, and a Ctrl-C
+    inside a trial's record left the SQLite storage locked (a traceback, exit 1)."""
     import signal
 
     import yaml
 
+    name = f"ctrlc{jobs}"
     space_file = tmp_path / "ctrlc.yaml"
-    space_file.write_text(yaml.safe_dump(tiny_space(runs, "ctrlc", **{"search.trials": 7})))
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, name, **{"search.trials": 7})))
     space = parse_space(yaml.safe_load(space_file.read_text()))
-    run_search(parse_space(tiny_space(runs, "ctrlc-warm", **{"search.trials": 1})), quiet=True)
-    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file)]
+    run_search(parse_space(tiny_space(runs, f"{name}-warm", **{"search.trials": 1})),
+               quiet=True)  # the base model trained before the clock starts
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--jobs", str(jobs)]
     outcome: dict[str, Any] = {}
-    kill_when_finished(cmd, "ctrlc", space.storage_url, finished=2, timeout=240,
+    kill_when_finished(cmd, name, space.storage_url, finished=2, timeout=240,
                        sig=signal.SIGINT, outcome=outcome)
     assert outcome["rc"] == 130, outcome["stderr"][-2000:]
-    study = load_study("ctrlc", space.storage_url)
+    assert "Traceback" not in outcome["stderr"], outcome["stderr"][-3000:]
+    study = load_study(name, space.storage_url)
     assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
     if cut:  # the signal came during a trial (not between two): its copy waits in the queue
@@ -261,7 +269,7 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path
                    if t.state == optuna.trial.TrialState.WAITING]
         assert all(t.params in waiting for t in cut)
     run_search(space, resume=True, quiet=True)
-    study = load_study("ctrlc", space.storage_url)
+    study = load_study(name, space.storage_url)
     assert len([t for t in study.trials if t.state.is_finished()
                 and not t.user_attrs.get("interrupted")]) == 7
 
@@ -854,3 +862,28 @@ def test_taylor_importance_uses_the_fine_tune_s_loss(runs: Path, tmp_path: Path,
         "search.trials": 2, "search.baselines": [0.5]}))
     summary = run_search(space, quiet=True)
     assert summary.trials == 2 and summary.failed == 0
+
+
+def test_ctrl_c_waits_for_a_trial_s_record_and_an_idle_worker_leaves_quietly() -> None:
+    """The pieces behind a clean Ctrl-C, each on its own (a real Ctrl-C lands anywhere)."""
+    import signal
+
+    from autoprune.controllers import _worker
+    from autoprune.controllers.optuna_local import _ctrl_c_remembered
+
+    with _ctrl_c_remembered() as ctrl_c:
+        recorded = []
+        with pytest.raises(KeyboardInterrupt), ctrl_c.held():
+            os.kill(os.getpid(), signal.SIGINT)  # inside a record: it finishes first
+            recorded.append("told")
+        assert recorded == ["told"] and ctrl_c
+    # a worker waiting for work exits (SystemExit: the queue's lock is freed, no traceback);
+    # one running a trial stops it as before
+    with pytest.raises(SystemExit):
+        _worker._on_ctrl_c(signal.SIGINT, None)
+    _worker._BUSY = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _worker._on_ctrl_c(signal.SIGINT, None)
+    finally:
+        _worker._BUSY = False

@@ -3,6 +3,7 @@ trials with its own torch thread budget."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
@@ -15,10 +16,21 @@ from autoprune.inherit import inheritor
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 _CTX: TrialContext | None = None
+_BUSY = False  # running a trial (Ctrl-C then ends it as the controller expects)
+
+
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C reaches the whole process group. A worker waiting for a trial leaves quietly
+    (its KeyboardInterrupt printed a traceback from the pool's queue, which read as a crash);
+    one running a trial stops it with KeyboardInterrupt, as before."""
+    if _BUSY:
+        raise KeyboardInterrupt
+    raise SystemExit(130)  # not os._exit: the pool's queue lock, held while waiting, is freed
 
 
 def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> None:
     global _CTX
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     torch.set_num_threads(threads)
     _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))
 
@@ -26,8 +38,13 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
          key: str = "", seen: Any = None, role: str | None = None,
          models: Any = None) -> TrialResult:
+    global _BUSY
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
     promote = promoter(book, key, role, _CTX.space.search.inherit) if book is not None else None
-    return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
-                     reuse=reuser(seen) if seen is not None else None,
-                     inherit=inheritor(models) if models is not None else None)
+    _BUSY = True
+    try:
+        return run_trial(_CTX, ratios, keep_model=keep_model, promote=promote,
+                         reuse=reuser(seen) if seen is not None else None,
+                         inherit=inheritor(models) if models is not None else None)
+    finally:
+        _BUSY = False

@@ -29,20 +29,45 @@ from autoprune.trial import TrialContext, TrialResult, run_trial
 OnResult = Callable[[optuna.Trial, TrialResult], None]
 
 
+class _CtrlC:
+    """Ctrl-C presses seen (true once there is one), and whether one is held back now."""
+
+    def __init__(self) -> None:
+        self.hits: list[int] = []
+        self.holding = False
+
+    def __bool__(self) -> bool:
+        return bool(self.hits)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Ctrl-C waits for the block's end: a finished trial's record in the Optuna storage
+        and MLflow. Cut inside a SQLite transaction, the storage was left locked ('database
+        is locked'), and the interrupted search ended in a traceback, not its message."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.hits:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _ctrl_c_remembered() -> Iterator[list[int]]:
+def _ctrl_c_remembered() -> Iterator[_CtrlC]:
     """Ctrl-C raises KeyboardInterrupt as usual, and is remembered too: Python drops the
     exception when the signal lands while a weakref callback or a ``__del__`` runs
     ("Exception ignored in ..."), and the search went on as if no key was pressed. The
-    controller checks the list between trials."""
-    hits: list[int] = []
+    controller checks between trials."""
+    state = _CtrlC()
 
     def handler(signum: int, _frame: Any) -> None:
-        hits.append(signum)
-        raise KeyboardInterrupt
+        state.hits.append(signum)
+        if not state.holding:
+            raise KeyboardInterrupt
 
     with handling((signal.SIGINT,), handler):
-        yield hits
+        yield state
 
 
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
@@ -55,7 +80,7 @@ def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
 
 def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                dists: dict[str, optuna.distributions.FloatDistribution],
-               on_result: OnResult, keep_model: bool, ctrl_c: list[int]) -> None:
+               on_result: OnResult, keep_model: bool, ctrl_c: _CtrlC) -> None:
     """Run trials until ``total`` have finished (completed or failed).
 
     Args:
@@ -80,8 +105,9 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             offer(models, result)
         if not keep_model:
             result.state_dict = None
-        on_result(trial, result)
-        remember(seen, result, trial.number)
+        with ctrl_c.held():
+            on_result(trial, result)
+            remember(seen, result, trial.number)
         if ctrl_c:  # pressed during the trial, and the KeyboardInterrupt was lost
             raise KeyboardInterrupt
 
@@ -98,11 +124,13 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
-            trial = ask(study)
+            with ctrl_c.held():  # storage writes: asked, and its ratios suggested
+                trial = ask(study)
+                ratios = suggest_ratios(trial, dists)
             role = seed_role(trial.user_attrs)
             promote = promoter(book, f"t{trial.number}", role, inherit) if book is not None \
                 else None
-            result = run_trial(ctx, suggest_ratios(trial, dists), keep_model=weights,
+            result = run_trial(ctx, ratios, keep_model=weights,
                                promote=promote, reuse=reuser(seen),
                                inherit=inheritor(models) if inherits(models, role) else None)
             record(trial, result, seen, models)
@@ -125,8 +153,9 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     try:
         while done_count(study) + len(pending) < total or pending:
             while len(pending) < jobs and done_count(study) + len(pending) < total:
-                trial = ask(study)
-                ratios = suggest_ratios(trial, dists)
+                with ctrl_c.held():
+                    trial = ask(study)
+                    ratios = suggest_ratios(trial, dists)
                 role = seed_role(trial.user_attrs)
                 fut = pool.submit(_worker.work, ratios, weights, shared, f"t{trial.number}",
                                   seen, role, models if inherits(models, role) else None)
