@@ -159,6 +159,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"  {len(numbers)} trial(s) [{shown}]: {line}")
     print(f"\ntables and plots: {summary.study_dir}; MLflow parent run {summary.parent_run_id} "
           f"({_ui_hint(space)})")
+    if len(summary.front):
+        where = (f" --storage {space.search.storage}" if space.search.storage else
+                 f" --runs-dir {space.runs_dir}" if Path(space.runs_dir) != Path("runs") else "")
+        print(f"next: autoprune export --study {summary.study}{where} --pick knee --out "
+              "EXPORT_DIR (or --pick 'macs<=0.5', 'accuracy>=0.95', trial:N; `autoprune "
+              f"pareto --study {summary.study}{where}` shows the front)")
     if summary.failed and summary.failed == summary.trials:
         print("autoprune: error: every trial failed (see above)", file=sys.stderr)
         return 1
@@ -214,10 +220,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
             f"{'--uri' if args.uri else '--runs-dir'}: no MLflow store at "
             f"{uri.removeprefix('sqlite:///')} (looked from {Path.cwd()}); allowed: the runs "
             "directory a search wrote (--runs-dir DIR), or the store's URI (--uri)")
+    _check_port_free(args.port)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
            "127.0.0.1", "--port", str(args.port)]
     return _serve(cmd)
+
+
+def _check_port_free(port: int) -> None:
+    """MLflow's server on a taken port logs 'Address already in use' among its INFO lines and
+    exits 0, while the URL shown serves whatever holds the port."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise AutopruneError(f"--port: got {port}, which is not free on 127.0.0.1 "
+                                 f"({e.strerror}); allowed: a free port, e.g. --port "
+                                 f"{port + 1}") from None
 
 
 def _serve(cmd: list[str], grace_s: float = 20.0) -> int:

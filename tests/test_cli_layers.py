@@ -252,6 +252,19 @@ def test_ui_without_a_store_says_so_and_the_search_names_its_own(
     assert main(["ui", "--port", "1"]) == 2
     assert "--runs-dir: no MLflow store at runs/mlflow.db" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    # a port another server holds: said, not a UI that 'starts' and exits 0
+    import socket
+
+    from mlflow import MlflowClient
+
+    (tmp_path / "runs").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").search_experiments()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    assert f"--port: got {port}, which is not free" in capsys.readouterr().err
     space = load_space("search_spaces/digits_resnet.yaml")
     assert _ui_hint(space) == "`autoprune ui` to browse"
     assert _ui_hint(space.replace(runs_dir="../elsewhere")) == \
