@@ -388,9 +388,10 @@ def _check_dashboard(address: str) -> None:
 def runtime_env(given: str | None, folder: Path | None = None) -> dict[str, Any]:
     """The job's runtime env: the file given; else ``cluster/runtime_env.yaml`` here (a clone
     of autoprune), else the one autoprune ships. Its ``working_dir`` (``.``) uploads the
-    project the command runs in; when autoprune's own package lies outside it (autoprune
-    installed into a project of the user's), the package goes too, as a ``py_modules`` entry:
-    the job runs ``python -m autoprune.cli`` on the cluster.
+    project the command runs in; when autoprune's own package is an installed one or lies
+    outside it (autoprune installed into a project of the user's), the package goes too, as
+    a ``py_modules`` entry: the job runs ``python -m autoprune.cli`` on the cluster. A
+    virtualenv inside the project is excluded from the upload.
 
     Raises:
         AutopruneError: the file given is not there or not a runtime env mapping.
@@ -415,10 +416,17 @@ def runtime_env(given: str | None, folder: Path | None = None) -> dict[str, Any]
     if not isinstance(env, dict):
         raise AutopruneError(f"--runtime-env: got {str(path)!r}, which holds {env!r}; allowed: "
                              "a mapping (working_dir, pip, env_vars, ...)")
+    if env.get("working_dir") is None:
+        return env
     package = Path(autoprune.__file__).resolve().parent
-    workdir = (folder / str(env.get("working_dir", "."))).resolve()
-    if env.get("working_dir") is not None and not package.is_relative_to(workdir):
+    workdir = (folder / str(env["working_dir"])).resolve()
+    installed = any(part in ("site-packages", "dist-packages") for part in package.parts)
+    if installed or not package.is_relative_to(workdir):
         env["py_modules"] = [*env.get("py_modules", []), str(package)]
+    # a virtualenv inside the project is not uploaded (gigabytes, over Ray's limit)
+    prefix = Path(sys.prefix).resolve()
+    if prefix != workdir and prefix.is_relative_to(workdir):
+        env["excludes"] = [*env.get("excludes", []), f"{prefix.relative_to(workdir).as_posix()}/"]
     return env
 
 

@@ -315,6 +315,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                                                 uri=absolute_uri(space.tracking.uri)))
     name = study_name or space.name
     total = trials or space.search.trials
+    load_plotting()  # at the start: an interrupt during its first import had no handler to see
     _check_runs_dir(space.runs_dir)
     check_server(space.tracking_uri)  # before any work: an MLflow server that does not answer
     if backend == "ray":
@@ -405,7 +406,6 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                                        desc=f"search {name}", file=sys.stderr)
     recorder = Recorder(space, study, tracker, out, progress)
     recorder.reconcile()
-    load_plotting()
     status = "FAILED"
     try:
         if backend == "ray":

@@ -239,6 +239,14 @@ def test_an_installed_autoprune_finds_its_shipped_spaces_and_runtime_env(
     # in a clone, the repository's own runtime env, autoprune inside its working dir
     repo = Path(autoprune.__file__).resolve().parent.parent
     assert "py_modules" not in runtime_env(None, repo)
+    # the project's own virtualenv inside it, autoprune installed there: the package goes as
+    # a module (the venv's folder is not uploaded: excluded, or gigabytes)
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "autoprune"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(autoprune, "__file__", str(site / "__init__.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    env = runtime_env(None)
+    assert env["py_modules"] == [str(site)] and "venv/" in env["excludes"]
 
 
 def test_ui_without_a_store_says_so_and_the_search_names_its_own(
@@ -293,9 +301,10 @@ def test_a_data_function_gets_the_space_s_loader_settings_or_a_warning() -> None
     def takes_none() -> None: ...
 
     cfg = DataConfig(source="m:f", batch_size=32, eval_batch_size=100, seed=3)
-    with pytest.warns(UserWarning, match="data.eval_batch_size: 100 is not used"):
+    with pytest.warns(UserWarning, match="data.eval_batch_size: 100 not used"):
         assert _loader_settings(takes, cfg) == {"batch_size": 32, "seed": 3}
-    with pytest.warns(UserWarning, match="takes no batch_size or eval_batch_size or seed"):
+    with pytest.warns(UserWarning, match="data.batch_size: 32, data.eval_batch_size: 100, "
+                      "data.seed: 3 not used: .* takes no batch_size or eval_batch_size or seed"):
         assert _loader_settings(takes_none, cfg) == {}
     assert _loader_settings(takes_none, DataConfig(source="m:f")) == {}  # defaults: no warning
 

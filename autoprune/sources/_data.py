@@ -220,7 +220,8 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
     try:
         result = fn(**cfg.kwargs, **_loader_settings(fn, cfg))
     except Exception as e:
-        raise SourceError(f"data.source: {cfg.source!r} raised {type(e).__name__}: {e}") from e
+        raise SourceError(f"data.source: {cfg.source!r} raised {type(e).__name__}"
+                          f"{f': {e}' if str(e) else ''}") from e
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise SourceError(f"data.source: {cfg.source!r} returned {type(result).__name__}; "
                           "allowed: (train_loader, val_loader) or (train, val, num_classes)")
@@ -253,10 +254,10 @@ def _loader_settings(fn: Any, cfg: DataConfig) -> dict[str, Any]:
     ignored = [k for k in LOADER_SETTINGS if k not in passed and k not in cfg.kwargs
                and getattr(cfg, k) != defaults[k]]
     if ignored:
-        warnings.warn(f"data.{ignored[0]}: {getattr(cfg, ignored[0])} is not used: "
-                      f"{cfg.source!r} takes no {' or '.join(ignored)} parameter, so its "
-                      "loaders keep their own (give the function such a parameter, or set it "
-                      "in data.kwargs)", stacklevel=3)
+        named = ", ".join(f"data.{k}: {getattr(cfg, k)}" for k in ignored)
+        warnings.warn(f"{named} not used: {cfg.source!r} takes no {' or '.join(ignored)} "
+                      "parameter, so its loaders keep their own (give the function such a "
+                      "parameter, or set it in data.kwargs)", stacklevel=3)
     return passed
 
 
