@@ -162,8 +162,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if len(summary.front):
         where = (f" --storage {space.search.storage}" if space.search.storage else
                  f" --runs-dir {space.runs_dir}" if Path(space.runs_dir) != Path("runs") else "")
+        budget = next((b for k, b in (("macs", "'macs<=0.5', "), ("params", "'params<=0.5', "))
+                       if k in space.objectives), "")
         print(f"next: autoprune export --study {summary.study}{where} --pick knee --out "
-              "EXPORT_DIR (or --pick 'macs<=0.5', 'accuracy>=0.95', trial:N; `autoprune "
+              f"EXPORT_DIR (or --pick {budget}'accuracy>=0.95', trial:N; `autoprune "
               f"pareto --study {summary.study}{where}` shows the front)")
     if summary.failed and summary.failed == summary.trials:
         print("autoprune: error: every trial failed (see above)", file=sys.stderr)
@@ -615,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
                                       "(default: RAY_ADDRESS or the local cluster)")
     sb.add_argument("--runtime-env", help="the job's runtime env YAML (default: "
-                    "cluster/runtime_env.yaml, else the one autoprune ships; autoprune's "
-                    "package is added when it lies outside the working dir)")
+                    "cluster/runtime_env.yaml, else the one autoprune ships; an installed "
+                    "autoprune's package is uploaded with the working dir)")
     sb.add_argument("--trials", type=_count, help="as in search")
     sb.add_argument("--study", help="as in search")
     sb.add_argument("--concurrency", type=_count, help="trials at once")
