@@ -13,7 +13,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +39,7 @@ from autoprune.errors import AutopruneError, CheckpointError
 from autoprune.measure import INPUT_DTYPES, count_cost, evaluate, example_input, export_onnx
 from autoprune.pareto import pick
 from autoprune.prune import PruneRecord, replay
+from autoprune.quiet import quieter
 from autoprune.rebuild import SCHEMA_VERSION, validate_config
 from autoprune.sources import load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
@@ -105,31 +108,13 @@ def export_program(model: nn.Module, input_shape: tuple[int, ...], path: Path,
     m = copy.deepcopy(model).cpu().eval()
     example = example_input(input_shape, dtype, random=True, batch=max(2, input_shape[0]))
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad(), _torch_export_quiet():
+    # a failing torch.export prints the traced graph (about 20 lines for a small model) and
+    # torch's warnings before it raises; the caller's one-line warning says what happened
+    with torch.no_grad(), quieter(logging.ERROR, "torch"), \
+            contextlib.redirect_stderr(io.StringIO()):
         program = torch.export.export(m, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return path
-
-
-@contextlib.contextmanager
-def _torch_export_quiet() -> Iterator[None]:
-    """``torch.export`` that fails prints the traced graph (about 20 lines for a small model)
-    and warnings through torch's loggers before it raises; the caller's one-line warning says
-    what happened."""
-    import io
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("torch", *logging.root.manager.loggerDict)
-               if n.split(".")[0] == "torch"]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def float32_noise(model: nn.Module, x: torch.Tensor, ref: np.ndarray) -> float | None:

@@ -7,11 +7,11 @@ up by their ``autoprune.trial`` tag, which makes re-logging after a resume idemp
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, flat_items
 from autoprune.errors import AutopruneError
 from autoprune.locks import sqlite_setup
+from autoprune.quiet import quieter
 from autoprune.study import origin
 
 TRIAL_TAG = "autoprune.trial"
@@ -58,23 +59,6 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
                              "under runs_dir") from None
 
 
-@contextlib.contextmanager
-def _quiet_store_setup() -> Iterator[None]:
-    """MLflow says INFO 'Creating initial MLflow database tables...' (and alembic its
-    migrations) on a new store's first open, under --quiet too; nothing for a user to do."""
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _ms(t: float | None = None) -> int:
     return int((time.time() if t is None else t) * 1000)
 
@@ -91,7 +75,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, study: str, artifact_dir: str | Path) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
-        with sqlite_setup(uri), _quiet_store_setup():  # a new store: one process at a time
+        # a new store: one process at a time, without MLflow's INFO 'Creating initial MLflow
+        # database tables...' and alembic's migrations (shown under --quiet too)
+        with sqlite_setup(uri), quieter(logging.WARNING, "mlflow.store.db.utils", "alembic"):
             self.client = MlflowClient(tracking_uri=uri)
             self.uri, self.study = uri, study
             exp = self.client.get_experiment_by_name(experiment)
