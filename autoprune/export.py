@@ -579,6 +579,7 @@ def _trial_run_id(space: SpaceConfig, study: str, number: int) -> tuple[str, str
 
     tracker = Tracker(space.tracking_uri, space.experiment_name, study,
                       default_artifact_dir(space.runs_dir))
+    tracker.parent_id = tracker.current_parent()  # not a run of a deleted parent
     for run in tracker.child_runs():
         if run.data.tags.get("autoprune.trial") == str(number):
             return str(run.info.run_id), str(run.info.artifact_uri)

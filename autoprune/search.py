@@ -210,10 +210,13 @@ class Recorder:
                    if t.state.is_finished() and t.number not in logged
                    and not t.user_attrs.get("interrupted")]
         for t in missing:
+            record = self.out / "trials" / str(t.number) / "prune_record.json"
             self.tracker.log_trial(t.number, t.user_attrs, t.params, pruning_settings(self.space),
                                    (), t.datetime_start.timestamp() if t.datetime_start else None,
                                    t.datetime_complete.timestamp() if t.datetime_complete
-                                   else None)
+                                   else None, [record] if record.is_file() else [])
+        if missing:  # logged 'pareto: false': the front's are tagged now
+            self.tracker.sync_front(front_numbers(self.study))
         return len(missing)
 
 
@@ -376,11 +379,14 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         enqueue_points(study, points)
 
     out.mkdir(parents=True, exist_ok=True)
-    dump_space(space, out / "space.yaml")
+    # the space as this run runs it: --trials and --jobs in (MLflow showed the file's values)
+    ran = space.replace(search=_replace(space.search, trials=total,
+                                        jobs=jobs or space.search.jobs))
+    dump_space(ran, out / "space.yaml")
     tracker = Tracker(space.tracking_uri, space.experiment_name, name,
                       default_artifact_dir(space.runs_dir))
     old_parent = study.user_attrs.get("parent_run_id")
-    parent = tracker.start_parent(space, ctx.base, old_parent, out / "space.yaml")
+    parent = tracker.start_parent(ran, ctx.base, old_parent, out / "space.yaml")
     study.set_user_attr("parent_run_id", parent)
     if old_parent and parent != old_parent:
         _warn(f"autoprune: the study's MLflow parent run {old_parent} is not in experiment "
@@ -420,7 +426,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
 
             run_local(ctx, study, total, jobs or space.search.jobs or 1, dists, recorder,
                       space.search.keep_models)
-        status = "FINISHED"
+        # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
+        failed = recorder.failed()
+        status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         if backend != "ray":  # Optuna would show them RUNNING until the next --resume

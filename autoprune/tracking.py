@@ -104,6 +104,7 @@ class Tracker:
             run = self.client.get_run(resume_run_id)
             resumes = int(run.data.tags.get("autoprune.resumes", "0")) + 1
             self.client.set_tag(resume_run_id, "autoprune.resumes", str(resumes))
+            self._log_run_settings(space, config_file)  # params stay the first run's
             children = self.child_runs()
             self._run_ids = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in children}
             self._front = {int(r.data.tags[TRIAL_TAG]) for r in children
@@ -123,8 +124,17 @@ class Tracker:
                               tags=[RunTag("base_checkpoint", base.checkpoint),
                                     RunTag("base_checkpoint_sha256", base.checkpoint_sha256),
                                     RunTag("latency_setup", _latency_setup(base.latency))])
-        self.client.log_artifact(self.parent_id, str(config_file))
+        self._log_run_settings(space, config_file)
         return self.parent_id
+
+    def _log_run_settings(self, space: SpaceConfig, config_file: Path) -> None:
+        """The latest run's ``space.yaml`` and its trial count and jobs as tags: a resume's
+        ``--trials``/``--jobs`` differ from the first run's params, which MLflow keeps."""
+        assert self.parent_id
+        self.client.log_batch(self.parent_id, tags=[
+            RunTag("autoprune.trials", str(space.search.trials)),
+            RunTag("autoprune.jobs", str(space.search.jobs))])
+        self.client.log_artifact(self.parent_id, str(config_file))
 
     def _holds(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -135,6 +145,14 @@ class Tracker:
             return False
         return run.info.experiment_id == self.experiment_id and \
             run.info.lifecycle_stage != "deleted"
+
+    def current_parent(self) -> str | None:
+        """The study's newest parent run not deleted (a reader's view: export, pareto)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{self.study}' and "
+                                                f"tags.`autoprune.role` = 'search'",
+            max_results=1, order_by=["attributes.start_time DESC"])
+        return str(runs[0].info.run_id) if runs else None
 
     @property
     def front(self) -> set[int]:
@@ -156,13 +174,16 @@ class Tracker:
 
     # -- child runs ------------------------------------------------------------------------
     def child_runs(self) -> list[Any]:
+        """The trial runs under this search's parent run (those of a deleted parent are not
+        this search's: a resume after it logs its trials again, under the new parent)."""
+        under = f" and tags.`mlflow.parentRunId` = '{self.parent_id}'" if self.parent_id else ""
         runs: list[Any] = []
         token = None
         while True:
             page = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{STUDY_TAG}` = '{self.study}' and "
-                              f"tags.`autoprune.role` = 'trial'",
+                              f"tags.`autoprune.role` = 'trial'" + under,
                 max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
@@ -210,7 +231,8 @@ class Tracker:
         # accuracy at each multi-fidelity rung (step = rung; rung 0 is the proxy)
         metrics += [Metric("rung_accuracy", float(a), now, int(r))
                     for r, a, _c in attrs.get("rungs") or []]
-        all_params = {f"ratio.{k}": v for k, v in params.items()} | dict(settings)
+        # ratios as the grid gives them: 0.6, not Optuna's 0.6000000000000001
+        all_params = {f"ratio.{k}": _num(v) for k, v in params.items()} | dict(settings)
         plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
         self._log_params(run_id, plist)
         for i in range(0, len(metrics), 1000):
@@ -225,6 +247,18 @@ class Tracker:
     def _log_params(self, run_id: str, params: list[Param]) -> None:
         for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
             self.client.log_batch(run_id, params=params[i:i + 100])
+
+    def sync_front(self, front: set[int]) -> None:
+        """Set the ``pareto`` tag of every child run from the study's front, whatever this
+        tracker saw: trials logged late (MLflow was down, or a new parent run) were logged
+        ``false`` and :meth:`update_front` only changes what it saw change."""
+        for r in self.child_runs():
+            n = int(r.data.tags[TRIAL_TAG])
+            self._run_ids[n] = r.info.run_id
+            want = str(n in front).lower()
+            if r.data.tags.get("pareto") != want:
+                self.client.set_tag(r.info.run_id, "pareto", want)
+        self._front = set(front)
 
     def update_front(self, front: set[int]) -> None:
         """Keep the ``pareto`` tag true on exactly the current front's trials."""
@@ -243,9 +277,23 @@ def _latency_setup(lat: Mapping[str, Any]) -> str:
             f"repeats={lat.get('repeats')}")
 
 
+def _num(v: Any) -> Any:
+    return float(f"{v:.10g}") if isinstance(v, float) else v
+
+
+#: How the characters MLflow rejects in names read in a parameter key: the glob's own.
+_GLOB_WORDS = {"*": "_star_", "?": "_qmark_", "[": "_lbr_", "]": "_rbr_", "!": "_not_"}
+
+
 def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys; characters MLflow rejects in names (glob ``*``, ``?``, ``[``) become ``_``."""
-    return {re.sub(r"[^\w\-. :/]", "_", k): v for k, v in flat_items(d).items()}
+    """Dotted keys. Characters MLflow rejects in names are spelled out (``layer3.*`` becomes
+    ``layer3._star_``): replaced by one ``_``, ``layer3.*`` and ``layer3.?`` made one key
+    and one pattern's range was lost."""
+    def key(k: str) -> str:
+        k = "".join(_GLOB_WORDS.get(c, c) for c in k)
+        return re.sub(r"[^\w\-. :/]", lambda m: f"_x{ord(m.group()):x}_", k)
+
+    return {key(k): _num(v) for k, v in flat_items(d).items()}
 
 
 def absolute_uri(uri: str) -> str:

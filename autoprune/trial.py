@@ -161,7 +161,7 @@ class TrialResult:
     proxy_accuracy: float = float("nan")
     macs: float = float("nan")
     macs_ratio: float = float("nan")
-    params: int = 0
+    params: int | None = None  # None until counted (a failed trial logged 0 parameters)
     params_ratio: float = float("nan")
     latency_ms: float = float("nan")
     latency_p90_ms: float = float("nan")

@@ -144,6 +144,7 @@ def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
     assert {int(r.data.tags["autoprune.trial"]) for r in failed} == failed_in_optuna
     for r in failed:
         assert r.info.status == "FAILED" and "needs >= 6 channels" in r.data.tags["error"]
+        assert "params" not in r.data.metrics  # was 0.0: a "0-parameter model" sorted first
     # trials.csv holds each failed trial's whole traceback, as the summary says
     import pandas as pd
 
@@ -177,6 +178,10 @@ def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
     line = next(x for x in out.out.splitlines() if x.startswith("  2 trial(s) [0, 1]: "))
     assert "this block needs >= 6 channels" in line
     assert "every trial failed" in out.err
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    parent = client.get_run(load_study("all-fail", parse_space(spec).storage_url)
+                            .user_attrs["parent_run_id"])
+    assert parent.info.status == "FAILED"  # was FINISHED, beside the CLI's exit 1
 
     # failing in eval mode too, conv1's group fails the check that it prunes at all: it is
     # left out, with a warning, and the search runs over the groups that prune
@@ -273,6 +278,56 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path
     study = load_study(name, space.storage_url)
     assert len([t for t in study.trials if t.state.is_finished()
                 and not t.user_attrs.get("interrupted")]) == 7
+
+
+def test_a_resume_after_the_parent_run_was_deleted_logs_all_under_the_new_one(
+        runs: Path, tmp_path: Path) -> None:
+    """The study's parent run deleted in the UI, --resume started a new one but logged none of
+    the finished trials to it (their runs, under the deleted parent, counted as logged); a
+    trial logged late stayed ``pareto: false`` when no new trial ran after it, had no
+    ``prune_record.json``, and export could pick the run under the deleted parent. The
+    parent's params showed the file's search.trials, not the run's ``--trials``."""
+    from autoprune.export import export_trial
+
+    spec = tiny_space(runs, "reparent", **{"search.trials": 4})
+    run_search(parse_space(spec), trials=3, quiet=True)
+    storage = parse_space(spec).storage_url
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    old = load_study("reparent", storage).user_attrs["parent_run_id"]
+    assert client.get_run(old).data.params["search.trials"] == "3"
+    client.delete_run(old)
+    run_search(parse_space(spec), trials=3, resume=True, quiet=True)  # no new trial
+    study = load_study("reparent", storage)
+    new = study.user_attrs["parent_run_id"]
+    assert new != old
+    under = [r for r in child_runs(runs, "reparent")
+             if r.data.tags["mlflow.parentRunId"] == new]
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in under) == [0, 1, 2]
+    tagged = {int(r.data.tags["autoprune.trial"]) for r in under
+              if r.data.tags["pareto"] == "true"}
+    assert tagged == front_numbers(study) and tagged
+    for r in under:
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["prune_record.json"]
+    assert client.get_run(new).data.tags["autoprune.trials"] == "3"
+    import json
+
+    export_trial("reparent", storage, "max-accuracy", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "prune_config.json").read_text())
+    assert config["source"]["mlflow_run_id"] in {r.info.run_id for r in under}
+
+
+def test_parent_params_keep_glob_patterns_apart_and_ratios_read_as_set() -> None:
+    """``layer3.*`` and ``layer3.?`` became one key (``layer3._``): one range was lost; ratios
+    read 0.6000000000000001."""
+    from autoprune.tracking import _flatten, _num
+
+    flat = _flatten({"groups": {"patterns": {"layer3.*": {"low": 0.1}, "layer3.?": {"low": 0.2},
+                                             "a[0-9]": {"high": 0.3}}}})
+    assert flat == {"groups.patterns.layer3._star_.low": 0.1,
+                    "groups.patterns.layer3._qmark_.low": 0.2,
+                    "groups.patterns.a_lbr_0-9_rbr_.high": 0.3}
+    assert _num(0.6000000000000001) == 0.6 and str(_num(0.35000000000000003)) == "0.35"
+    assert _num(3) == 3 and _num("x") == "x"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
