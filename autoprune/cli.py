@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -251,7 +252,6 @@ def _serve(cmd: list[str], grace_s: float = 20.0) -> int:
     ``subprocess.call`` left the server holding its port when ``kill`` reached only this
     process."""
     import contextlib
-    import signal
     import subprocess
     import threading
 
@@ -669,10 +669,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"autoprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from autoprune.signals import STOPPED_BY
+
         again = (" (finished trials are kept: the same command with --resume goes on)"
                  if args.command == "search" else "")
-        print(f"autoprune: interrupted{again}", file=sys.stderr)
-        return 130
+        by = f" by {signal.Signals(STOPPED_BY[-1]).name}" if STOPPED_BY else ""
+        print(f"autoprune: interrupted{by}{again}", file=sys.stderr)
+        return 128 + STOPPED_BY[-1] if STOPPED_BY else 130
     except BrokenPipeError:  # `autoprune pareto | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -10,6 +10,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+#: Signals that stop a search as Ctrl-C does: a scheduler's or ``timeout``'s SIGTERM (Slurm,
+#: ``docker stop``, Kubernetes) and a closed terminal's SIGHUP. Before, they killed it at once:
+#: its MLflow parent run stayed RUNNING and its tables were not remade.
+STOP_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+#: The stop signals a search was ended by (the CLI exits 128 + the last, as a shell reports it).
+STOPPED_BY: list[int] = []
+
 
 @contextlib.contextmanager
 def handling(signals: Iterable[int], handler: Callable[[int, Any], None]) -> Iterator[None]:

@@ -48,11 +48,12 @@ def tiny_space(runs: Path, name: str, **changes: Any) -> dict[str, Any]:
 
 def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: int,
                        timeout: float = 300, sig: int = signal.SIGKILL,
-                       outcome: dict[str, Any] | None = None) -> int:
+                       outcome: dict[str, Any] | None = None, group: bool = True) -> int:
     """Run ``cmd`` (a search) and send ``sig`` (SIGKILL; SIGINT is a Ctrl-C) to its process
-    group once ``study`` holds ``finished`` finished trials. Returns how many were finished;
-    fails if the search ended first. ``outcome`` gets the exit code and stderr after a signal
-    the search may handle."""
+    group (``group=False``: to its first process alone, as ``docker stop`` does) once
+    ``study`` holds ``finished`` finished trials. Returns how many were finished; fails if the
+    search ended first. ``outcome`` gets the exit code and stderr after a signal the search
+    may handle."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     done = 0
@@ -68,7 +69,10 @@ def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: i
                 break
         assert proc.poll() is None, "the search ended before it could be killed"
         assert done >= finished, f"only {done} trials finished in {timeout} s"
-        os.killpg(proc.pid, sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
         if sig != signal.SIGKILL:
             _, err = proc.communicate(timeout=120)
             if outcome is not None:

@@ -280,6 +280,35 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path
                 and not t.user_attrs.get("interrupted")]) == 7
 
 
+def test_sigterm_to_the_search_alone_ends_it_as_ctrl_c_does(runs: Path, tmp_path: Path) -> None:
+    """SIGTERM (``timeout``, a batch scheduler, ``docker stop``) killed the search at once: its
+    MLflow parent run stayed RUNNING for good, its trial RUNNING in Optuna, its tables stale.
+    Sent to the search's process alone, its workers (--jobs 2) never heard of it."""
+    import signal
+
+    import yaml
+
+    space_file = tmp_path / "term.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "term", **{"search.trials": 9})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    run_search(parse_space(tiny_space(runs, "term-warm", **{"search.trials": 1})), quiet=True)
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(space_file), "--jobs", "2"]
+    outcome: dict[str, Any] = {}
+    kill_when_finished(cmd, "term", space.storage_url, finished=2, timeout=240,
+                       sig=signal.SIGTERM, outcome=outcome, group=False)
+    assert outcome["rc"] == 128 + signal.SIGTERM, outcome["stderr"][-2000:]
+    assert "autoprune: interrupted by SIGTERM" in outcome["stderr"]
+    assert "Traceback" not in outcome["stderr"], outcome["stderr"][-3000:]
+    study = load_study("term", space.storage_url)
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    assert client.get_run(study.user_attrs["parent_run_id"]).info.status == "KILLED"
+    finished = {t.number for t in study.trials if t.state.is_finished()
+                and not t.user_attrs.get("interrupted")}
+    table = (runs / "studies" / "term" / "trials.csv").read_text().splitlines()
+    assert len(table) - 1 >= len(finished)  # remade at the stop, not at the last 5th trial
+
+
 def test_a_resume_after_the_parent_run_was_deleted_logs_all_under_the_new_one(
         runs: Path, tmp_path: Path) -> None:
     """The study's parent run deleted in the UI, --resume started a new one but logged none of

@@ -22,7 +22,7 @@ from autoprune.controllers import _worker
 from autoprune.dedup import SeenConfigs, mark_twin, remember, reuser, study_entries
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
-from autoprune.signals import handling
+from autoprune.signals import STOP_SIGNALS, STOPPED_BY, handling
 from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
@@ -63,10 +63,12 @@ def _ctrl_c_remembered() -> Iterator[_CtrlC]:
 
     def handler(signum: int, _frame: Any) -> None:
         state.hits.append(signum)
+        if signum != signal.SIGINT:
+            STOPPED_BY.append(signum)
         if not state.holding:
             raise KeyboardInterrupt
 
-    with handling((signal.SIGINT,), handler):
+    with handling((signal.SIGINT, *STOP_SIGNALS), handler):
         yield state
 
 
@@ -180,8 +182,19 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 pool.shutdown(cancel_futures=True)
                 pool = _pool(ctx, jobs, threads)
     finally:
+        if any(sig != signal.SIGINT for sig in ctrl_c.hits):
+            _interrupt_workers(pool)
         pool.shutdown(wait=False, cancel_futures=True)
         manager.shutdown()
+
+
+def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
+    """A SIGTERM or SIGHUP sent to this process alone (``docker stop``, ``kill PID``) does not
+    reach the workers, which a Ctrl-C's process group does: they get the Ctrl-C, so running
+    trials stop now rather than keep this process from exiting until they finish."""
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGINT)
 
 
 class _BookManager(BaseManager):
