@@ -223,6 +223,8 @@ class Recorder:
 #: A base latency whose 90th percentile exceeds its median by this factor was disturbed, and
 #: one measured on resume this far off the study's compares badly with it.
 LATENCY_SPREAD = 1.5
+#: Repeated measurements of the base latency further apart than this: latency is noise there.
+LATENCY_REPEATS_APART = 1.25
 
 
 def _check_latency_device(name: str, was: dict[str, Any], now: dict[str, Any]) -> None:
@@ -265,6 +267,18 @@ def _study_base(name: str, stored: dict[str, Any], base: BaseMetrics, resumed: b
               "Every trial's speed-up is against this median, for the whole study; on a "
               "quieter machine, or with more latency.repeats, start it again for steadier "
               "figures")
+    runs = [r for r in base.latency.get("runs_ms") or [] if r > 0]
+    if not resumed and runs and max(runs) > LATENCY_REPEATS_APART * min(runs):
+        cuda = "cuda" in str(base.latency.get("device", "")).lower()
+        why = (f"on CUDA at batch {base.latency.get('batch_size')}, eager PyTorch waits on "
+               "kernel launches, not on the model's size (an H100 timed a small ResNet at "
+               "0.8 to 1.7 ms from one measurement to the next, and it with half its channels "
+               "pruned at 0.8 to 1.5 ms)" if cuda else "something else was using the cores")
+        _warn(f"autoprune: warning: the base model's latency differed "
+              f"{max(runs) / min(runs):.2f}x between {len(runs)} measurements ("
+              f"{', '.join(f'{r:.3f}' for r in runs)} ms): {why}. Trials' latencies closer "
+              "than that are noise on this machine: time at your deployment's "
+              "latency.batch_size, raise latency.repeats, or compare on macs")
     return base
 
 

@@ -33,6 +33,7 @@ class LatencyResult:
     p90_ms: float
     mean_ms: float
     min_ms: float
+    runs_ms: list[float] | None = None  # the median of each measurement, where several were made
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
