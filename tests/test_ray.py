@@ -189,26 +189,34 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path) -> None:
     assert len(numbers) == len(set(numbers)) == 7
 
 
-def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster,
-                                                         tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster, tmp_path: Path,
+                                                         stop: str) -> None:
     """Tune catches the first Ctrl-C and returns as if done; the search must stop there (it
-    used to take the short study for lost nodes and run every trial again) and resume."""
+    used to take the short study for lost nodes and run every trial again) and resume.
+    SIGTERM to the driver alone (a scheduler, ``docker stop``) killed it at once, its MLflow
+    parent run left RUNNING: it now stops as a Ctrl-C does."""
     import signal
 
-    space, cmd = driver(cluster, tmp_path, "rayint", trials=7)
+    name = f"rayint-{stop.lower()}"
+    space, cmd = driver(cluster, tmp_path, name, trials=7)
     outcome: dict[str, Any] = {}
-    kill_when_finished(cmd, "rayint", space.storage_url, finished=2, sig=signal.SIGINT,
-                       outcome=outcome)
-    assert outcome["rc"] == 130, outcome["stderr"][-2000:]
-    assert "interrupted (finished trials are kept" in outcome["stderr"]
+    sig = getattr(signal, stop)
+    kill_when_finished(cmd, name, space.storage_url, finished=2, sig=sig,
+                       outcome=outcome, group=stop == "SIGINT")
+    assert outcome["rc"] == 128 + sig, outcome["stderr"][-2000:]
+    by = "" if stop == "SIGINT" else f" by {stop}"
+    assert f"interrupted{by} (finished trials are kept" in outcome["stderr"]
     assert "short of" not in outcome["stderr"]
-    study = load_study("rayint", space.storage_url)
+    study = load_study(name, space.storage_url)
     assert sum(t.state.is_finished() for t in study.trials) < 7
+    parent = MlflowClient(space.tracking_uri).get_run(study.user_attrs["parent_run_id"])
+    assert parent.info.status == "KILLED"
 
     resume_to_the_end(cluster, space, 7)
     # the restored searcher still tells which proposals filled the front (after a resume,
     # fills were recorded as the sampler's)
-    study = load_study("rayint", space.storage_url)
+    study = load_study(name, space.storage_url)
     assert "front_fill" in {origin(t.user_attrs) for t in study.trials}
 
 

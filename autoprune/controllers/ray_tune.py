@@ -45,6 +45,7 @@ from autoprune.errors import AutopruneError
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.fill import FILL_ATTR
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
+from autoprune.signals import STOP_SIGNALS, STOPPED_BY, handling
 from autoprune.sources._models import cpu_state
 from autoprune.study import (
     INTERRUPTED,
@@ -434,9 +435,16 @@ def _watch_sigint() -> Iterator[dict[str, bool]]:
         state["hit"] = True
         raise KeyboardInterrupt
 
+    def as_ctrl_c(sig: int, frame: Any) -> None:
+        """SIGTERM or SIGHUP (a scheduler, a closed terminal) killed the driver at once, its
+        MLflow parent run left RUNNING: it is a Ctrl-C, to whichever handler takes that."""
+        STOPPED_BY.append(sig)
+        os.kill(os.getpid(), signal.SIGINT)
+
     signal.signal(signal.SIGINT, ours)
     try:
-        yield state
+        with handling(STOP_SIGNALS, as_ctrl_c):
+            yield state
     finally:
         tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
         if tune_catches and signal.getsignal(signal.SIGINT) is ours:
