@@ -204,7 +204,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _ui_hint(space: Any) -> str:
-    """The command that shows this search's runs, as the search's last line gives it."""
+    """The command that shows this search's runs, as the search's last lines give it."""
     uri = space.tracking.uri
     if uri and uri.startswith(("http://", "https://")):
         return f"open {uri} to browse"
@@ -358,7 +358,8 @@ def submit_command(args: argparse.Namespace, runtime_env_file: str) -> list[str]
     cmd += ["--runtime-env", runtime_env_file, "--", "python", "-m", "autoprune.cli", "search",
             args.space, "--backend", "ray", "--address", "auto", "--quiet",
             "--cpus-per-trial", str(args.cpus_per_trial)]
-    for flag, value in (("--trials", args.trials), ("--study", args.study),
+    for flag, value in (("--gpus-per-trial", args.gpus_per_trial or None),
+                        ("--trials", args.trials), ("--study", args.study),
                         ("--runs-dir", args.runs_dir),
                         ("--concurrency", args.concurrency), ("--seed", args.seed)):
         if value is not None:
@@ -624,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--concurrency", type=_count, help="trials at once")
     sb.add_argument("--cpus-per-trial", type=_share, default=1.0,
                     help="CPUs per trial (default 1)")
+    sb.add_argument("--gpus-per-trial", type=_share, default=0.0,
+                    help="GPUs per trial (default 0)")
     sb.add_argument("--seed", type=_seed, help="as in search")
     sb.add_argument("--resume", action="store_true", help="continue an existing study")
     sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "

@@ -56,7 +56,8 @@ difference the same config shows from seed to seed.
 of ``below_*``: at how many points seed noise alone puts one front below another.
 
 The full benchmark (both tasks, 3 seeds) takes about an hour in one process: split as below,
-the two processes took 27 and 32 minutes on 2 shared cores (mnist5k about 11 minutes per
+the two processes took 31 and 35 minutes on 2 cores that Ray tests shared for about 25 of
+those minutes (27 and 32 in an earlier run; mnist5k about 11 minutes per
 seed after 5 minutes of base training, digits about 6); ``--quick`` (digits, one seed, 8
 trials) about two minutes. Separate processes can share the work and ``--merge`` their
 outputs.

@@ -318,3 +318,17 @@ def test_layers_refuses_the_patterns_search_refuses(capsys: pytest.CaptureFixtur
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(spec))
     assert main(["layers", str(tmp_path / "typo.yaml")]) == 2
     assert "groups.layer9.*: matches no group" in capsys.readouterr().err
+
+
+def test_submit_passes_the_trial_resources_on() -> None:
+    """`submit` had no --gpus-per-trial: a cluster job could not ask for GPUs."""
+    from autoprune.cli import build_parser, submit_command
+
+    args = build_parser().parse_args(["submit", "search_spaces/digits_resnet.yaml",
+                                      "--gpus-per-trial", "0.5", "--cpus-per-trial", "2"])
+    cmd = submit_command(args, "env.yaml")
+    search = cmd[cmd.index("--") + 1:]
+    assert search[search.index("--gpus-per-trial") + 1] == "0.5"
+    assert search[search.index("--cpus-per-trial") + 1] == "2.0"
+    plain = submit_command(build_parser().parse_args(["submit", "s.yaml"]), "env.yaml")
+    assert "--gpus-per-trial" not in plain
