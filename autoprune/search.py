@@ -47,6 +47,7 @@ from autoprune.study import (
     open_study,
     recover_interrupted,
     seed_points,
+    seed_role,
     stored_seed_points,
     tell,
 )
@@ -473,8 +474,11 @@ def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done
                      warm_start: bool = True) -> None:
     """Say so when the trials left are no more than the queued seed points (warm starts,
     uniform baselines): they run first, so the sampler would propose nothing."""
-    queued = (len(ray_points) if ray_points is not None else
-              len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))))
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    queued = len(ray_points) if ray_points is not None else len(waiting)
+    # a sampler's trial cut by an interrupt waits in the queue too: it is no seed
+    again = 0 if ray_points is not None else \
+        sum(seed_role(t.user_attrs) is None for t in waiting)
     left = total - done
     if 0 < left <= queued:
         kinds = "sensitivity warm starts, uniform baselines" if warm_start else \
@@ -482,9 +486,12 @@ def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done
         rest = "" if queued == left else (
             f"; the other {queued - left} wait for a later --resume" if ray_points is None
             else f"; the other {queued - left} do not run")
-        log(f"autoprune: {queued} seed configs ({kinds}) run before any proposal, and "
-            f"the trial count (--trials or search.trials) leaves {left} to run: {left} "
-            f"seed(s) run and the sampler proposes none{rest}. "
+        what = (f"{queued} seed configs ({kinds})" if not again else
+                f"{queued} queued configs ({again} interrupted trial(s) to run again, "
+                f"{queued - again} seed configs: {kinds})")
+        log(f"autoprune: {what} run before any proposal, and the trial count (--trials or "
+            f"search.trials) leaves {left} to run: {left} of them run and the sampler "
+            f"proposes none{rest}. "
             f"{done + queued + generation} trials or more also run a generation of proposals")
 
 

@@ -701,9 +701,20 @@ def test_fewer_trials_than_seeds_says_so_and_the_rest_run_on_resume(
     run_search(parse_space(spec), quiet=True)  # a warning, shown with --quiet too
     err = capsys.readouterr().err
     assert ("3 seed configs (uniform baselines) run before any proposal, and the trial count "
-            "(--trials or search.trials) leaves 2 to run: 2 seed(s) run and the sampler "
+            "(--trials or search.trials) leaves 2 to run: 2 of them run and the sampler "
             "proposes none; the other 1 wait for a later --resume. 7 trials or more also run a "
             "generation of proposals") in err
+    # a sampler's trial cut by an interrupt, queued again, is not called a seed
+    from autoprune.search import _warn_seeds_left
+
+    queue = optuna.create_study(directions=["maximize", "minimize"])
+    queue.enqueue_trial({"g": 0.1}, user_attrs={"baseline": True})
+    queue.enqueue_trial({"g": 0.2}, user_attrs={})
+    said: list[str] = []
+    _warn_seeds_left(queue, None, 0, 1, 4, said.append, warm_start=False)
+    assert said[0].startswith("autoprune: 2 queued configs (1 interrupted trial(s) to run "
+                              "again, 1 seed configs: uniform baselines) run before any "
+                              "proposal")
     run_search(parse_space(spec), trials=4, resume=True, quiet=True)
     study = load_study("few-trials", parse_space(spec).storage_url)
     done = [t for t in study.trials if t.state.is_finished()]
