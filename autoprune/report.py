@@ -12,7 +12,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autoprune.pareto import hypervolume_2d, pareto_mask
-from autoprune.study import INTERRUPTED, front_numbers, origin
+from autoprune.study import INTERRUPTED, front_numbers, origin, tidy_number
 
 METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "latency_ms",
                   "latency_p90_ms", "speedup", "macs", "params", "finetune_steps", "duration_s")
@@ -25,7 +25,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        ratios = list(t.params.values())
+        ratios = [tidy_number(v) for v in t.params.values()]
         row: dict[str, Any] = {
             "trial": t.number,
             "state": ("interrupted" if t.user_attrs.get(INTERRUPTED) else
@@ -35,14 +35,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duplicate_of": t.user_attrs.get("duplicate_of"),
             "inherits_trial": t.user_attrs.get("inherits_trial"),
             "pareto": t.number in front,
-            "mean_ratio": float(np.mean(ratios)) if ratios else 0.0,
+            "mean_ratio": tidy_number(float(np.mean(ratios))) if ratios else 0.0,
             "min_ratio": float(np.min(ratios)) if ratios else 0.0,
             "max_ratio": float(np.max(ratios)) if ratios else 0.0,
         }
         for key in METRIC_COLUMNS:
             row[key] = t.user_attrs.get(key)
         row["error"] = t.user_attrs.get("error") or None  # the whole traceback (a quoted cell)
-        row.update({f"ratio.{k}": v for k, v in t.params.items()})
+        row.update({f"ratio.{k}": tidy_number(v) for k, v in t.params.items()})
         rows.append(row)
     df = pd.DataFrame(rows)
     # counts and trial numbers: integers, or missing (a failed trial has none; without this a

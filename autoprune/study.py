@@ -563,6 +563,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def tidy_number(v: Any) -> Any:
+    """A float to 10 significant digits: a ratio as its grid gives it (0.6, not Optuna's
+    0.6000000000000001) in MLflow, trials.csv and ``pareto --json``; anything else as is."""
+    return float(f"{v:.10g}") if isinstance(v, float) else v
+
+
 def seed_role(attrs: Mapping[str, Any]) -> str | None:
     """``baseline`` or ``warm_start`` for a seed point (from a trial's user attrs), else None."""
     return "baseline" if attrs.get("baseline") else "warm_start" if attrs.get("warm_start") \

@@ -23,7 +23,7 @@ from autoprune.config import SpaceConfig, flat_items
 from autoprune.errors import AutopruneError
 from autoprune.locks import sqlite_setup
 from autoprune.quiet import quieter
-from autoprune.study import origin
+from autoprune.study import origin, tidy_number
 
 TRIAL_TAG = "autoprune.trial"
 STUDY_TAG = "autoprune.study"
@@ -232,7 +232,7 @@ class Tracker:
         metrics += [Metric("rung_accuracy", float(a), now, int(r))
                     for r, a, _c in attrs.get("rungs") or []]
         # ratios as the grid gives them: 0.6, not Optuna's 0.6000000000000001
-        all_params = {f"ratio.{k}": _num(v) for k, v in params.items()} | dict(settings)
+        all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
         plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
         self._log_params(run_id, plist)
         for i in range(0, len(metrics), 1000):
@@ -277,10 +277,6 @@ def _latency_setup(lat: Mapping[str, Any]) -> str:
             f"repeats={lat.get('repeats')}")
 
 
-def _num(v: Any) -> Any:
-    return float(f"{v:.10g}") if isinstance(v, float) else v
-
-
 #: How the characters MLflow rejects in names read in a parameter key: the glob's own.
 _GLOB_WORDS = {"*": "_star_", "?": "_qmark_", "[": "_lbr_", "]": "_rbr_", "!": "_not_"}
 
@@ -293,7 +289,7 @@ def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
         k = "".join(_GLOB_WORDS.get(c, c) for c in k)
         return re.sub(r"[^\w\-. :/]", lambda m: f"_x{ord(m.group()):x}_", k)
 
-    return {key(k): _num(v) for k, v in flat_items(d).items()}
+    return {key(k): tidy_number(v) for k, v in flat_items(d).items()}
 
 
 def absolute_uri(uri: str) -> str:

@@ -348,7 +348,8 @@ def test_a_resume_after_the_parent_run_was_deleted_logs_all_under_the_new_one(
 def test_parent_params_keep_glob_patterns_apart_and_ratios_read_as_set() -> None:
     """``layer3.*`` and ``layer3.?`` became one key (``layer3._``): one range was lost; ratios
     read 0.6000000000000001."""
-    from autoprune.tracking import _flatten, _num
+    from autoprune.study import tidy_number as _num
+    from autoprune.tracking import _flatten
 
     flat = _flatten({"groups": {"patterns": {"layer3.*": {"low": 0.1}, "layer3.?": {"low": 0.2},
                                              "a[0-9]": {"high": 0.3}}}})
