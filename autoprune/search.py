@@ -33,6 +33,7 @@ from autoprune.report import (
     plot_front,
     write_tables,
 )
+from autoprune.signals import stop_as_interrupt
 from autoprune.study import (
     SEED_POINTS,
     add_result,
@@ -83,7 +84,7 @@ class Recorder:
     """Records each finished trial in Optuna, MLflow and ``runs/studies/<study>/``."""
 
     def __init__(self, space: SpaceConfig, study: optuna.Study, tracker: Tracker, out: Path,
-                 progress: Any = None) -> None:
+                 progress: Any = None) -> None:  # progress: a bar, set before the trials
         self.space, self.study, self.tracker, self.out = space, study, tracker, out
         self.progress = progress
         self.since_report = 0
@@ -395,75 +396,90 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
 
     out.mkdir(parents=True, exist_ok=True)
     # the space as this run runs it: --trials and --jobs in (MLflow showed the file's values)
-    ran = space.replace(search=_replace(space.search, trials=total,
-                                        jobs=jobs or space.search.jobs))
+    ran_jobs = ((ray_options or {}).get("concurrency") or jobs or space.search.jobs
+                if backend == "ray" else jobs or space.search.jobs or 1)  # None: all that fit
+    ran = space.replace(search=_replace(space.search, trials=total, jobs=ran_jobs))
     dump_space(ran, out / "space.yaml")
     tracker = Tracker(space.tracking_uri, space.experiment_name, name,
                       default_artifact_dir(space.runs_dir))
     old_parent = study.user_attrs.get("parent_run_id")
     parent = tracker.start_parent(ran, ctx.base, old_parent, out / "space.yaml")
-    study.set_user_attr("parent_run_id", parent)
-    if old_parent and parent != old_parent:
-        _warn(f"autoprune: the study's MLflow parent run {old_parent} is not in experiment "
-              f"{space.experiment_name!r} of {space.tracking_uri} (tracking changed, or the "
-              f"store was moved or deleted): started parent run {parent} there, and the "
-              "finished trials are logged to it")
-    made_with = study.user_attrs.get("space") or {}
-    if made_with and made_with.get("tracking") != space.to_dict()["tracking"]:
-        # tracking may change on resume: export and pareto look runs up where they now are
-        study.set_user_attr("space", {**made_with, "tracking": space.to_dict()["tracking"]})
-    if sens is not None:
-        from autoprune.sensitivity import plot_heatmap
-
-        (out / "sensitivity.json").write_text(json.dumps(sens.to_dict(), indent=1))
-        tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
-                               out / "sensitivity.json"])
-    already = done_count(study)
-    # shown with --quiet too: it changes what the search runs (the baselines may not)
-    _warn_seeds_left(study, points if backend == "ray" and not resume else None, already,
-                     total, space.search.population_size,
-                     lambda msg: print(msg, file=sys.stderr), space.search.warm_start.sensitivity)
-    progress = None if quiet else tqdm(total=total, initial=min(already, total), unit="trial",
-                                       desc=f"search {name}", file=sys.stderr)
-    recorder = Recorder(space, study, tracker, out, progress)
-    recorder.reconcile()
+    recorder = Recorder(space, study, tracker, out)
     status = "FAILED"
-    try:
-        if backend == "ray":
-            from autoprune.controllers.ray_tune import run_ray
-
-            opts = dict(ray_options or {})
-            # --concurrency, else --jobs or the space's search.jobs, else as many as fit
-            opts["concurrency"] = opts.get("concurrency") or jobs or space.search.jobs
-            run_ray(ctx, study, total, dists, recorder, points=points, resume=resume, **opts)
-        else:
-            from autoprune.controllers import run_local
-
-            run_local(ctx, study, total, jobs or space.search.jobs or 1, dists, recorder,
-                      space.search.keep_models)
-        # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
-        failed = recorder.failed()
-        status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        if backend != "ray":  # Optuna would show them RUNNING until the next --resume
-            cut = recover_interrupted(study)
-            if cut:
-                log(f"autoprune: interrupted trials {cut} are queued to run again with --resume")
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        recorder.catch_up()
+    df = pd.DataFrame()
+    # from here the parent run is RUNNING: a SIGTERM or SIGHUP ends the search as Ctrl-C does
+    # (the controllers hold them back around each record), and the run is closed whatever ends
+    # it, the final tables' remaking cut short included
+    with stop_as_interrupt():
         try:
-            df = recorder.report(final=True)
-        except Exception as e:  # noqa: BLE001 - an interrupt is on its way: it is the news
-            if status != "KILLED":
+            study.set_user_attr("parent_run_id", parent)
+            if old_parent and parent != old_parent:
+                _warn(f"autoprune: the study's MLflow parent run {old_parent} is not in "
+                      f"experiment {space.experiment_name!r} of {space.tracking_uri} (tracking "
+                      f"changed, or the store was moved or deleted): started parent run "
+                      f"{parent} there, and the finished trials are logged to it")
+            made_with = study.user_attrs.get("space") or {}
+            if made_with and made_with.get("tracking") != space.to_dict()["tracking"]:
+                # tracking may change on resume: export and pareto look runs up where they are
+                study.set_user_attr("space", {**made_with,
+                                              "tracking": space.to_dict()["tracking"]})
+            if sens is not None:
+                from autoprune.sensitivity import plot_heatmap
+
+                (out / "sensitivity.json").write_text(json.dumps(sens.to_dict(), indent=1))
+                tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
+                                       out / "sensitivity.json"])
+            already = done_count(study)
+            # shown with --quiet too: it changes what the search runs (the baselines may not)
+            _warn_seeds_left(study, points if backend == "ray" and not resume else None,
+                             already, total, space.search.population_size,
+                             lambda msg: print(msg, file=sys.stderr),
+                             space.search.warm_start.sensitivity)
+            recorder.progress = None if quiet else tqdm(
+                total=total, initial=min(already, total), unit="trial", desc=f"search {name}",
+                file=sys.stderr)
+            recorder.reconcile()
+            if backend == "ray":
+                from autoprune.controllers.ray_tune import run_ray
+
+                opts = dict(ray_options or {})
+                # --concurrency, else --jobs or the space's search.jobs, else as many as fit
+                opts["concurrency"] = opts.get("concurrency") or jobs or space.search.jobs
+                run_ray(ctx, study, total, dists, recorder, points=points, resume=resume, **opts)
+            else:
+                from autoprune.controllers import run_local
+
+                run_local(ctx, study, total, jobs or space.search.jobs or 1, dists, recorder,
+                          space.search.keep_models)
+            # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
+            failed = recorder.failed()
+            status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            if backend != "ray":  # Optuna would show them RUNNING until the next --resume
+                cut = recover_interrupted(study)
+                if cut:
+                    log(f"autoprune: interrupted trials {cut} are queued to run again with "
+                        "--resume")
+            raise
+        finally:
+            try:
+                if recorder.progress is not None:
+                    recorder.progress.close()
+                recorder.catch_up()
+                try:
+                    df = recorder.report(final=True)
+                except Exception as e:  # noqa: BLE001 - an interrupt is on its way: the news
+                    if status != "KILLED":
+                        raise
+                    print(f"autoprune: the tables and plots were not remade after the "
+                          f"interrupt ({type(e).__name__}: {e}); --resume remakes them",
+                          file=sys.stderr)
+            except KeyboardInterrupt:  # while the tables were remade: they are not all there
+                status = "KILLED"
                 raise
-            print(f"autoprune: the tables and plots were not remade after the interrupt "
-                  f"({type(e).__name__}: {e}); --resume remakes them", file=sys.stderr)
-            df = pd.DataFrame()
-        recorder.track("closing the search's run", tracker.finish_parent, status)
+            finally:
+                recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
                          recorder.errors())

@@ -32,3 +32,13 @@ def handling(signals: Iterable[int], handler: Callable[[int, Any], None]) -> Ite
     finally:
         for sig, previous in before.items():
             signal.signal(sig, previous)
+
+
+def stop_as_interrupt() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGHUP (:data:`STOP_SIGNALS`) raise KeyboardInterrupt in the block, as
+    Ctrl-C does, and are remembered in :data:`STOPPED_BY`."""
+    def stop(signum: int, _frame: Any) -> None:
+        STOPPED_BY.append(signum)
+        raise KeyboardInterrupt
+
+    return handling(STOP_SIGNALS, stop)

@@ -309,6 +309,40 @@ def test_sigterm_to_the_search_alone_ends_it_as_ctrl_c_does(runs: Path, tmp_path
     assert len(table) - 1 >= len(finished)  # remade at the stop, not at the last 5th trial
 
 
+@pytest.mark.parametrize("where", ["reconcile", "report"])
+def test_a_stop_outside_the_trials_still_closes_the_parent_run(
+        runs: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """SIGTERM while a resume logged the finished trials to a new parent run, or while the last
+    tables were remade, left the parent RUNNING: the stop handler covered the trials only, and
+    an interrupt in the final report skipped closing the run (Ctrl-C too)."""
+    import signal
+    import time
+
+    from autoprune.search import Recorder
+    from autoprune.signals import STOPPED_BY
+
+    real = getattr(Recorder, where)
+
+    def stopped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if where == "reconcile" or kwargs.get("final"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)  # the handler raises in here
+        return real(self, *args, **kwargs)
+
+    spec = tiny_space(runs, f"stop-{where}", **{"search.trials": 1, "search.baselines": [0.5]})
+    monkeypatch.setattr(Recorder, where, stopped)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_search(parse_space(spec), quiet=True)
+        assert STOPPED_BY[-1] == signal.SIGTERM
+    finally:
+        STOPPED_BY.clear()
+    study = load_study(f"stop-{where}", parse_space(spec).storage_url)
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    assert client.get_run(study.user_attrs["parent_run_id"]).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 def test_a_resume_after_the_parent_run_was_deleted_logs_all_under_the_new_one(
         runs: Path, tmp_path: Path) -> None:
     """The study's parent run deleted in the UI, --resume started a new one but logged none of
