@@ -121,7 +121,7 @@ class Tracker:
         self._log_params(self.parent_id, params)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), _ms(), 0)
                                        for k, v in base_metrics.items()],
-                              tags=[RunTag("base_checkpoint", base.checkpoint),
+                              tags=[RunTag("base_checkpoint", os.path.abspath(base.checkpoint)),
                                     RunTag("base_checkpoint_sha256", base.checkpoint_sha256),
                                     RunTag("latency_setup", _latency_setup(base.latency))])
         self._log_run_settings(space, config_file)
