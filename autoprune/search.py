@@ -396,8 +396,10 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
 
     out.mkdir(parents=True, exist_ok=True)
     # the space as this run runs it: --trials and --jobs in (MLflow showed the file's values)
+    # trials at once. Ray: --concurrency, else --jobs or the space's search.jobs, else (None)
+    # as many as fit; locally --jobs, else search.jobs, else 1
     ran_jobs = ((ray_options or {}).get("concurrency") or jobs or space.search.jobs
-                if backend == "ray" else jobs or space.search.jobs or 1)  # None: all that fit
+                if backend == "ray" else jobs or space.search.jobs or 1)
     ran = space.replace(search=_replace(space.search, trials=total, jobs=ran_jobs))
     dump_space(ran, out / "space.yaml")
     tracker = Tracker(space.tracking_uri, space.experiment_name, name,
@@ -442,14 +444,12 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
             if backend == "ray":
                 from autoprune.controllers.ray_tune import run_ray
 
-                opts = dict(ray_options or {})
-                # --concurrency, else --jobs or the space's search.jobs, else as many as fit
-                opts["concurrency"] = opts.get("concurrency") or jobs or space.search.jobs
+                opts = {**(ray_options or {}), "concurrency": ran_jobs}
                 run_ray(ctx, study, total, dists, recorder, points=points, resume=resume, **opts)
             else:
                 from autoprune.controllers import run_local
 
-                run_local(ctx, study, total, jobs or space.search.jobs or 1, dists, recorder,
+                run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
                           space.search.keep_models)
             # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
             failed = recorder.failed()
