@@ -114,11 +114,17 @@ def _print_groups(groups: Sequence[GroupInfo]) -> None:
              "MACs share": f"{100 * g.macs_share:.1f}%", "layers": len(g.members),
              "members": ", ".join(g.members[:4]) + (" ..." if len(g.members) > 4 else "")}
             for g in groups]
+    blocks = any(g.blocks > 1 for g in groups)
+    if blocks:
+        for row, g in zip(rows, groups, strict=True):
+            row["blocks"] = g.blocks
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         print(pd.DataFrame(rows).to_string(index=False))
     print(f"\n{len(groups)} groups (the head is never pruned; MACs share counts every layer "
           "whose weights shrink with the group, and a layer shrinks with the group of its "
-          "inputs and that of its outputs, so the shares add up to more than 100%)")
+          "inputs and that of its outputs, so the shares add up to more than 100%"
+          + ("; blocks: a grouped conv, GroupNorm or attention heads split the channels so, "
+             "and the group keeps a multiple of that many" if blocks else "") + ")")
 
 
 _RAY_FLAGS = ("address", "concurrency", "cpus_per_trial", "gpus_per_trial")

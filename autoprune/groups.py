@@ -44,6 +44,8 @@ class GroupInfo:
         macs_share: fraction of the model's MACs in those layers. A layer belongs to the group
             of its output channels and to the group of its input channels, so shares add up
             to more than 1.
+        blocks: the blocks its channels come in (a grouped conv, GroupNorm, attention heads):
+            it keeps a multiple of this (see :func:`autoprune.prune.kept_after_rounding`).
     """
 
     name: str
@@ -52,6 +54,7 @@ class GroupInfo:
     members: tuple[str, ...]
     macs_share: float
     member_macs: tuple[float, ...] = ()  # each member's share of the model's MACs
+    blocks: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,13 +292,14 @@ def tied_modules(model: nn.Module) -> dict[nn.Module, str]:
     return tied
 
 
-def _judged_groups(graph: tp.DependencyGraph,
+def judged_groups(graph: tp.DependencyGraph,
                    ignored: Sequence[nn.Module]) -> Iterable[tuple[Any, str | None]]:
     """Every group not rooted in ``ignored``, with why it cannot be searched (None: it can)."""
     ignored_all = [sub for m in ignored for sub in m.modules()]
     fixed = {sub for m in fixed_width_modules(graph.model) for sub in m.modules()}
     tied = tied_modules(graph.model)
     recurrent = [m for m in graph.model.modules() if isinstance(m, nn.RNNBase)]
+    heads = attention_heads(graph.model)
     for group in graph.get_all_groups(ignored_layers=ignored_all, root_module_types=ROOT_TYPES):
         why = None
         # Torch-Pruning's LSTM support is partial (pruning one failed every trial with an
@@ -322,13 +326,18 @@ def _judged_groups(graph: tp.DependencyGraph,
                        f"weight is tied to {tied[dep.target.module]} (pruning would untie them)")
             if why:
                 break
+        channels = int(graph.get_out_channels(root_module(group)) or 0)
+        if why is None and channels > 1 and channel_groups(graph, group, heads) == channels:
+            why = (f"its {channels} channels are {channels} blocks of one (the input of a "
+                   "grouped conv with more outputs than inputs per group, as a depthwise conv "
+                   "with a channel multiplier): every block keeps its channel, so none can go")
         yield group, why
 
 
 def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterable[Any]:
     """The searchable groups: not rooted in ``ignored``, not crossing an opaque reshape and not
     touching a fixed-width module (on either side of its layers)."""
-    return (group for group, why in _judged_groups(graph, ignored) if why is None)
+    return (group for group, why in judged_groups(graph, ignored) if why is None)
 
 
 def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
@@ -339,7 +348,7 @@ def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
     graph = build_graph(model, example_inputs)
     ignored = ignored_modules(model, example_inputs, ignore)
     return {graph._module2name.get(root_module(group), "?"): why
-            for group, why in _judged_groups(graph, ignored) if why}
+            for group, why in judged_groups(graph, ignored) if why}
 
 
 def channel_groups(graph: tp.DependencyGraph, group: Any,
@@ -381,6 +390,7 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor,
     total_macs, _params, layer_macs, _lp = tp.utils.count_ops_and_params(
         model, example_inputs, layer_wise=True)
     infos = []
+    heads = attention_heads(model)
     for group in iter_groups(graph, ignored_modules(model, example_inputs, ignore)):
         root = root_module(group)
         members: list[str] = []
@@ -397,6 +407,7 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor,
             name=graph._module2name[root], root_type=type(root).__name__,
             channels=int(graph.get_out_channels(root) or 0), members=tuple(members),
             macs_share=sum(shares), member_macs=tuple(shares),
+            blocks=channel_groups(graph, group, heads),
         ))
     return infos
 

@@ -53,18 +53,30 @@ def check_reachable(ctx: TrialContext, dists: Mapping[str, Any]) -> None:
     from autoprune.prune import kept_after_rounding
 
     round_to = space.pruning.round_to
-    rounded = [f"{g.name} ({g.channels})" for g in ctx.groups
-               if g.name in dists and dists[g.name].high > 0
-               and kept_after_rounding(g.channels, dists[g.name].high, round_to) == g.channels]
-    if rounded:
-        every = len(rounded) == sum(d.high > 0 for d in dists.values())
-        what = (f"{len(rounded)} group(s) keep every channel at every ratio of their range "
-                f"with pruning.round_to {round_to}: {', '.join(rounded)}")
+    whole = [g for g in ctx.groups if g.name in dists and dists[g.name].high > 0
+             and kept_after_rounding(g.channels, dists[g.name].high, round_to,
+                                     g.blocks) == g.channels]
+    if whole:
+        every = len(whole) == sum(d.high > 0 for d in dists.values())
+        # a group in blocks keeps a multiple of them, whatever round_to
+        by_blocks = [g for g in whole
+                     if kept_after_rounding(g.channels, dists[g.name].high, 1, g.blocks)
+                     == g.channels]
+        what = (f"{len(whole)} group(s) keep every channel at every ratio of their range "
+                f"with pruning.round_to {round_to}: "
+                + ", ".join(f"{g.name} ({g.channels}" + (f" channels in {g.blocks} blocks, "
+                                                         "a multiple of which is kept)"
+                                                         if g in by_blocks else ")")
+                            for g in whole))
         if every:
+            if len(by_blocks) == len(whole):
+                raise ConfigError("groups", space.to_dict()["groups"],
+                                  f"a range whose highest ratio removes channels ({what})")
             raise ConfigError("pruning.round_to", round_to,
                               f"a multiple that leaves channels to remove ({what})")
-        print(f"autoprune: warning: {what}; a smaller round_to or a higher bound prunes them",
-              file=sys.stderr)
+        print(f"autoprune: warning: {what}; "
+              + ("a higher bound prunes them" if len(by_blocks) == len(whole) else
+                 "a smaller round_to or a higher bound prunes them"), file=sys.stderr)
     limits = {k: getattr(space.constraints, k) for k in ("max_macs_ratio", "max_params_ratio")}
     if not dists or all(v is None for v in limits.values()):
         return

@@ -3,8 +3,11 @@
 Rounding: a group with ``C`` channels and ratio ``r`` keeps ``C * (1 - r)`` channels rounded to
 the nearest multiple of ``round_to``, never fewer than ``round_to`` (or 1 when ``C < round_to``)
 and never more than ``C``. So with ``round_to: 8`` a 64-channel group at ratio 0.3 keeps 48.
-A group whose channels come in ``g`` blocks (grouped convs, GroupNorm, attention heads) then
-rounds down to a multiple of ``g``, never below ``g``: every block loses the same channels.
+A group whose channels come in ``g`` blocks (grouped convs, GroupNorm, attention heads) keeps
+a multiple of ``g`` (every block loses the same channels): ``C * (1 - r)`` rounded to the nearest
+multiple of both ``g`` and ``round_to`` (of ``g`` alone when ``C`` is no multiple of both), never
+fewer than that multiple. So with 4 blocks of 16 channels, ratio 0.3 keeps 12 (11.2 rounded),
+not 8: rounding down had pruned 25% at ratio 0.05.
 
 The :class:`PruneRecord` (ratios, settings and Torch-Pruning's pruning history: which channel
 indices left which layer) rebuilds the same architecture from the same base model with
@@ -33,7 +36,7 @@ from autoprune.groups import (
     channel_groups,
     check_ratios,
     ignored_modules,
-    iter_groups,
+    judged_groups,
     root_module,
     shape_checked_reshapes,
 )
@@ -97,17 +100,21 @@ class PruneRecord:
         return cls(**d)
 
 
+#: The rounding rule's version, part of cached results' keys (the sensitivity scan): version 2
+#: rounds a group in blocks to their nearest multiple, where version 1 rounded down.
+ROUNDING_RULE = 2
+
+
 def kept_after_rounding(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
     """Channels a group keeps at ``ratio`` (see the module docstring for the rule)."""
     if ratio <= 0.0:
         return channels  # ratio 0 never prunes, whatever the rounding
-    kept = channels * (1.0 - ratio)
-    if round_to > 1 and channels >= round_to:
-        kept = max(round_to, math.floor(kept / round_to + 0.5) * round_to)  # half rounds up
-    kept = int(min(channels, max(1, math.floor(kept + 0.5))))
+    unit = round_to if round_to > 1 and channels >= round_to else 1
     if blocks > 1 and channels % blocks == 0:
-        kept = max(blocks, kept // blocks * blocks)
-    return kept
+        both = math.lcm(unit, blocks)
+        unit = both if channels % both == 0 else blocks  # whole blocks come first
+    kept = math.floor(channels * (1.0 - ratio) / unit + 0.5) * unit  # half rounds up
+    return int(min(channels, max(unit, kept)))
 
 
 def _sync_attributes(model: nn.Module) -> None:
@@ -179,7 +186,8 @@ def prune_model(
     ignored = ignored_modules(pruned, example_inputs, ignore)
     graph = build_graph(pruned, example_inputs)
     heads = attention_heads(pruned)
-    groups = {root_module(g): g for g in iter_groups(graph, ignored)}
+    judged = list(judged_groups(graph, ignored))
+    groups = {root_module(g): g for g, why in judged if why is None}
     names = {m: graph._module2name[m] for m in groups}
     check_ratios(ratios, list(names.values()))
     by_name = {n: m for m, n in names.items()}
@@ -199,7 +207,10 @@ def prune_model(
     # before it prunes any, so one group whose importance cannot be computed (a chunk's half
     # with a residual add) failed every other group's pruning too, and on a model of 120
     # groups each one-group pruning scored all 120.
+    # Groups left out of the search are left alone too (MetaPruner scoring one whose channels
+    # are all single-channel blocks raised an IndexError and failed the group pruned).
     still = [m for m in groups if m not in effective]
+    still += [root_module(g) for g, why in judged if why]
     try:
         with shape_checked_reshapes(), warnings.catch_warnings():
             # Its own graph must map reshapes like build_graph's. It warns of "unwrapped

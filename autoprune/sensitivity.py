@@ -22,6 +22,7 @@ from autoprune.base import code_digest, ignoring
 from autoprune.config import config_hash
 from autoprune.groups import GroupInfo
 from autoprune.locks import exclusive, replacing
+from autoprune.prune import ROUNDING_RULE
 
 if TYPE_CHECKING:
     from autoprune.trial import TrialContext
@@ -114,7 +115,8 @@ def cache_path(ctx: TrialContext, ratios: Sequence[float]) -> Path:
                       ctx.base.checkpoint_sha256, s.data.source, s.data.kwargs, s.data.seed,
                       s.data.batch_size, s.data.eval_batch_size, s.data.evaluate,
                       s.pruning, s.groups.ignore, s.finetune.bn_calibration_batches,
-                      list(ratios), [g.name for g in ctx.groups], *code, *ignoring(s))
+                      list(ratios), [g.name for g in ctx.groups], *code, *ignoring(s),
+                      ROUNDING_RULE)
     return Path(s.runs_dir) / "sensitivity" / f"{s.name}-{key}.json"
 
 

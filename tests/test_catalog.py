@@ -125,9 +125,12 @@ def test_catalog_model_prunes_replays_and_exports(name: str, tmp_path: Path) -> 
         kept = record.kept_channels[g.name]
         assert record.base_channels[g.name] == g.channels
         assert _out_width(modules[g.name]) == kept
-        asked = kept_after_rounding(g.channels, ratios[g.name], 1)
-        # Grouped convs and attention heads round down to whole blocks, never up.
-        assert 0 < kept <= asked, f"{name}: group {g.name} kept {kept}, asked {asked}"
+        asked = kept_after_rounding(g.channels, ratios[g.name], 1, g.blocks)
+        # Grouped convs and attention heads keep the nearest multiple of their blocks.
+        assert kept == asked, f"{name}: group {g.name} kept {kept}, asked {asked}"
+        assert kept % g.blocks == 0 or g.channels % g.blocks, (name, g.name, kept, g.blocks)
+        assert abs(kept - g.channels * (1 - ratios[g.name])) <= g.blocks / 2 + 1e-9 \
+            or kept == g.blocks, (name, g.name, kept, g.blocks)
         shrunk += kept < g.channels
     assert shrunk > 0
 
@@ -227,6 +230,43 @@ def test_grouped_conv_keeps_one_channel_per_block_at_high_ratios() -> None:
     pruned, record = prune_model(model, example, {"0": 0.95, "3": 0.95})
     assert record.kept_channels == {"0": 8, "3": 8}  # 2 asked, one per block of the 8 blocks
     assert pruned[3].weight.shape[:2] == (8, 1)
+
+
+def test_groups_in_blocks_keep_the_nearest_multiple_of_them() -> None:
+    """GroupNorm(4, C) splits a group into 4 blocks. The kept count was rounded down to a
+    multiple of 4: ratio 0.05 of 16 channels pruned 25% and 0.3 pruned 50%."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    example = torch.zeros(1, 3, 8, 8)
+    assert {g.name: (g.channels, g.blocks) for g in describe_groups(model, example)} == {
+        "0": (16, 4), "3": (32, 4)}
+    kept = {}
+    for ratio in (0.05, 0.3, 0.4):
+        pruned, record = prune_model(model, example, {"0": ratio, "3": ratio})
+        kept[ratio] = record.kept_channels
+        assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+    # 15.2 -> 16, 11.2 -> 12, 9.6 -> 8; 30.4 -> 32, 22.4 -> 24, 19.2 -> 20
+    assert kept == {0.05: {"0": 16, "3": 32}, 0.3: {"0": 12, "3": 24}, 0.4: {"0": 8, "3": 20}}
+
+
+def test_a_group_of_single_channel_blocks_is_not_searched() -> None:
+    """The input of a depthwise conv with a channel multiplier (16 -> 32, groups=16) is 16
+    blocks of one channel: no ratio removes any. It was searched all the same, every trial
+    keeping all 16 (a dead dimension, and a 'uniform 0.5' baseline that left it whole)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.BatchNorm2d(32),
+                          nn.ReLU(), nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    example = torch.zeros(1, 1, 8, 8)
+    groups = {g.name: (g.channels, g.blocks) for g in describe_groups(model, example)}
+    assert groups == {"3": (32, 16), "6": (32, 1)}
+    assert "16 blocks of one" in left_out_groups(model, example)["0"]
+    pruned, record = prune_model(model, example, {"3": 0.5, "6": 0.25})
+    assert record.kept_channels == {"3": 16, "6": 24}
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "lamp", "fpgm", "random"])
