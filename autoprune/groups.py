@@ -343,12 +343,21 @@ def iter_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iter
 def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
                     ignore: Sequence[str] = ()) -> dict[str, str]:
     """Groups that exist but cannot be searched, ``{root layer: why}``: they cross a reshape
-    no channel index survives, or touch a fixed-width module."""
+    no channel index survives, or touch a fixed-width module; and embeddings whose width no
+    searched group prunes (groups start at conv, linear and LSTM layers)."""
     model = model.eval()
     graph = build_graph(model, example_inputs)
     ignored = ignored_modules(model, example_inputs, ignore)
-    return {graph._module2name.get(root_module(group), "?"): why
-            for group, why in judged_groups(graph, ignored) if why}
+    judged = list(judged_groups(graph, ignored))
+    left = {graph._module2name.get(root_module(group), "?"): why for group, why in judged if why}
+    searched = {dep.target.module for group, why in judged if why is None for dep, _ in group}
+    skip = {sub for m in ignored for sub in m.modules()}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m not in searched and m not in skip:
+            left[name] = (f"an embedding ({m.embedding_dim} wide): its width is not searched "
+                          "(groups start at conv, linear and LSTM layers; the layers it feeds "
+                          "are pruned on their outputs)")
+    return left
 
 
 def channel_groups(graph: tp.DependencyGraph, group: Any,

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoprune.errors import ConfigError, PruningError
+from autoprune.groups import left_out_groups
 from autoprune.trial import TrialContext
 
 
@@ -19,8 +20,21 @@ def preflight(ctx: TrialContext) -> None:
 
     space = ctx.space
     check_patterns(space, ctx.groups, [n for n, _ in ctx.base_model.named_modules() if n])
+    warn_not_searchable(left_out_groups(ctx.base_model, ctx.example_inputs, space.groups.ignore))
     warn_left_out(ctx.drop_failing_groups())
     check_reachable(ctx, distributions(space, ctx.groups))
+
+
+def warn_not_searchable(left: Mapping[str, str]) -> None:
+    """Say which groups the model's structure keeps out of the search (``autoprune layers``
+    lists them too; a search said nothing, and a user who never ran it did not know a layer
+    was never pruned)."""
+    if not left:
+        return
+    lines = "".join(f"\n  {name}: {why}" for name, why in left.items())
+    print(f"autoprune: warning: {len(left)} group(s) of this model cannot be searched, and "
+          f"keep their width (add them to groups.ignore to silence this):{lines}",
+          file=sys.stderr)
 
 
 def warn_left_out(left: Mapping[str, str]) -> None:

@@ -269,6 +269,27 @@ def test_a_group_of_single_channel_blocks_is_not_searched() -> None:
     assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_an_embedding_no_group_prunes_is_named_as_not_searched() -> None:
+    """An embedding feeding a Conv1d: its width is no group's (groups start at conv, linear
+    and LSTM layers), and `layers` named it neither as a group nor as left out."""
+
+    class TextCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(17, 16)
+            self.c1 = nn.Conv1d(16, 32, 3, padding=1)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.c1(self.emb(x).transpose(1, 2))).mean(2))
+
+    model, example = TextCNN().eval(), torch.zeros(1, 12, dtype=torch.long)
+    assert [g.name for g in describe_groups(model, example)] == ["c1"]
+    assert left_out_groups(model, example)["emb"].startswith(
+        "an embedding (16 wide): its width is not searched")
+    assert left_out_groups(model, example, ignore=["emb"]) == {}
+
+
 @pytest.mark.parametrize("importance", ["l1", "l2", "lamp", "fpgm", "random"])
 def test_every_importance_prunes_a_model_with_a_grouped_conv(importance: str) -> None:
     """Torch-Pruning 1.6's FPGM raised on a grouped conv's input side, so every fpgm trial of

@@ -156,6 +156,68 @@ def test_failed_trial_is_recorded_and_search_goes_on(runs: Path, tmp_path: Path,
     assert errors[[n for n in states if n not in failed_in_optuna]].isna().all()
 
 
+SHUFFLE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Shuffle(nn.Module):
+    """A channel shuffle (ShuffleNet's) after conv2, whose channels then cross a reshape, and a
+    depthwise conv with a channel multiplier after conv1, whose 8 channels are 8 blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.dw(torch.relu(self.conv1(x))))
+        x = torch.relu(self.conv2(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(torch.relu(self.conv3(x)).mean((2, 3)))
+
+
+def build():
+    return Shuffle()
+'''
+
+
+def test_a_search_names_the_groups_its_model_keeps_out(
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`autoprune layers` listed the groups a model's structure keeps out of the search; the
+    search itself said nothing, so a user who never ran `layers` did not know that a layer
+    (a channel shuffle's) was never pruned."""
+    import yaml
+
+    from autoprune.cli import main as cli
+
+    (tmp_path / "shuffle_model.py").write_text(SHUFFLE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "space.yaml"
+    spec = tiny_space(runs, "kept-out", **{"model.source": "shuffle_model:build",
+                                           "model.kwargs": {}, "search.baselines": [],
+                                           "search.trials": 1})
+    path.write_text(yaml.safe_dump(spec))
+    assert cli(["search", str(path), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 group(s) of this model cannot be searched, and keep their width" in err
+    assert "  conv2: its channels cross a reshape that does not keep them whole" in err
+    assert "  conv1: its 8 channels are 8 blocks of one" in err
+    study = load_study("kept-out", f"sqlite:///{runs / 'optuna.db'}")
+    assert set(study.trials[0].params) == {"dw", "conv3"}
+
+    # ignored, they are not named again
+    spec["groups"]["ignore"] = ["conv1", "conv2"]
+    path.write_text(yaml.safe_dump({**spec, "name": "kept-out-ignored"}))
+    assert cli(["search", str(path), "--quiet"]) == 0
+    assert "cannot be searched" not in capsys.readouterr().err
+
+
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
         runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
