@@ -28,6 +28,7 @@ from autoprune.measure import (
     IGNORE_INDEX,
     INPUT_DTYPES,
     LatencyResult,
+    Tally,
     accuracy_ignoring,
     check_inputs,
     count_cost,
@@ -35,6 +36,7 @@ from autoprune.measure import (
     example_input,
     export_onnx,
     measure_latency,
+    top1_accuracy,
 )
 from autoprune.sources import DataBundle, build_data, build_model, import_object, load_checkpoint
 
@@ -412,12 +414,37 @@ def base_latency(space: SpaceConfig, model: nn.Module) -> LatencyResult:
     return LatencyResult(**{**middle.to_dict(), "runs_ms": [r.median_ms for r in runs]})
 
 
+def warn_untrained(space: SpaceConfig, accuracy: float, tally: Tally) -> None:
+    """Say when the base model is no better than always answering the most common class: a
+    base at chance (0.087 on 10 classes) was searched, put on the front and exported without a
+    word, every trial at the same score."""
+    if not accuracy <= tally.majority < 1.0:
+        return
+    same = "; it gave the same answer every time" if tally.one_answer else ""
+    hint = (f"is model.checkpoint ({space.model.checkpoint}) this model's weights for this "
+            "data, its classes in the same order?" if space.model.checkpoint else
+            "autoprune trained it (model.train): more epochs or another lr, or your own "
+            "model.checkpoint")
+    print(f"autoprune: warning: the base model scores {accuracy:.4f} on the validation data, "
+          f"no better than always answering its most common class ({tally.majority:.4f})"
+          f"{same}: it has not learned the task, and its pruned copies' scores mean nothing; "
+          f"{hint}", file=sys.stderr)
+
+
 def measure_base(space: SpaceConfig, model: nn.Module, data: DataBundle, checkpoint: Path,
                  evaluate_fn: Any = None, device: torch.device | str = "cpu") -> BaseMetrics:
     cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
     latency = base_latency(space, model)
+    if space.data.evaluate:
+        accuracy = evaluate(model.to(device), data.val, device, evaluate_fn)
+    else:
+        tally = Tally()
+        accuracy = top1_accuracy(model.to(device), data.val, device,
+                                 ignore_index=IGNORE_INDEX if space.data.ignore_index is None
+                                 else space.data.ignore_index, tally=tally)
+        warn_untrained(space, accuracy, tally)
     return BaseMetrics(
-        accuracy=evaluate(model.to(device), data.val, device, evaluate_fn),
+        accuracy=accuracy,
         macs=cost.macs, params=cost.params, latency_ms=latency.median_ms,
         latency_p90_ms=latency.p90_ms, latency=latency.to_dict(), checkpoint=str(checkpoint),
         checkpoint_sha256=sha256_file(checkpoint),

@@ -155,8 +155,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                        "gpus_per_trial": args.gpus_per_trial or 0.0}
     summary = run_search(space, args.study, args.trials, args.jobs, args.resume, args.seed,
                          backend, ray_options, quiet=args.quiet)
+    base = "" if summary.base_accuracy is None else \
+        f"base accuracy {summary.base_accuracy:.4f}; "
     print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
-          f"Pareto front ({len(summary.front)} trials):")
+          f"{base}Pareto front ({len(summary.front)} trials):")
     print(format_front(summary.front, space.objectives))
     if summary.errors:
         print("\nfailed trials, by error (the full tracebacks: the `error` column of trials.csv, "

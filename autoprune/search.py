@@ -67,6 +67,7 @@ class SearchSummary:
     parent_run_id: str
     study_dir: Path
     errors: dict[str, list[int]] = field(default_factory=dict)  # first line -> failed trials
+    base_accuracy: float | None = None  # the base model's score, every trial's reference
 
 
 def study_dir(space: SpaceConfig, study: str) -> Path:
@@ -482,7 +483,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
-                         recorder.errors())
+                         recorder.errors(), study.user_attrs["base"].get("accuracy"))
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,

@@ -218,6 +218,44 @@ def test_a_search_names_the_groups_its_model_keeps_out(
     assert "cannot be searched" not in capsys.readouterr().err
 
 
+def test_a_base_model_no_better_than_its_most_common_class_is_said(
+        runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A base at chance (0.087 on 10 classes) was searched, put on the front and exported
+    without a word, and the search's summary never showed the base accuracy."""
+    import torch
+
+    from autoprune.cli import main as cli
+    from autoprune.sources import build_model
+
+    model = build_model("builtin:resnet_tiny", (1, 1, 8, 8), 10, {"width": 8})
+    with torch.no_grad():
+        model.fc.weight.zero_()  # the same logits for every input: one answer
+        model.fc.bias.copy_(torch.arange(10.0))
+    ckpt = tmp_path / "constant.pt"
+    torch.save(model.state_dict(), ckpt)
+    path = tmp_path / "space.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_space(runs, "chance", **{
+        "model.checkpoint": str(ckpt), "search.baselines": [], "search.trials": 1})))
+    assert cli(["search", str(path), "--quiet"]) == 0
+    out = capsys.readouterr()
+    study = load_study("chance", f"sqlite:///{runs / 'optuna.db'}")
+    acc = study.user_attrs["base"]["accuracy"]
+    assert 0.05 < acc < 0.2  # class 9's share of the validation split
+    assert (f"warning: the base model scores {acc:.4f} on the validation data, no better than "
+            "always answering its most common class (") in out.err
+    assert "it gave the same answer every time" in out.err
+    assert f"is model.checkpoint ({ckpt}) this model's weights" in out.err
+    assert f"study chance: 1 trials (0 failed); base accuracy {acc:.4f}; Pareto front" in out.out
+
+    # a trained base says nothing of the kind
+    path.write_text(yaml.safe_dump(tiny_space(runs, "trained", **{
+        "search.baselines": [], "search.trials": 1})))
+    assert cli(["search", str(path), "--quiet"]) == 0
+    assert "no better than always answering" not in capsys.readouterr().err
+
+
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
         runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

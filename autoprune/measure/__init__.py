@@ -2,6 +2,7 @@
 
 from autoprune.measure._accuracy import (
     IGNORE_INDEX,
+    Tally,
     accuracy_ignoring,
     check_inputs,
     check_labels,
@@ -24,6 +25,7 @@ __all__ = [
     "INPUT_DTYPES",
     "CostResult",
     "LatencyResult",
+    "Tally",
     "accuracy_ignoring",
     "check_inputs",
     "check_labels",

@@ -53,12 +53,44 @@ def check_inputs(x: torch.Tensor, split: str) -> None:
                       f"values before the loader)")
 
 
+class Tally:
+    """How often each class was the label and the answer, over one scoring pass."""
+
+    def __init__(self) -> None:
+        self.labels = torch.zeros(0, dtype=torch.long)
+        self.answers = torch.zeros(0, dtype=torch.long)
+
+    def add(self, labels: torch.Tensor, answers: torch.Tensor, classes: int) -> None:
+        """Count a batch's kept labels and answers (both within ``classes``: the labels
+        were checked)."""
+        labels = torch.bincount(labels.flatten().cpu(), minlength=classes)[:classes]
+        answers = torch.bincount(answers.flatten().cpu(), minlength=classes)
+        if len(self.labels) != classes:
+            self.labels = torch.zeros(classes, dtype=torch.long)
+            self.answers = torch.zeros(classes, dtype=torch.long)
+        self.labels += labels
+        self.answers += answers
+
+    @property
+    def majority(self) -> float:
+        """The score of always answering the most common label."""
+        total = int(self.labels.sum())
+        return int(self.labels.max()) / total if total else 0.0
+
+    @property
+    def one_answer(self) -> bool:
+        """Whether the model gave the same answer every time."""
+        return int((self.answers > 0).sum()) <= 1
+
+
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
-                  max_batches: int | None = None, ignore_index: int = IGNORE_INDEX) -> float:
+                  max_batches: int | None = None, ignore_index: int = IGNORE_INDEX,
+                  tally: Tally | None = None) -> float:
     """Fraction of correctly classified labels (eval mode; BN uses its running statistics):
     one per sample for (N, K) logits, one per position (pixel) for dense (N, K, ...) logits.
-    Labels equal to ``ignore_index`` are left out, as the loss leaves them out."""
+    Labels equal to ``ignore_index`` are left out, as the loss leaves them out. ``tally``
+    counts the labels and answers."""
     model.eval()
     correct = total = 0
     for i, batch in enumerate(loader):
@@ -69,8 +101,11 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
         out = model(x)
         check_labels(out, y, ignore_index, "validation")
         keep = y != ignore_index
-        correct += int(((out.argmax(1) == y) & keep).sum())
+        answers = out.argmax(1)
+        correct += int(((answers == y) & keep).sum())
         total += int(keep.sum())
+        if tally is not None:
+            tally.add(y[keep], answers[keep], out.shape[1])
     if total == 0:
         raise ValueError("the validation loader yielded no samples")
     return correct / total
