@@ -364,8 +364,8 @@ def submit_command(args: argparse.Namespace, runtime_env_file: str) -> list[str]
     if not args.wait:
         cmd.append("--no-wait")
     cmd += ["--runtime-env", runtime_env_file, "--", "python", "-m", "autoprune.cli", "search",
-            args.space, "--backend", "ray", "--address", "auto", "--quiet",
-            "--cpus-per-trial", str(args.cpus_per_trial)]
+            args.space, "--backend", "ray", "--address", "auto",
+            "--cpus-per-trial", str(args.cpus_per_trial)]  # the job's log: a line per trial
     for flag, value in (("--gpus-per-trial", args.gpus_per_trial or None),
                         ("--trials", args.trials), ("--study", args.study),
                         ("--runs-dir", args.runs_dir),
@@ -574,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="continue an existing study")
     se.add_argument("--seed", type=_seed,
                     help="seed of the sampler and the trials (default: the space's search.seed)")
-    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.add_argument("--quiet", action="store_true",
+                    help="no progress bar, per-trial lines or status lines (warnings, errors "
+                         "and the final front still print)")
     se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
                                        "(default: the space's runs_dir, runs/)")
     se.add_argument("--backend", choices=["local", "ray"],

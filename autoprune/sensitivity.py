@@ -71,10 +71,12 @@ def scan(ctx: TrialContext, ratios: Sequence[float], progress: bool = False,
         else None
     rows: dict[str, list[float]] = {}
     done = {g: list(r) for g, r in (done or {}).items() if len(r) == len(ratios)}
+    # a bar on a terminal; a line per group where output goes to a file or a pipe
+    lines = progress and not sys.stderr.isatty()
     bar = tqdm(total=len(ctx.groups) * len(ratios), desc="sensitivity", unit="prune",
-               file=sys.stderr, disable=not progress, leave=False,
+               file=sys.stderr, disable=not progress or lines, leave=False,
                initial=sum(g.name in done for g in ctx.groups) * len(ratios))
-    for g in ctx.groups:
+    for i, g in enumerate(ctx.groups, 1):
         if g.name in done:
             rows[g.name] = done[g.name]
             continue
@@ -98,6 +100,10 @@ def scan(ctx: TrialContext, ratios: Sequence[float], progress: bool = False,
             adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
             row.append(evaluate(model, ctx.data.val, dev, ctx.evaluate_fn))
         rows[g.name] = row
+        if lines:
+            print(f"autoprune: sensitivity {i}/{len(ctx.groups)} {g.name}: "
+                  + ", ".join(f"ratio {r:g} -> {a:.4f}" for r, a in zip(ratios, row, strict=True)),
+                  file=sys.stderr, flush=True)
         if save is not None:
             save(rows)
     bar.close()
@@ -121,9 +127,11 @@ def cache_path(ctx: TrialContext, ratios: Sequence[float]) -> Path:
 
 
 def cached_scan(ctx: TrialContext, ratios: Sequence[float] | None = None,
-                progress: bool = False) -> tuple[Sensitivity, bool]:
+                progress: bool = False,
+                log: Callable[[str], None] | None = None) -> tuple[Sensitivity, bool]:
     """The scan, from the cache when the same model, data and settings were scanned before
-    (``progress``: see :func:`scan`).
+    (``progress``: see :func:`scan`; ``log`` is told when a scan starts, not when the cache
+    serves it: every resume said a scan was starting).
 
     Returns:
         The sensitivity and whether it came from the cache.
@@ -136,6 +144,8 @@ def cached_scan(ctx: TrialContext, ratios: Sequence[float] | None = None,
         # the groups an interrupted scan finished (minutes each on a large model) are kept
         partial = path.with_suffix(".partial.json")
         done = json.loads(partial.read_text()) if partial.exists() else None
+        if log is not None:
+            log("autoprune: sensitivity scan (one group at a time) for the warm start")
         sens = scan(ctx, ratios, progress, done, lambda rows: _write(partial, rows))
         _write(path, sens.to_dict())
         partial.unlink(missing_ok=True)

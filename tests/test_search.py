@@ -256,6 +256,41 @@ def test_a_base_model_no_better_than_its_most_common_class_is_said(
     assert "no better than always answering" not in capsys.readouterr().err
 
 
+def test_a_search_whose_output_goes_to_a_file_logs_a_line_per_trial(
+        runs: Path, tmp_path: Path) -> None:
+    """Sent to a file (nohup, a batch job, a Ray job), the progress bar's redraws made one
+    line of 85 KB after 400 trials, with no trial in it, and --quiet left nothing at all."""
+    import subprocess
+
+    import yaml
+
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(tiny_space(runs, "logged", **{
+        "search.trials": 3, "search.baselines": [0.5],
+        "search.warm_start.sensitivity": True})))
+    cmd = [sys.executable, "-m", "autoprune.cli", "search", str(path)]
+    with open(tmp_path / "log.txt", "w") as log:
+        assert subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=600).returncode == 0
+    raw = (tmp_path / "log.txt").read_bytes()
+    assert b"\r" not in raw  # no bar redrawn (read as text, \r would read as \n)
+    text = raw.decode()
+    lines = [x for x in text.splitlines() if x.startswith("autoprune: trial ")]
+    assert [x.split(" complete")[0] for x in lines] == [
+        f"autoprune: trial {n}" for n in range(3)], lines
+    assert lines[0].startswith("autoprune: trial 0 complete (warm start): accuracy 0.")
+    assert lines[0].endswith("[1/3; failed 0, pruned 0, front 1]")
+    assert "accuracy 0." in lines[0] and "macs 0." in lines[0]
+    scanned = [x for x in text.splitlines() if x.startswith("autoprune: sensitivity ")]
+    assert any(x.startswith("autoprune: sensitivity 1/") for x in scanned), text
+
+    quiet = subprocess.run([*cmd, "--trials", "4", "--resume", "--quiet"], capture_output=True,
+                           timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    assert b"autoprune: trial" not in quiet.stderr and b"\r" not in quiet.stderr
+    assert b"study logged: 4 trials" in quiet.stdout
+
+
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
         runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
