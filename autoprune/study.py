@@ -179,7 +179,9 @@ def storage_for(url: str) -> optuna.storages.BaseStorage:
 
 
 def list_studies(storage_url: str) -> list[str]:
-    return [s.study_name for s in optuna.get_all_study_summaries(storage_for(storage_url))]
+    """The names of the studies in a storage (names only: the summaries read every trial of
+    every study, 0.35 s a call against 0.002 s beside a 400-trial study, three calls a start)."""
+    return list(optuna.get_all_study_names(storage_for(storage_url)))
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
