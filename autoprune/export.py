@@ -373,12 +373,20 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         pruned = replay(model, example, record)
         state = kept[1]
     else:  # weights not kept (or unreadable): re-run the trial with its seed, deterministic
-        from autoprune.inherit import originals_by_key, rerun
+        from autoprune.inherit import ancestors, originals_by_key, rerun
         from autoprune.trial import TrialContext
 
         ctx = TrialContext(space, model, data, base, [], torch.device("cpu"), evaluate_fn)
         attrs = study.trials[number].user_attrs if study is not None else {}
-        result = rerun(ctx, originals_by_key(study) if study is not None else {}, attrs, ratios)
+        originals = originals_by_key(study) if study is not None else {}
+        first = ancestors(originals, attrs)
+        # a fine-tune each, on this machine's CPU: minutes on a large model, said beforehand
+        print(f"autoprune: trial {number}'s fine-tuned weights are not kept ({tdir}; "
+              "search.keep_models keeps them): re-running it with its seed"
+              + (f", after the {len(first)} trial(s) whose fine-tuned models it was pruned "
+                 f"from, oldest first: {first}" if first else "")
+              + f" ({len(first) + 1} fine-tune(s))", file=sys.stderr)
+        result = rerun(ctx, originals, attrs, ratios)
         if result.state_dict is None:
             raise AutopruneError(f"re-running trial {number} ended {result.state}: "
                                  f"{result.error or 'no model'}")

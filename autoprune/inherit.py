@@ -231,6 +231,17 @@ def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mappin
                      inherit=inherit, constraints=False)
 
 
+def ancestors(originals: Mapping[str, FrozenTrial], attrs: Mapping[str, Any]) -> list[int]:
+    """The trials :func:`rerun` re-runs before a trial with ``attrs``, oldest first."""
+    out: list[int] = []
+    key = attrs.get("inherits")
+    while key and key in originals and len(out) < len(originals):
+        up = originals[key]
+        out.append(up.number)
+        key = up.user_attrs.get("inherits")
+    return out[::-1]
+
+
 def originals_by_key(study: optuna.Study) -> dict[str, FrozenTrial]:
     """Complete original (not duplicate) trials by structure key; the first trial wins."""
     from optuna.trial import TrialState

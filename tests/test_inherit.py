@@ -118,7 +118,8 @@ def _inheriting(study: Any) -> list[Any]:
     return [t for t in study.trials if t.user_attrs.get("inherits")]
 
 
-def test_a_local_search_inherits_and_export_rebuilds_the_chain(runs: Path) -> None:
+def test_a_local_search_inherits_and_export_rebuilds_the_chain(
+        runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = parse_space(space_dict(runs, "inh", trials=8, keep_models=False))
     run_search(space, quiet=True)
     study = load_study("inh", space.storage_url)
@@ -139,6 +140,15 @@ def test_a_local_search_inherits_and_export_rebuilds_the_chain(runs: Path) -> No
                                           study)
     acc = evaluate(model, extra["data"].val, "cpu", extra["evaluate_fn"])
     assert acc == pytest.approx(heir.user_attrs["accuracy"], abs=1e-9)
+    # said beforehand, with the trials re-run first (a whole chain had re-run without a word)
+    chain, up = [], heir.user_attrs.get("inherits_trial")
+    while up is not None:
+        chain.insert(0, up)
+        up = study.trials[up].user_attrs.get("inherits_trial")
+    err = capsys.readouterr().err
+    assert f"autoprune: trial {heir.number}'s fine-tuned weights are not kept (" in err
+    assert (f", after the {len(chain)} trial(s) whose fine-tuned models it was pruned from, "
+            f"oldest first: {chain} ({len(chain) + 1} fine-tune(s))") in err
     assert record.kept_channels == heir.user_attrs["kept_channels"]
     # and the export of a front point that inherited checks the same
     front = [t for t in heirs if t.number in front_numbers(study)]
