@@ -157,7 +157,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                          backend, ray_options, quiet=args.quiet)
     base = "" if summary.base_accuracy is None else \
         f"base accuracy {summary.base_accuracy:.4f}; "
-    print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed); "
+    # a repeat built an earlier trial's model (nearby ratios round to the same channels):
+    # reused, not fine-tuned, but a trial of the budget all the same
+    repeats = f", {summary.repeats} repeated an earlier trial's model" if summary.repeats else ""
+    print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed{repeats}); "
           f"{base}Pareto front ({len(summary.front)} trials):")
     print(format_front(summary.front, space.objectives))
     if summary.errors:

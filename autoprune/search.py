@@ -69,6 +69,7 @@ class SearchSummary:
     study_dir: Path
     errors: dict[str, list[int]] = field(default_factory=dict)  # first line -> failed trials
     base_accuracy: float | None = None  # the base model's score, every trial's reference
+    repeats: int = 0  # trials whose config built an earlier trial's model (its result reused)
 
 
 def study_dir(space: SpaceConfig, study: str) -> Path:
@@ -522,7 +523,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
-                         recorder.errors(), study.user_attrs["base"].get("accuracy"))
+                         recorder.errors(), study.user_attrs["base"].get("accuracy"),
+                         sum(t.user_attrs.get("duplicate_of") is not None
+                             for t in study.get_trials(deepcopy=False)))
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,
