@@ -121,6 +121,11 @@ class Recorder:
         if n is not None:
             _warn(f"autoprune: MLflow is back: logged the {n} trial(s) it missed")
 
+    def start(self, trial: optuna.Trial, ratios: dict[str, float]) -> None:
+        """A trial the local controller starts: its MLflow run opens now, with its ratios."""
+        self.track(f"starting trial {trial.number}", self.tracker.start_trial, trial.number,
+                   ratios, pruning_settings(self.space), origin(trial.user_attrs), time.time())
+
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
@@ -215,9 +220,13 @@ class Recorder:
         return df
 
     def reconcile(self) -> int:
-        """Log finished trials that MLflow does not have yet (a kill between the two writes)."""
+        """Log finished trials that MLflow does not have yet (a kill between the two writes),
+        and close the runs a killed search left running."""
+        trials = self.study.get_trials(deepcopy=False)
+        self.tracker.adopt_stale({t.number for t in trials if t.state.is_finished()
+                                  and not t.user_attrs.get("interrupted")})
         logged = self.tracker.logged_trials()
-        missing = [t for t in self.study.get_trials(deepcopy=False)
+        missing = [t for t in trials
                    if t.state.is_finished() and t.number not in logged
                    and not t.user_attrs.get("interrupted")]
         for t in missing:
@@ -491,7 +500,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 from autoprune.controllers import run_local
 
                 run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
-                          space.search.keep_models)
+                          space.search.keep_models, on_start=recorder.start)
             # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
             failed = recorder.failed()
             status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
@@ -520,6 +529,7 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 status = "KILLED"
                 raise
             finally:
+                recorder.track("closing the interrupted trials' runs", tracker.close_open)
                 recorder.track("closing the search's run", tracker.finish_parent, status)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,

@@ -90,6 +90,7 @@ class Tracker:
         self.parent_id: str | None = None
         self._front: set[int] = set()
         self._run_ids: dict[int, str] = {}  # trial number -> child run id, to tag the front
+        self._open: dict[int, str] = {}  # running trials' child runs, finished by log_trial
 
     # -- parent run ------------------------------------------------------------------------
     def start_parent(self, space: SpaceConfig, base: BaseMetrics, resume_run_id: str | None,
@@ -191,7 +192,46 @@ class Tracker:
                 return runs
 
     def logged_trials(self) -> set[int]:
-        return {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()}
+        """Trials whose child run is complete (a run left RUNNING by a killed search is not)."""
+        return {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()
+                if r.info.status in ("FINISHED", "FAILED")}
+
+    def start_trial(self, number: int, params: Mapping[str, float],
+                    settings: Mapping[str, Any], came_from: str,
+                    start: float | None = None) -> str:
+        """Open a running trial's child run, with its ratios, so the UI shows what runs (a
+        30-minute trial was invisible until it ended); :meth:`log_trial` completes it."""
+        assert self.parent_id, "start_parent() first"
+        tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study,
+                "autoprune.role": "trial", TRIAL_TAG: str(number), "state": "running",
+                "origin": came_from}
+        run = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=tags,
+                                     run_name=f"{self.study}/trial-{number}")
+        run_id = str(run.info.run_id)
+        all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
+        self._log_params(run_id, [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()])
+        self._open[number] = self._run_ids[number] = run_id
+        return run_id
+
+    def close_open(self) -> None:
+        """Delete the runs of trials that did not finish (an interrupt): such a trial runs
+        again under a new number with --resume, and its run held only its ratios. Deleted
+        runs stay in MLflow's trash (``mlflow gc`` empties it)."""
+        for number in list(self._open):
+            self.client.delete_run(self._open.pop(number))
+
+    def adopt_stale(self, finished: set[int]) -> None:
+        """Child runs a killed search left RUNNING: a trial the study holds as finished gets
+        its run completed by the next :meth:`log_trial`; any other is deleted as
+        :meth:`close_open` does."""
+        for r in self.child_runs():
+            n = int(r.data.tags[TRIAL_TAG])
+            if r.info.status != "RUNNING" or n in self._open:
+                continue
+            if n in finished:
+                self._open[n] = r.info.run_id
+            else:
+                self.client.delete_run(r.info.run_id)
 
     def log_trial(self, number: int, attrs: Mapping[str, Any], params: Mapping[str, float],
                   settings: Mapping[str, Any], losses: Iterable[tuple[int, float]] = (),
@@ -210,9 +250,14 @@ class Tracker:
             tags["duplicate_of"] = str(attrs["duplicate_of"])
         if attrs.get("inherits_trial") is not None:  # pruned from that trial's fine-tuned model
             tags["inherits_trial"] = str(attrs["inherits_trial"])
-        run = self.client.create_run(self.experiment_id, start_time=_ms(start),
-                                     tags=tags, run_name=f"{self.study}/trial-{number}")
-        run_id = run.info.run_id
+        run_id = self._open.pop(number, None)
+        logged: Mapping[str, str] = {}
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=tags,
+                                            run_name=f"{self.study}/trial-{number}").info.run_id
+        else:  # opened when the trial started, with its params
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            logged = self.client.get_run(run_id).data.params
         now = _ms(end)
         metric_keys = ("accuracy", "proxy_accuracy", "macs", "flops", "macs_ratio", "params",
                        "params_ratio", "latency_ms", "latency_p90_ms", "speedup",
@@ -234,7 +279,7 @@ class Tracker:
         # ratios as the grid gives them: 0.6, not Optuna's 0.6000000000000001
         all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
         plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
-        self._log_params(run_id, plist)
+        self._log_params(run_id, [p for p in plist if p.key not in logged])
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
         for path in artifacts:

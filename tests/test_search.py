@@ -291,6 +291,49 @@ def test_a_search_whose_output_goes_to_a_file_logs_a_line_per_trial(
     assert b"study logged: 4 trials" in quiet.stdout
 
 
+def test_a_running_trial_shows_in_mlflow_with_its_ratios(runs: Path, tmp_path: Path) -> None:
+    """A trial's child run was made when it ended: a 30-minute trial was invisible in the UI,
+    its ratios included, until then. It opens when the trial starts and the same run ends."""
+    import subprocess
+    import time
+
+    import yaml
+
+    name = "live"
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(tiny_space(runs, name, **{
+        "search.trials": 2, "search.baselines": [0.5], "finetune.steps": 1000})))
+    run_search(parse_space(tiny_space(runs, "live-warm", **{"search.trials": 1})), quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", str(path),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: dict[str, Any] = {}
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not seen:
+            time.sleep(0.2)
+            if not (runs / "mlflow.db").exists():
+                continue
+            try:
+                running = [r for r in child_runs(runs, name) if r.info.status == "RUNNING"]
+            except AssertionError:  # no experiment yet
+                continue
+            if running:
+                seen = {"id": running[0].info.run_id, "tags": running[0].data.tags,
+                        "params": running[0].data.params}
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert seen, "no child run showed while a trial ran"
+    assert seen["tags"]["state"] == "running" and seen["tags"]["autoprune.trial"] == "0"
+    assert seen["params"]["ratio.stem.0"] == "0.5"  # the uniform baseline's ratios, at its start
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    done = client.get_run(seen["id"])  # the same run, finished
+    assert done.info.status == "FINISHED" and done.data.tags["state"] == "complete"
+    assert "accuracy" in done.data.metrics and done.data.params == seen["params"]
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in child_runs(runs, name)) == [0, 1]
+
+
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
         runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -409,10 +452,19 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path
         waiting = [t.system_attrs["fixed_params"] for t in study.trials
                    if t.state == optuna.trial.TrialState.WAITING]
         assert all(t.params in waiting for t in cut)
+    # no trial's run left RUNNING: the cut trial's run (open since it started) is deleted
+    counted = {t.number for t in study.trials if t.state.is_finished()
+               and not t.user_attrs.get("interrupted")}
+    children = child_runs(runs, name)
+    assert {r.info.status for r in children} <= {"FINISHED", "FAILED"}
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in children) == sorted(counted)
     run_search(space, resume=True, quiet=True)
     study = load_study(name, space.storage_url)
-    assert len([t for t in study.trials if t.state.is_finished()
-                and not t.user_attrs.get("interrupted")]) == 7
+    counted = {t.number for t in study.trials if t.state.is_finished()
+               and not t.user_attrs.get("interrupted")}
+    assert len(counted) == 7
+    children = child_runs(runs, name)
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in children) == sorted(counted)
 
 
 def test_sigterm_to_the_search_alone_ends_it_as_ctrl_c_does(runs: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ra
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
+OnStart = Callable[[optuna.Trial, dict[str, float]], None]
 
 
 class _CtrlC:
@@ -74,15 +75,17 @@ def _ctrl_c_remembered() -> Iterator[_CtrlC]:
 
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
               dists: dict[str, optuna.distributions.FloatDistribution],
-              on_result: OnResult, keep_model: bool) -> None:
+              on_result: OnResult, keep_model: bool, on_start: OnStart | None = None) -> None:
     """See :func:`_run_local`; a Ctrl-C that Python swallowed still stops it after the trial."""
     with _ctrl_c_remembered() as ctrl_c:
-        _run_local(ctx, study, total, jobs, dists, on_result, keep_model, ctrl_c)
+        _run_local(ctx, study, total, jobs, dists, on_result, keep_model, ctrl_c,
+                   on_start or (lambda trial, ratios: None))
 
 
 def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                dists: dict[str, optuna.distributions.FloatDistribution],
-               on_result: OnResult, keep_model: bool, ctrl_c: _CtrlC) -> None:
+               on_result: OnResult, keep_model: bool, ctrl_c: _CtrlC,
+               on_start: OnStart) -> None:
     """Run trials until ``total`` have finished (completed or failed).
 
     Args:
@@ -92,6 +95,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         jobs: trials at once.
         dists: the ratio distributions, one per group.
         on_result: called in this process with every finished trial (records it).
+        on_start: called in this process with every trial as it starts, and its ratios.
         keep_model: ask trials to return their fine-tuned weights.
     """
     fid, inherit = ctx.space.search.fidelity, ctx.space.search.inherit
@@ -126,9 +130,10 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         if book is not None:
             book.load(rung_history(study))
         while done_count(study) < total:
-            with ctrl_c.held():  # storage writes: asked, and its ratios suggested
+            with ctrl_c.held():  # storage writes: asked, its ratios suggested, its run open
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
+                on_start(trial, ratios)
             role = seed_role(trial.user_attrs)
             promote = promoter(book, f"t{trial.number}", role, inherit) if book is not None \
                 else None
@@ -158,6 +163,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 with ctrl_c.held():
                     trial = ask(study)
                     ratios = suggest_ratios(trial, dists)
+                    on_start(trial, ratios)
                 role = seed_role(trial.user_attrs)
                 fut = pool.submit(_worker.work, ratios, weights, shared, f"t{trial.number}",
                                   seen, role, models if inherits(models, role) else None)
