@@ -126,6 +126,11 @@ class Recorder:
         self.track(f"starting trial {trial.number}", self.tracker.start_trial, trial.number,
                    ratios, pruning_settings(self.space), origin(trial.user_attrs), time.time())
 
+    def start_ray(self, trial_id: str, ratios: dict[str, float], came_from: str) -> None:
+        """A trial Ray Tune starts: its MLflow run opens now (numbered when it is recorded)."""
+        self.track(f"starting Ray trial {trial_id}", self.tracker.start_trial, None, ratios,
+                   pruning_settings(self.space), came_from, time.time(), trial_id)
+
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
         start = trial.datetime_start.timestamp() if trial.datetime_start else None

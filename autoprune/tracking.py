@@ -27,6 +27,8 @@ from autoprune.study import origin, tidy_number
 
 TRIAL_TAG = "autoprune.trial"
 STUDY_TAG = "autoprune.study"
+RAY_TRIAL_TAG = "autoprune.ray_trial"  # a running Ray trial's Tune id, before its number
+RUNNING_ROLE = "running"  # the role of a running Ray trial's run (``trial`` once it ends)
 _PARAM_MAX = 6000  # MLflow's param value length limit (chars)
 
 
@@ -90,7 +92,9 @@ class Tracker:
         self.parent_id: str | None = None
         self._front: set[int] = set()
         self._run_ids: dict[int, str] = {}  # trial number -> child run id, to tag the front
-        self._open: dict[int, str] = {}  # running trials' child runs, finished by log_trial
+        # running trials' child runs, finished by log_trial: by trial number, or on Ray (where
+        # a trial's number is given when it ends) by "ray:<Tune trial id>"
+        self._open: dict[str, str] = {}
 
     # -- parent run ------------------------------------------------------------------------
     def start_parent(self, space: SpaceConfig, base: BaseMetrics, resume_run_id: str | None,
@@ -174,9 +178,10 @@ class Tracker:
                                                        for k, v in metrics.items()])
 
     # -- child runs ------------------------------------------------------------------------
-    def child_runs(self) -> list[Any]:
+    def child_runs(self, role: str = "trial") -> list[Any]:
         """The trial runs under this search's parent run (those of a deleted parent are not
-        this search's: a resume after it logs its trials again, under the new parent)."""
+        this search's: a resume after it logs its trials again, under the new parent);
+        ``role`` :data:`RUNNING_ROLE`: Ray trials running, not numbered yet."""
         under = f" and tags.`mlflow.parentRunId` = '{self.parent_id}'" if self.parent_id else ""
         runs: list[Any] = []
         token = None
@@ -184,7 +189,7 @@ class Tracker:
             page = self.client.search_runs(
                 [self.experiment_id],
                 filter_string=f"tags.`{STUDY_TAG}` = '{self.study}' and "
-                              f"tags.`autoprune.role` = 'trial'" + under,
+                              f"tags.`autoprune.role` = '{role}'" + under,
                 max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
@@ -196,41 +201,52 @@ class Tracker:
         return {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()
                 if r.info.status in ("FINISHED", "FAILED")}
 
-    def start_trial(self, number: int, params: Mapping[str, float],
-                    settings: Mapping[str, Any], came_from: str,
-                    start: float | None = None) -> str:
+    def start_trial(self, number: int | None, params: Mapping[str, float],
+                    settings: Mapping[str, Any], came_from: str, start: float | None = None,
+                    ray_trial: str | None = None) -> str:
         """Open a running trial's child run, with its ratios, so the UI shows what runs (a
-        30-minute trial was invisible until it ended); :meth:`log_trial` completes it."""
+        30-minute trial was invisible until it ended); :meth:`log_trial` completes it. A Ray
+        trial (``number`` None, ``ray_trial`` its Tune id) is named after its Tune id and
+        tagged ``autoprune.role: running`` until its number is known."""
         assert self.parent_id, "start_parent() first"
         tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study,
-                "autoprune.role": "trial", TRIAL_TAG: str(number), "state": "running",
-                "origin": came_from}
+                "autoprune.role": "trial" if number is not None else RUNNING_ROLE,
+                "state": "running", "origin": came_from}
+        if number is not None:
+            tags[TRIAL_TAG] = str(number)
+        else:
+            tags[RAY_TRIAL_TAG] = str(ray_trial)
+        name = f"trial-{number}" if number is not None else f"ray-{ray_trial}"
         run = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=tags,
-                                     run_name=f"{self.study}/trial-{number}")
+                                     run_name=f"{self.study}/{name}")
         run_id = str(run.info.run_id)
         all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
         self._log_params(run_id, [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()])
-        self._open[number] = self._run_ids[number] = run_id
+        self._open[str(number) if number is not None else f"ray:{ray_trial}"] = run_id
         return run_id
 
     def close_open(self) -> None:
         """Delete the runs of trials that did not finish (an interrupt): such a trial runs
-        again under a new number with --resume, and its run held only its ratios. Deleted
-        runs stay in MLflow's trash (``mlflow gc`` empties it)."""
-        for number in list(self._open):
-            self.client.delete_run(self._open.pop(number))
+        again under a new number with --resume (on Ray, Tune's restored trial opens a new
+        run), and its run held only its ratios. Deleted runs stay in MLflow's trash (``mlflow
+        gc`` empties it)."""
+        for key in list(self._open):
+            self.client.delete_run(self._open.pop(key))
 
     def adopt_stale(self, finished: set[int]) -> None:
         """Child runs a killed search left RUNNING: a trial the study holds as finished gets
         its run completed by the next :meth:`log_trial`; any other is deleted as
-        :meth:`close_open` does."""
+        :meth:`close_open` does (a Ray trial's always: a new one is logged for it)."""
         for r in self.child_runs():
-            n = int(r.data.tags[TRIAL_TAG])
-            if r.info.status != "RUNNING" or n in self._open:
+            key = r.data.tags[TRIAL_TAG]
+            if r.info.status != "RUNNING" or key in self._open:
                 continue
-            if n in finished:
-                self._open[n] = r.info.run_id
+            if int(key) in finished:
+                self._open[key] = r.info.run_id
             else:
+                self.client.delete_run(r.info.run_id)
+        for r in self.child_runs(RUNNING_ROLE):
+            if f"ray:{r.data.tags.get(RAY_TRIAL_TAG)}" not in self._open:
                 self.client.delete_run(r.info.run_id)
 
     def log_trial(self, number: int, attrs: Mapping[str, Any], params: Mapping[str, float],
@@ -250,13 +266,16 @@ class Tracker:
             tags["duplicate_of"] = str(attrs["duplicate_of"])
         if attrs.get("inherits_trial") is not None:  # pruned from that trial's fine-tuned model
             tags["inherits_trial"] = str(attrs["inherits_trial"])
-        run_id = self._open.pop(number, None)
+        ray_trial = attrs.get("ray_trial_id")
+        run_id = self._open.pop(f"ray:{ray_trial}" if ray_trial else str(number), None)
         logged: Mapping[str, str] = {}
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=tags,
                                             run_name=f"{self.study}/trial-{number}").info.run_id
         else:  # opened when the trial started, with its params
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            if ray_trial:  # named now that it has a number
+                self.client.update_run(run_id, name=f"{self.study}/trial-{number}")
             logged = self.client.get_run(run_id).data.params
         now = _ms(end)
         metric_keys = ("accuracy", "proxy_accuracy", "macs", "flops", "macs_ratio", "params",

@@ -106,7 +106,32 @@ def test_search_on_a_two_node_cluster(listeners_before: set[tuple[str, int]], cl
                                       tmp_path: Path) -> None:
     before = listeners_before
     space = parse_space(ray_space(tmp_path / "runs", "ray2", trials=6))
-    run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
+    seen: dict[str, dict[str, str]] = {}  # run id -> tags, of runs seen while their trial ran
+    stop = threading.Event()
+
+    def watch() -> None:  # a user watching MLflow during the search
+        while not stop.is_set():
+            time.sleep(0.2)
+            try:
+                client = MlflowClient(space.tracking_uri)
+                exp = client.get_experiment_by_name("ray2")
+                if exp is None:
+                    continue
+                for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+                    if r.data.tags.get("autoprune.role") == "running":
+                        seen.setdefault(r.info.run_id, dict(r.data.tags) | {
+                            "ratios": str(sorted(k for k in r.data.params
+                                                 if k.startswith("ratio.")))})
+            except Exception:  # noqa: BLE001 - the store is being made; look again
+                continue
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_search(space, backend="ray", ray_options=ray_opts(cluster), quiet=True)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
 
     study = load_study("ray2", space.storage_url)
     finished = [t for t in study.trials if t.state.is_finished()]
@@ -116,6 +141,16 @@ def test_search_on_a_two_node_cluster(listeners_before: set[tuple[str, int]], cl
                   if t.user_attrs.get("baseline")) == [0.25, 0.5, 0.7]
     runs = trial_runs(space, "ray2")
     assert sorted(int(r.data.tags["autoprune.trial"]) for r in runs) == list(range(6))
+    # a running trial showed in MLflow with its ratios, and the same run ended with its number
+    assert seen, "no trial's run showed while it ran"
+    ended = {r.info.run_id: r for r in runs}
+    for run_id, tags in seen.items():
+        assert tags["state"] == "running" and tags["autoprune.ray_trial"]
+        assert tags["ratios"] != "[]"
+        if run_id in ended:  # (one started past the trials needed is deleted)
+            assert ended[run_id].info.status == "FINISHED"
+            assert ended[run_id].data.tags["autoprune.ray_trial"] == tags["autoprune.ray_trial"]
+    assert sum(run_id in ended for run_id in seen) >= 1
     for r in runs:
         assert {"accuracy", "macs_ratio", "latency_ms", "proxy_accuracy"} <= set(r.data.metrics)
     tagged = {int(r.data.tags["autoprune.trial"]) for r in runs

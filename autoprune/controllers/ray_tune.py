@@ -53,6 +53,7 @@ from autoprune.study import (
     directions,
     done_count,
     make_sampler,
+    origin,
     rung_history,
     sampler_seed,
     seed_role,
@@ -575,22 +576,35 @@ class RecordCallback(tune.Callback):
             held = ray.get(self.models.get.remote(structure_key(result.kept_channels,
                                                                 result.seed)))
             result.state_dict = held.state_dict if held is not None else None
-        attrs: dict[str, Any] = {"ray_trial_id": trial_id}
+        attrs = self._attrs(trial_id, config, ratios)
         if metrics and metrics.get("node_id"):
             attrs["ray_node_id"] = metrics["node_id"]
+        frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
+        if self.seen is not None:
+            remember(self.seen, result, frozen.number)
+
+    def _attrs(self, trial_id: str, config: Mapping[str, Any],
+               ratios: Mapping[str, float]) -> dict[str, Any]:
+        """The user attrs a Tune trial is recorded with: its id, and what proposed it."""
+        attrs: dict[str, Any] = {"ray_trial_id": trial_id}
         for params, seed_attrs in self.points if config.get(SEED_KEY) else ():
             if params == ratios:  # a seed point Tune took from points_to_evaluate
                 attrs |= seed_attrs
                 break
         if self.searcher is not None and self.searcher.is_fill(trial_id):
             attrs[FILL_ATTR] = True
-        frozen = self.recorder.add(result, attrs, self.dists, time.time() - result.duration_s)
-        if self.seen is not None:
-            remember(self.seen, result, frozen.number)
+        return attrs
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
                        **info: Any) -> None:
         self.configs[trial.trial_id] = dict(trial.config)
+        if not hasattr(self, "recorder") or trial.trial_id in self.recorded \
+                or any(n not in trial.config for n in self.dists):
+            return
+        # its MLflow run opens now, with its ratios (it showed only once it had finished)
+        ratios = {n: float(trial.config[n]) for n in self.dists}
+        self.recorder.start_ray(trial.trial_id, ratios,
+                                origin(self._attrs(trial.trial_id, trial.config, ratios)))
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
