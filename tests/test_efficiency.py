@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -282,9 +283,16 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(
     assert cached and again.accuracy == first.accuracy
     _other, cached = cached_scan(ctx, [0.5], progress=True)
     assert not cached  # other ratios: another scan
-    err = capsys.readouterr().err  # the bar counts (group, ratio) pairs and names the group
+    # output to a file or pipe (as here): a line per group, with its scores
+    err = capsys.readouterr().err
     n = len(ctx.groups)
-    assert "sensitivity:" in err and f"/{n} " in err
+    assert f"autoprune: sensitivity 1/{n} {ctx.groups[0].name}: ratio 0.5 -> 0." in err
+    assert f"autoprune: sensitivity {n}/{n} {ctx.groups[-1].name}: " in err
+    # on a terminal: the bar counts (group, ratio) pairs and names the group
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cached_scan(ctx, [0.45], progress=True)
+    err = capsys.readouterr().err
+    assert "sensitivity:" in err and f"/{n} " in err and "autoprune: sensitivity 1/" not in err
     assert any(g.name in err for g in ctx.groups[1:])
 
     dists = distributions(ctx.space, ctx.groups)
