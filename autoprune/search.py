@@ -247,9 +247,9 @@ class Recorder:
 
 def trial_line(frozen: FrozenTrial, done: int, total: int, counts: dict[str, int]) -> str:
     """One finished trial as a line of the search's log, where output goes to a file or pipe:
-    ``autoprune: trial 12 complete: accuracy 0.9861, macs 0.106, 2.42x faster, 1.3 s [13/24;
-    failed 0, pruned 1, front 6]`` (a bar redrawn there was one line of 85 KB after 400
-    trials, with no trial in it)."""
+    ``autoprune: trial 12 complete: accuracy 0.9861, macs_ratio 0.106, 2.42x faster, 1.3 s
+    [13/24; failed 0, pruned 1, front 6]`` (a bar redrawn there was one line of 85 KB after
+    400 trials, with no trial in it)."""
     a = frozen.user_attrs
     state = str(a.get("state", "failed"))
     what = {"pruned": "stopped at a rung", "infeasible": "infeasible (over a constraint)"}.get(
@@ -259,7 +259,7 @@ def trial_line(frozen: FrozenTrial, done: int, total: int, counts: dict[str, int
     parts = []
     score = "accuracy at the stop" if state == "pruned" else \
         "proxy accuracy" if state == "infeasible" else "accuracy"
-    for key, fmt in (("accuracy", score + " {:.4f}"), ("macs_ratio", "macs {:.3f}"),
+    for key, fmt in (("accuracy", score + " {:.4f}"), ("macs_ratio", "macs_ratio {:.3f}"),
                      ("speedup", "{:.2f}x faster")):
         value = a.get(key)
         if isinstance(value, (int, float)) and value == value:

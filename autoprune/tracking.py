@@ -220,8 +220,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, start_time=_ms(start), tags=tags,
                                      run_name=f"{self.study}/{name}")
         run_id = str(run.info.run_id)
-        all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
-        self._log_params(run_id, [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()])
+        self._log_params(run_id, _trial_params(params, settings))
         self._open[str(number) if number is not None else f"ray:{ray_trial}"] = run_id
         return run_id
 
@@ -295,10 +294,8 @@ class Tracker:
         # accuracy at each multi-fidelity rung (step = rung; rung 0 is the proxy)
         metrics += [Metric("rung_accuracy", float(a), now, int(r))
                     for r, a, _c in attrs.get("rungs") or []]
-        # ratios as the grid gives them: 0.6, not Optuna's 0.6000000000000001
-        all_params = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
-        plist = [Param(k, str(v)[:_PARAM_MAX]) for k, v in all_params.items()]
-        self._log_params(run_id, [p for p in plist if p.key not in logged])
+        self._log_params(run_id, [p for p in _trial_params(params, settings)
+                                  if p.key not in logged])
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
         for path in artifacts:
@@ -333,6 +330,13 @@ class Tracker:
             if n in self._run_ids:
                 self.client.set_tag(self._run_ids[n], "pareto", str(n in front).lower())
         self._front = set(front)
+
+
+def _trial_params(params: Mapping[str, float], settings: Mapping[str, Any]) -> list[Param]:
+    """A trial run's params: ``ratio.<group>`` as the grid gives them (0.6, not Optuna's
+    0.6000000000000001) and the pruning settings."""
+    values = {f"ratio.{k}": tidy_number(v) for k, v in params.items()} | dict(settings)
+    return [Param(k, str(v)[:_PARAM_MAX]) for k, v in values.items()]
 
 
 def _latency_setup(lat: Mapping[str, Any]) -> str:

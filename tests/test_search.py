@@ -280,7 +280,7 @@ def test_a_search_whose_output_goes_to_a_file_logs_a_line_per_trial(
         f"autoprune: trial {n}" for n in range(3)], lines
     assert lines[0].startswith("autoprune: trial 0 complete (warm start): accuracy 0.")
     assert lines[0].endswith("[1/3; failed 0, pruned 0, front 1]")
-    assert "accuracy 0." in lines[0] and "macs 0." in lines[0]
+    assert "accuracy 0." in lines[0] and "macs_ratio 0." in lines[0]
     scanned = [x for x in text.splitlines() if x.startswith("autoprune: sensitivity ")]
     assert any(x.startswith("autoprune: sensitivity 1/") for x in scanned), text
 
