@@ -252,8 +252,7 @@ def trial_line(frozen: FrozenTrial, done: int, total: int, counts: dict[str, int
     400 trials, with no trial in it)."""
     a = frozen.user_attrs
     state = str(a.get("state", "failed"))
-    what = {"pruned": "stopped at a rung", "infeasible": "infeasible (over a constraint)"}.get(
-        state, state)
+    what = "stopped at a rung" if state == "pruned" else state
     if (came := origin(a)) != "sampler":
         what += f" ({came.replace('_', ' ')})"
     parts = []
@@ -266,6 +265,9 @@ def trial_line(frozen: FrozenTrial, done: int, total: int, counts: dict[str, int
             parts.append(fmt.format(value))
     if state == "failed":
         parts = [(str(a.get("error") or "unknown error").split("\n")[0])[:200]]
+    parts += [f"{v:.3g} under constraints.min_accuracy" if k == "accuracy" else
+              f"{v:.3g} over constraints.max_{k}"
+              for k, v in (a.get("constraints") or {}).items() if v > 0]
     if a.get("duplicate_of") is not None:
         parts.append(f"the model of trial {a['duplicate_of']}, reused")
     if isinstance(a.get("duration_s"), (int, float)):
@@ -484,6 +486,9 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 tracker.log_artifacts([plot_heatmap(sens, out / "sensitivity.png"),
                                        out / "sensitivity.json"])
             already = done_count(study)
+            if already >= total:  # --trials is the study's total, not a number to add
+                log(f"autoprune: study {name!r} already holds {already} finished trials, as "
+                    f"many as --trials {total} asks for (the study's total): nothing to run")
             # shown with --quiet too: it changes what the search runs (the baselines may not)
             _warn_seeds_left(study, points if backend == "ray" and not resume else None,
                              already, total, space.search.population_size,

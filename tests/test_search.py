@@ -334,6 +334,33 @@ def test_a_running_trial_shows_in_mlflow_with_its_ratios(runs: Path, tmp_path: P
     assert sorted(int(r.data.tags["autoprune.trial"]) for r in child_runs(runs, name)) == [0, 1]
 
 
+def test_a_trial_s_log_line_says_what_became_of_it() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from autoprune.search import trial_line
+
+    def line(**attrs: Any) -> str:
+        frozen = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, values=[0.9, 0.5],
+            params={"a": 0.5}, distributions={"a": FloatDistribution(0.0, 0.9)},
+            user_attrs={"duration_s": 1.25, **attrs})
+        frozen.number = 0  # (a trial made outside a study has none)
+        return trial_line(frozen, 3, 10, {"failed": 0, "pruned": 1, "front": 2})
+
+    assert line(state="complete", accuracy=0.91, macs_ratio=0.5, speedup=1.5) == (
+        "autoprune: trial 0 complete: accuracy 0.9100, macs_ratio 0.500, 1.50x faster, 1.2 s "
+        "[3/10; failed 0, pruned 1, front 2]")
+    assert line(state="infeasible", accuracy=0.8, macs_ratio=0.567, baseline=True,
+                baseline_ratio=0.25, constraints={"macs_ratio": 0.267, "params_ratio": -0.1}
+                ).startswith("autoprune: trial 0 infeasible (baseline): proxy accuracy 0.8000, "
+                             "macs_ratio 0.567, 0.267 over constraints.max_macs_ratio, 1.2 s")
+    assert line(state="pruned", accuracy=0.7).startswith(
+        "autoprune: trial 0 stopped at a rung: accuracy at the stop 0.7000")
+    assert line(state="failed", error="ValueError: boom\nTraceback ...").startswith(
+        "autoprune: trial 0 failed: ValueError: boom, 1.2 s [3/10;")
+    assert "the model of trial 2, reused" in line(state="complete", duplicate_of=2)
+
+
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
         runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -465,6 +492,77 @@ def test_ctrl_c_leaves_no_trial_running_and_resume_finishes(runs: Path, tmp_path
     assert len(counted) == 7
     children = child_runs(runs, name)
     assert sorted(int(r.data.tags["autoprune.trial"]) for r in children) == sorted(counted)
+
+
+def _alive_children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` and that have not ended (zombies count as ended)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _still_alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_workers_end_when_the_search_is_killed(runs: Path, tmp_path: Path) -> None:
+    """After a kill -9 (or an out-of-memory kill) of a --jobs 2 search, its worker processes
+    and their manager lived on, idle and holding memory, until killed by hand."""
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    space_file = tmp_path / "orphans.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "orphans", **{
+        "search.trials": 6, "finetune.steps": 200})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    run_search(parse_space(tiny_space(runs, "orphans-warm", **{"search.trials": 1})),
+               quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", str(space_file),
+                             "--jobs", "2", "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    children: set[int] = set()
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                study = load_study("orphans", space.storage_url)
+            except AutopruneError:
+                continue
+            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+                children = _alive_children(proc.pid)
+                if len(children) >= 3:  # the manager and two workers
+                    break
+        assert proc.poll() is None and len(children) >= 3, children
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and _still_alive(children):
+            time.sleep(0.3)
+        assert not _still_alive(children), "the search's processes outlived it"
+    finally:
+        for pid in _still_alive(children):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_sigterm_to_the_search_alone_ends_it_as_ctrl_c_does(runs: Path, tmp_path: Path) -> None:

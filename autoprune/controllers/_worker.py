@@ -3,7 +3,9 @@ trials with its own torch thread budget."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 import torch
@@ -28,8 +30,29 @@ def _on_ctrl_c(signum: int, frame: Any) -> None:
     raise SystemExit(130)  # not os._exit: the pool's queue lock, held while waiting, is freed
 
 
+def die_with_parent() -> None:
+    """Have the kernel end this process when the search's process dies (Linux): after a
+    ``kill -9`` or an out-of-memory kill of the search, its workers and manager lived on,
+    idle, holding their memory, until killed by hand."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call
+        os._exit(1)
+
+
 def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> None:
     global _CTX
+    die_with_parent()
     signal.signal(signal.SIGINT, _on_ctrl_c)
     torch.set_num_threads(threads)
     _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))

@@ -145,7 +145,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # The rung book and the results seen are shared by all worker processes through a manager.
     manager = _BookManager()
-    manager.start()
+    manager.start(_worker.die_with_parent)
     seen = manager.SeenConfigs()  # type: ignore[attr-defined]
     seen.load(study_entries(study))
     models = manager.ParentModels() if inherit else None  # type: ignore[attr-defined]
@@ -188,6 +188,10 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                 pool.shutdown(cancel_futures=True)
                 pool = _pool(ctx, jobs, threads)
     finally:
+        # A second Ctrl-C (GNU timeout sends its signal to the child and to the group) landing
+        # here cut the manager's shutdown: the manager process lived on and the exit waited on
+        # it for good. Presses are only remembered until the pool and manager are down.
+        ctrl_c.holding = True
         if any(sig != signal.SIGINT for sig in ctrl_c.hits):
             _interrupt_workers(pool)
         pool.shutdown(wait=False, cancel_futures=True)
