@@ -228,9 +228,8 @@ class Recorder:
         """Log finished trials that MLflow does not have yet (a kill between the two writes),
         and close the runs a killed search left running."""
         trials = self.study.get_trials(deepcopy=False)
-        self.tracker.adopt_stale({t.number for t in trials if t.state.is_finished()
-                                  and not t.user_attrs.get("interrupted")})
-        logged = self.tracker.logged_trials()
+        logged = self.tracker.adopt_stale({t.number for t in trials if t.state.is_finished()
+                                           and not t.user_attrs.get("interrupted")})
         missing = [t for t in trials
                    if t.state.is_finished() and t.number not in logged
                    and not t.user_attrs.get("interrupted")]

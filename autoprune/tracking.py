@@ -196,11 +196,6 @@ class Tracker:
             if not token:
                 return runs
 
-    def logged_trials(self) -> set[int]:
-        """Trials whose child run is complete (a run left RUNNING by a killed search is not)."""
-        return {int(r.data.tags[TRIAL_TAG]) for r in self.child_runs()
-                if r.info.status in ("FINISHED", "FAILED")}
-
     def start_trial(self, number: int | None, params: Mapping[str, float],
                     settings: Mapping[str, Any], came_from: str, start: float | None = None,
                     ray_trial: str | None = None) -> str:
@@ -232,12 +227,19 @@ class Tracker:
         for key in list(self._open):
             self.client.delete_run(self._open.pop(key))
 
-    def adopt_stale(self, finished: set[int]) -> None:
+    def adopt_stale(self, finished: set[int]) -> set[int]:
         """Child runs a killed search left RUNNING: a trial the study holds as finished gets
         its run completed by the next :meth:`log_trial`; any other is deleted as
-        :meth:`close_open` does (a Ray trial's always: a new one is logged for it)."""
+        :meth:`close_open` does (a Ray trial's always: a new one is logged for it).
+
+        Returns:
+            The trials whose run is complete (logged), from the same look at the store.
+        """
+        logged = set()
         for r in self.child_runs():
             key = r.data.tags[TRIAL_TAG]
+            if r.info.status in ("FINISHED", "FAILED"):
+                logged.add(int(key))
             if r.info.status != "RUNNING" or key in self._open:
                 continue
             if int(key) in finished:
@@ -247,6 +249,7 @@ class Tracker:
         for r in self.child_runs(RUNNING_ROLE):
             if f"ray:{r.data.tags.get(RAY_TRIAL_TAG)}" not in self._open:
                 self.client.delete_run(r.info.run_id)
+        return logged
 
     def log_trial(self, number: int, attrs: Mapping[str, Any], params: Mapping[str, float],
                   settings: Mapping[str, Any], losses: Iterable[tuple[int, float]] = (),

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import optuna
 
 from autoprune.errors import AutopruneError
 from autoprune.study import load_study
@@ -46,6 +48,23 @@ def tiny_space(runs: Path, name: str, **changes: Any) -> dict[str, Any]:
     return space
 
 
+def wait_for_study(proc: subprocess.Popen[Any], study: str, storage_url: str,
+                   until: Callable[[optuna.Study], bool], timeout: float = 240,
+                   every: float = 0.5) -> bool:
+    """Poll ``study`` while ``proc`` (a search) runs, until ``until(study)`` holds: whether it
+    did before ``timeout`` or the search's end."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(every)
+        try:
+            found = load_study(study, storage_url)
+        except AutopruneError:  # not made yet
+            continue
+        if until(found):
+            return True
+    return False
+
+
 def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: int,
                        timeout: float = 300, sig: int = signal.SIGKILL,
                        outcome: dict[str, Any] | None = None, group: bool = True) -> int:
@@ -57,16 +76,14 @@ def kill_when_finished(cmd: list[str], study: str, storage_url: str, finished: i
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     done = 0
+
+    def enough(found: optuna.Study) -> bool:
+        nonlocal done
+        done = sum(t.state.is_finished() for t in found.trials)
+        return done >= finished
+
     try:
-        deadline = time.time() + timeout
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                done = sum(t.state.is_finished() for t in load_study(study, storage_url).trials)
-            except AutopruneError:
-                continue
-            if done >= finished:
-                break
+        wait_for_study(proc, study, storage_url, enough, timeout)
         assert proc.poll() is None, "the search ended before it could be killed"
         assert done >= finished, f"only {done} trials finished in {timeout} s"
         if group:

@@ -9,7 +9,13 @@ from typing import Any
 
 import optuna
 import pytest
-from _helpers import free_port, kill_when_finished, mlflow_server_process, tiny_space
+from _helpers import (
+    free_port,
+    kill_when_finished,
+    mlflow_server_process,
+    tiny_space,
+    wait_for_study,
+)
 from mlflow import MlflowClient
 
 from autoprune.config import parse_space
@@ -539,18 +545,15 @@ def test_workers_end_when_the_search_is_killed(runs: Path, tmp_path: Path) -> No
                              "--jobs", "2", "--quiet"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     children: set[int] = set()
+
+    def all_started(study: optuna.Study) -> bool:  # the manager and two workers
+        nonlocal children
+        if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+            children = _alive_children(proc.pid)
+        return len(children) >= 3
+
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.3)
-            try:
-                study = load_study("orphans", space.storage_url)
-            except AutopruneError:
-                continue
-            if any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
-                children = _alive_children(proc.pid)
-                if len(children) >= 3:  # the manager and two workers
-                    break
+        wait_for_study(proc, "orphans", space.storage_url, all_started, every=0.3)
         assert proc.poll() is None and len(children) >= 3, children
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -749,7 +752,6 @@ def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None
     so, and a --resume with the server back logs what MLflow missed, once each."""
     import os
     import subprocess
-    import time
 
     import yaml
 
@@ -765,15 +767,8 @@ def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None
         proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search",
                                  str(tmp_path / "outage.yaml"), "--quiet"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            try:
-                study = load_study("outage", space.storage_url)
-            except AutopruneError:
-                continue
-            if sum(t.state.is_finished() for t in study.trials) >= 2:
-                break
+        wait_for_study(proc, "outage", space.storage_url,
+                       lambda study: sum(t.state.is_finished() for t in study.trials) >= 2)
         assert proc.poll() is None, "the search ended before the server went away"
     try:
         out, err = proc.communicate(timeout=300)
