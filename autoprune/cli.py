@@ -154,12 +154,14 @@ def cmd_search(args: argparse.Namespace) -> int:
                        else args.cpus_per_trial,
                        "gpus_per_trial": args.gpus_per_trial or 0.0}
     summary = run_search(space, args.study, args.trials, args.jobs, args.resume, args.seed,
-                         backend, ray_options, quiet=args.quiet)
+                         backend, ray_options, quiet=args.quiet, timeout=args.timeout)
     base = "" if summary.base_accuracy is None else \
         f"base accuracy {summary.base_accuracy:.4f}; "
     # a repeat built an earlier trial's model (nearby ratios round to the same channels):
     # reused, not fine-tuned, but a trial of the budget all the same
     repeats = f", {summary.repeats} repeated an earlier trial's model" if summary.repeats else ""
+    if summary.timed_out:
+        repeats += "; stopped by the time limit, --resume runs the rest"
     print(f"\nstudy {summary.study}: {summary.trials} trials ({summary.failed} failed{repeats}); "
           f"{base}Pareto front ({len(summary.front)} trials):")
     print(format_front(summary.front, space.objectives))
@@ -372,7 +374,8 @@ def submit_command(args: argparse.Namespace, runtime_env_file: str) -> list[str]
     for flag, value in (("--gpus-per-trial", args.gpus_per_trial or None),
                         ("--trials", args.trials), ("--study", args.study),
                         ("--runs-dir", args.runs_dir),
-                        ("--concurrency", args.concurrency), ("--seed", args.seed)):
+                        ("--concurrency", args.concurrency), ("--seed", args.seed),
+                        ("--timeout", args.timeout)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.resume:
@@ -522,6 +525,18 @@ _seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEE
 _share = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")  # CPUs, GPUs
 
 
+def _duration(text: str) -> float:
+    from autoprune.config import DURATION_ALLOWED, duration_seconds
+    from autoprune.errors import ConfigError
+
+    try:
+        seconds = duration_seconds(text, "--timeout")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: {DURATION_ALLOWED}") from None
+    assert seconds is not None
+    return seconds
+
+
 def _ratios(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -577,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="continue an existing study")
     se.add_argument("--seed", type=_seed,
                     help="seed of the sampler and the trials (default: the space's search.seed)")
+    se.add_argument("--timeout", type=_duration, metavar="DURATION",
+                    help="this run's time budget, e.g. 90m or 8h (default: the space's "
+                         "search.timeout, else none): then no trial starts, the running ones "
+                         "finish, and --resume runs the rest")
     se.add_argument("--quiet", action="store_true",
                     help="no progress bar, per-trial lines or status lines (warnings, errors "
                          "and the final front still print)")
@@ -641,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--gpus-per-trial", type=_share, default=0.0,
                     help="GPUs per trial (default 0)")
     sb.add_argument("--seed", type=_seed, help="as in search")
+    sb.add_argument("--timeout", type=_duration, metavar="DURATION", help="as in search")
     sb.add_argument("--resume", action="store_true", help="continue an existing study")
     sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "
                                        "(default: runs/ inside the job's working dir)")

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -187,6 +188,7 @@ class SearchConfig:
     baselines: tuple[float, ...] = (0.25, 0.5, 0.75)
     front_fill: int = 2  # every n-th proposal after the seeds bisects the front's widest step
     jobs: int | None = None  # trials at once; unset: 1 locally, Ray's CPUs on a cluster
+    timeout: float | str | None = None  # wall-clock budget of one run: seconds, or "90m", "2h"
     device: Device = "auto"
     storage: str | None = None
     keep_models: bool = True
@@ -433,6 +435,7 @@ def _validate(space: SpaceConfig) -> None:
     _positive(space.latency.repeats, "latency.repeats")
     _positive(space.search.trials, "search.trials")
     _positive(space.search.jobs, "search.jobs")
+    duration_seconds(space.search.timeout, "search.timeout")
     _positive(space.search.population_size, "search.population_size")
     if space.search.population_size < 2:
         raise ConfigError("search.population_size", space.search.population_size, ">= 2")
@@ -487,6 +490,34 @@ def _validate(space: SpaceConfig) -> None:
 
 
 MAX_SEED = 2**32 - 1  # numpy's seeds
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?"
+                       r"(?:(\d+(?:\.\d+)?)s)?")
+DURATION_ALLOWED = ("seconds (a number > 0), or a duration such as '45s', '30m', '2h', '1h30m', "
+                    "'1d'")
+
+
+def duration_seconds(value: float | str | None, field: str) -> float | None:
+    """A time budget in seconds: a number, or a string of d/h/m/s parts (``"1h30m"``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(field, value, DURATION_ALLOWED)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            match = _DURATION.fullmatch(text)
+            if not text or match is None or not any(match.groups()):
+                raise ConfigError(field, value, DURATION_ALLOWED) from None
+            seconds = sum(float(v) * unit for v, unit in
+                          zip(match.groups(), (86400, 3600, 60, 1), strict=True) if v)
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(field, value, DURATION_ALLOWED)
+    return seconds
 
 
 def check_name(name: str, field: str) -> None:

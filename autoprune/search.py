@@ -22,7 +22,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from autoprune.base import BaseMetrics
-from autoprune.config import SpaceConfig, check_name, check_seed, dump_space
+from autoprune.config import SpaceConfig, check_name, check_seed, dump_space, duration_seconds
 from autoprune.errors import AutopruneError, ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.locks import replacing
@@ -36,6 +36,7 @@ from autoprune.report import (
 from autoprune.signals import stop_as_interrupt
 from autoprune.study import (
     SEED_POINTS,
+    TimeLimit,
     add_result,
     check_same_base,
     check_same_ranges,
@@ -70,6 +71,7 @@ class SearchSummary:
     errors: dict[str, list[int]] = field(default_factory=dict)  # first line -> failed trials
     base_accuracy: float | None = None  # the base model's score, every trial's reference
     repeats: int = 0  # trials whose config built an earlier trial's model (its result reused)
+    timed_out: bool = False  # the time limit stopped it short of its trials
 
 
 def study_dir(space: SpaceConfig, study: str) -> Path:
@@ -359,7 +361,7 @@ def _check_runs_dir(path: str) -> None:
 def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
                jobs: int | None = None, resume: bool = False, seed: int | None = None,
                backend: str = "local", ray_options: dict[str, Any] | None = None,
-               quiet: bool = False) -> SearchSummary:
+               quiet: bool = False, timeout: float | None = None) -> SearchSummary:
     """Run (or resume) a search to ``trials`` finished trials and return its front.
 
     Args:
@@ -372,9 +374,14 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
         backend: ``local`` (Optuna in-process) or ``ray`` (Ray Tune).
         ray_options: address, concurrency, resources for the Ray backend.
         quiet: no progress bar.
+        timeout: this run's time budget in seconds (overrides ``search.timeout``), counted from
+            now: base training and the sensitivity scan spend it too. Once it is spent no trial
+            starts; the running ones finish.
     """
     from tqdm import tqdm
 
+    limit = TimeLimit(timeout if timeout is not None else
+                      duration_seconds(space.search.timeout, "search.timeout"))
     for flag, count in (("--trials", trials), ("--jobs", jobs)):
         if count is not None and count <= 0:
             raise ConfigError(flag, count, "an integer > 0")
@@ -453,14 +460,15 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     # as many as fit; locally --jobs, else search.jobs, else 1
     ran_jobs = ((ray_options or {}).get("concurrency") or jobs or space.search.jobs
                 if backend == "ray" else jobs or space.search.jobs or 1)
-    ran = space.replace(search=_replace(space.search, trials=total, jobs=ran_jobs))
+    ran = space.replace(search=_replace(space.search, trials=total, jobs=ran_jobs,
+                                        timeout=limit.seconds))
     dump_space(ran, out / "space.yaml")
     tracker = Tracker(space.tracking_uri, space.experiment_name, name,
                       default_artifact_dir(space.runs_dir))
     old_parent = study.user_attrs.get("parent_run_id")
     parent = tracker.start_parent(ran, ctx.base, old_parent, out / "space.yaml")
     recorder = Recorder(space, study, tracker, out)
-    status = "FAILED"
+    status, timed_out = "FAILED", False
     df = pd.DataFrame()
     # from here the parent run is RUNNING: a SIGTERM or SIGHUP ends the search as Ctrl-C does
     # (the controllers hold them back around each record), and the run is closed whatever ends
@@ -504,12 +512,23 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 from autoprune.controllers.ray_tune import run_ray
 
                 opts = {**(ray_options or {}), "concurrency": ran_jobs}
-                run_ray(ctx, study, total, dists, recorder, points=points, resume=resume, **opts)
+                run_ray(ctx, study, total, dists, recorder, points=points, resume=resume,
+                        limit=limit, **opts)
             else:
                 from autoprune.controllers import run_local
 
                 run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
-                          space.search.keep_models, on_start=recorder.start)
+                          space.search.keep_models, on_start=recorder.start, limit=limit)
+            timed_out = limit.reached() and done_count(study) < total
+            if timed_out:  # shown with --quiet: the study is short of what was asked
+                before = ("; preparing the base model (and the sensitivity scan) spent it, "
+                          "and both are cached for the next run" if done_count(study) == already
+                          else "")
+                print(f"autoprune: time limit reached ({_seconds(limit.seconds or 0)}, counted "
+                      f"from this run's start): {done_count(study)} of {total} trials finished; "
+                      f"no trial started after it and the running ones finished{before}. The "
+                      "same command with --resume runs the rest, with a new time budget",
+                      file=sys.stderr)
             # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
             failed = recorder.failed()
             status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
@@ -539,12 +558,22 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 raise
             finally:
                 recorder.track("closing the interrupted trials' runs", tracker.close_open)
-                recorder.track("closing the search's run", tracker.finish_parent, status)
+                recorder.track("closing the search's run", tracker.finish_parent, status,
+                               "time limit" if timed_out else None)
     front = df[df["pareto"]].sort_values("accuracy", ascending=False) if not df.empty else df
     return SearchSummary(name, done_count(study), recorder.failed(), front, parent, out,
                          recorder.errors(), study.user_attrs["base"].get("accuracy"),
                          sum(t.user_attrs.get("duplicate_of") is not None
-                             for t in study.get_trials(deepcopy=False)))
+                             for t in study.get_trials(deepcopy=False)), timed_out)
+
+
+def _seconds(seconds: float) -> str:
+    """A duration as a person reads it: 45 s, 2 min 30 s, 2 h 5 min."""
+    if seconds < 90:
+        return f"{seconds:g} s"
+    hours, rest = divmod(round(seconds), 3600)
+    parts = zip((hours, *divmod(rest, 60)), ("h", "min", "s"), strict=True)
+    return " ".join(f"{n} {unit}" for n, unit in parts if n)
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,

@@ -11,8 +11,10 @@ import fnmatch
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -266,7 +268,8 @@ def code_sources(space: SpaceConfig) -> dict[str, str]:
 
 
 # What may change when a study is resumed: how many trials, how many at once, where results go.
-RESUME_MAY_CHANGE = ("search.trials", "search.jobs", "search.device", "runs_dir", "tracking.")
+RESUME_MAY_CHANGE = ("search.trials", "search.jobs", "search.timeout", "search.device",
+                     "runs_dir", "tracking.")
 
 
 def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> None:
@@ -494,6 +497,19 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         study.enqueue_trial(params, user_attrs={k: v for k, v in attrs.items()
                                                 if v is not None} or None)
     return [t.number for t in lost]
+
+
+@dataclass
+class TimeLimit:
+    """One search run's wall-clock budget (``search.timeout``, ``--timeout``), counted from the
+    run's start: once it is spent no trial starts, and the running ones finish and are recorded
+    (as Optuna's ``optimize(timeout=...)``). A ``--resume`` starts a new budget."""
+
+    seconds: float | None = None
+    started: float = field(default_factory=lambda: time.monotonic())
+
+    def reached(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.started >= self.seconds
 
 
 def done_count(study: optuna.Study) -> int:

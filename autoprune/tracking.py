@@ -163,8 +163,11 @@ class Tracker:
     def front(self) -> set[int]:
         return set(self._front)
 
-    def finish_parent(self, status: str = "FINISHED") -> None:
+    def finish_parent(self, status: str = "FINISHED", stopped_by: str | None = None) -> None:
+        """End the parent run; ``stopped_by`` (the time limit) is its ``autoprune.stopped_by``
+        tag, which each run sets (``-`` when it ran all its trials)."""
         if self.parent_id:
+            self.client.set_tag(self.parent_id, "autoprune.stopped_by", stopped_by or "-")
             self.client.set_terminated(self.parent_id, status=status)
 
     def log_artifacts(self, paths: Iterable[Path], artifact_path: str | None = None) -> None:

@@ -174,3 +174,23 @@ def mlflow_server_process(store: Path, port: int | None = None) -> Iterator[str]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def clock_ticks_per_trial_start(monkeypatch: Any, start: str, seconds: float = 100.0) -> None:
+    """A clock for :class:`autoprune.study.TimeLimit` that moves ``seconds`` each time a trial
+    starts (``start``: the ``Recorder`` method the controller calls then), so a time limit
+    falls between the same trials on any machine, however fast."""
+    import types
+
+    from autoprune.search import Recorder
+
+    starts = [0]
+    original = getattr(Recorder, start)
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        starts[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Recorder, start, counted)
+    monkeypatch.setattr("autoprune.study.time",
+                        types.SimpleNamespace(monotonic=lambda: starts[0] * seconds))

@@ -325,10 +325,12 @@ def test_submit_passes_the_trial_resources_on() -> None:
     from autoprune.cli import build_parser, submit_command
 
     args = build_parser().parse_args(["submit", "search_spaces/digits_resnet.yaml",
-                                      "--gpus-per-trial", "0.5", "--cpus-per-trial", "2"])
+                                      "--gpus-per-trial", "0.5", "--cpus-per-trial", "2",
+                                      "--timeout", "2h"])
     cmd = submit_command(args, "env.yaml")
     search = cmd[cmd.index("--") + 1:]
     assert search[search.index("--gpus-per-trial") + 1] == "0.5"
+    assert search[search.index("--timeout") + 1] == "7200.0"  # the job's search reads seconds
     assert search[search.index("--cpus-per-trial") + 1] == "2.0"
     plain = submit_command(build_parser().parse_args(["submit", "s.yaml"]), "env.yaml")
-    assert "--gpus-per-trial" not in plain
+    assert "--gpus-per-trial" not in plain and "--timeout" not in plain

@@ -161,6 +161,9 @@ def test_wrong_types(space_dict: dict[str, Any], mutate: Mutation, path: str,
      "groups.default.step", "at most high - low"),
     (lambda d: d["search"].__setitem__("storage", "notaurl"), "search.storage",
      "an Optuna storage URL"),
+    (lambda d: d["search"].__setitem__("timeout", "2 hours"), "search.timeout",
+     "a duration such as '45s', '30m', '2h'"),
+    (lambda d: d["search"].__setitem__("timeout", 0), "search.timeout", "a number > 0"),
     # checked at load: they had failed every trial (or the base training, with a traceback)
     (lambda d: d["finetune"].__setitem__("momentum", -0.5), "finetune.momentum", "[0, 1)"),
     (lambda d: d["finetune"].__setitem__("weight_decay", -1.0), "finetune.weight_decay",
@@ -184,6 +187,18 @@ def test_value_checks(space_dict: dict[str, Any], mutate: Mutation, path: str,
     err = _error(space_dict, mutate)
     assert err.path == path
     assert allowed in err.allowed
+
+
+@pytest.mark.parametrize(("given", "seconds"), [
+    (None, None), (90, 90.0), ("45s", 45.0), ("30m", 1800.0), ("2h", 7200.0),
+    ("1h30m", 5400.0), ("1d", 86400.0), ("3600", 3600.0)])
+def test_a_time_budget_reads_as_seconds_or_a_duration(space_dict: dict[str, Any], given: Any,
+                                                      seconds: float | None) -> None:
+    from autoprune.config import duration_seconds
+
+    space_dict["search"]["timeout"] = given
+    space = parse_space(space_dict)
+    assert duration_seconds(space.search.timeout, "search.timeout") == seconds
 
 
 def test_missing_model_source(space_dict: dict[str, Any]) -> None:

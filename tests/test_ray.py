@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from _helpers import beyond_loopback, kill_when_finished, listening_addresses, tiny_space
+from _helpers import (
+    beyond_loopback,
+    clock_ticks_per_trial_start,
+    kill_when_finished,
+    listening_addresses,
+    tiny_space,
+)
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
@@ -253,6 +259,26 @@ def test_ctrl_c_stops_a_ray_search_and_resume_finishes_it(cluster: Cluster, tmp_
     # fills were recorded as the sampler's)
     study = load_study(name, space.storage_url)
     assert "front_fill" in {origin(t.user_attrs) for t in study.trials}
+
+
+def test_a_time_limit_on_ray_starts_no_trial_after_it_and_resume_runs_the_rest(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Ray the searcher proposes nothing once the budget is spent: Tune ends when the
+    running trial finishes, and no further round runs the missing trials. The resume (its
+    Tune experiment had ended, not been cut) runs the rest."""
+    space = parse_space(ray_space(tmp_path / "runs", "raytime", trials=5))
+    clock_ticks_per_trial_start(monkeypatch, "start_ray")  # 100 s a trial start
+    summary = run_search(space, backend="ray", ray_options=ray_opts(cluster, 1), quiet=True,
+                         timeout=150)  # spent once 2 trials started
+    assert summary.timed_out and summary.trials == 2
+    study = load_study("raytime", space.storage_url)
+    assert sum(t.state.is_finished() for t in study.trials) == 2
+    assert sorted(r.info.status for r in trial_runs(space, "raytime")) == ["FINISHED"] * 2
+    parent = MlflowClient(space.tracking_uri).get_run(summary.parent_run_id)
+    assert parent.data.tags["autoprune.stopped_by"] == "time limit"
+
+    resume_to_the_end(cluster, space, 5)
+    assert len(trial_runs(space, "raytime")) == 5
 
 
 def test_a_local_ray_listens_on_loopback_only() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 import pytest
 from _helpers import (
+    clock_ticks_per_trial_start,
     free_port,
     kill_when_finished,
     mlflow_server_process,
@@ -725,7 +726,8 @@ def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"--study: got '\.\./escaped'.*without spaces or "
                                           "slashes"):
         run_search(space, study_name="../escaped", quiet=True)
-    for flag, bad in (("--trials", "0"), ("--jobs", "-2"), ("--seed", "-1")):
+    for flag, bad in (("--trials", "0"), ("--jobs", "-2"), ("--seed", "-1"),
+                      ("--timeout", "2 hours"), ("--timeout", "0")):
         with pytest.raises(SystemExit):  # argparse: "got '0'; allowed: an integer > 0"
             cli(["search", "x.yaml", flag, bad])
     with pytest.raises(ConfigError, match="--trials: got 0"):
@@ -1114,6 +1116,46 @@ def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
     assert numbers == [0, 1, 2, 3, 4]
     # the worker processes ran the same trial function: same metrics as in-process
     assert all(t.user_attrs["finetune_steps"] == 4 for t in study.trials)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_time_limit_starts_no_trial_after_it_and_resume_runs_the_rest(
+        runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        jobs: int) -> None:
+    """``--timeout``: once the budget is spent no trial starts, the running ones finish and are
+    recorded (with two jobs, both trials started before it), the search says it stopped short
+    and the parent run says why; a resume runs the rest with a new budget."""
+    name = f"timed{jobs}"
+    space = parse_space(tiny_space(runs, name, **{"search.trials": 6, "search.jobs": jobs}))
+    clock_ticks_per_trial_start(monkeypatch, "start")  # 100 s a trial start
+    summary = run_search(space, quiet=True, timeout=150)  # spent once 2 trials started
+    assert summary.timed_out and summary.trials == 2
+    assert "time limit reached (2 min 30 s, counted from this run's start): 2 of 6 trials " \
+        "finished" in capsys.readouterr().err
+    study = load_study(name, space.storage_url)
+    assert [t.state for t in study.trials if t.state != optuna.trial.TrialState.WAITING] == \
+        [optuna.trial.TrialState.COMPLETE] * 2
+    runs_now = child_runs(runs, name)
+    assert sorted(r.info.status for r in runs_now) == ["FINISHED"] * 2
+    client = MlflowClient(space.tracking_uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["autoprune.stopped_by"] == "time limit"
+
+    summary = run_search(space, resume=True, quiet=True)  # no budget: runs the other 4
+    assert not summary.timed_out and summary.trials == 6
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in child_runs(runs, name)) == \
+        list(range(6))
+    assert client.get_run(summary.parent_run_id).data.tags["autoprune.stopped_by"] == "-"
+
+
+def test_a_time_limit_spent_before_the_first_trial_runs_none(
+        runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = parse_space(tiny_space(runs, "timed0", **{"search.timeout": 0.001}))
+    summary = run_search(space, quiet=True)
+    assert summary.timed_out and summary.trials == 0
+    assert "0 of 5 trials finished" in capsys.readouterr().err
+    assert not child_runs(runs, "timed0")
 
 
 def test_twins_that_ran_at_once_are_recorded_as_one_model(runs: Path) -> None:

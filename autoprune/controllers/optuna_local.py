@@ -23,7 +23,7 @@ from autoprune.dedup import SeenConfigs, mark_twin, remember, reuser, study_entr
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
 from autoprune.signals import STOP_SIGNALS, STOPPED_BY, handling
-from autoprune.study import ask, done_count, rung_history, seed_role, suggest_ratios
+from autoprune.study import TimeLimit, ask, done_count, rung_history, seed_role, suggest_ratios
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
@@ -75,18 +75,20 @@ def _ctrl_c_remembered() -> Iterator[_CtrlC]:
 
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
               dists: dict[str, optuna.distributions.FloatDistribution],
-              on_result: OnResult, keep_model: bool, on_start: OnStart | None = None) -> None:
+              on_result: OnResult, keep_model: bool, on_start: OnStart | None = None,
+              limit: TimeLimit | None = None) -> None:
     """See :func:`_run_local`; a Ctrl-C that Python swallowed still stops it after the trial."""
     with _ctrl_c_remembered() as ctrl_c:
         _run_local(ctx, study, total, jobs, dists, on_result, keep_model, ctrl_c,
-                   on_start or (lambda trial, ratios: None))
+                   on_start or (lambda trial, ratios: None), limit or TimeLimit())
 
 
 def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                dists: dict[str, optuna.distributions.FloatDistribution],
                on_result: OnResult, keep_model: bool, ctrl_c: _CtrlC,
-               on_start: OnStart) -> None:
-    """Run trials until ``total`` have finished (completed or failed).
+               on_start: OnStart, limit: TimeLimit) -> None:
+    """Run trials until ``total`` have finished (completed or failed), or until ``limit`` is
+    reached: then no trial starts, and those running finish.
 
     Args:
         ctx: the trial context (used directly when ``jobs == 1``).
@@ -97,6 +99,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         on_result: called in this process with every finished trial (records it).
         on_start: called in this process with every trial as it starts, and its ratios.
         keep_model: ask trials to return their fine-tuned weights.
+        limit: the run's time budget.
     """
     fid, inherit = ctx.space.search.fidelity, ctx.space.search.inherit
     weights = keep_model or inherit  # inheritance needs every trial's fine-tuned weights
@@ -129,7 +132,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         book = RungBook(*book_args(fid)) if fid.enabled else None
         if book is not None:
             book.load(rung_history(study))
-        while done_count(study) < total:
+        while done_count(study) < total and not limit.reached():
             with ctrl_c.held():  # storage writes: asked, its ratios suggested, its run open
                 trial = ask(study)
                 ratios = suggest_ratios(trial, dists)
@@ -158,8 +161,11 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     pool = _pool(ctx, jobs, threads)
     pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}
     try:
-        while done_count(study) + len(pending) < total or pending:
-            while len(pending) < jobs and done_count(study) + len(pending) < total:
+        def more() -> bool:
+            return done_count(study) + len(pending) < total and not limit.reached()
+
+        while more() or pending:
+            while len(pending) < jobs and more():
                 with ctrl_c.held():
                     trial = ask(study)
                     ratios = suggest_ratios(trial, dists)

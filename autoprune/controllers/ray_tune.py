@@ -30,6 +30,7 @@ import optuna
 import ray
 import torch
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -50,6 +51,7 @@ from autoprune.sources._models import cpu_state
 from autoprune.study import (
     INTERRUPTED,
     SeedPoint,
+    TimeLimit,
     directions,
     done_count,
     make_sampler,
@@ -283,7 +285,7 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
             points: list[SeedPoint] | None = None,
             address: str | None = None, concurrency: int | None = None,
             cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, max_failures: int = 2,
-            resume: bool = False) -> None:
+            resume: bool = False, limit: TimeLimit | None = None) -> None:
     """Run the search on Ray Tune until the study holds ``total`` finished trials.
 
     Fine-tuned weights stay on the workers, except with ``search.inherit``: the parent actor
@@ -304,13 +306,16 @@ def run_ray(ctx: TrialContext, study: optuna.Study, total: int,
         gpus_per_trial: GPUs per trial.
         max_failures: retries of a trial whose worker died.
         resume: restore the Tune experiment of an interrupted driver.
+        limit: the run's time budget: once reached, the searcher proposes no more trials and
+            those running finish.
     """
+    limit = limit or TimeLimit()
     args = (ctx, study, total, dists, recorder, points, address, concurrency, cpus_per_trial,
-            gpus_per_trial, max_failures)
+            gpus_per_trial, max_failures, limit)
     for attempt in range(ROUNDS):
         _run_round(*args, resume=resume and attempt == 0)
         short = total - done_count(study)
-        if short <= 0:
+        if short <= 0 or limit.reached():
             return
         # A trial whose node died before it started can end in Tune with neither a result nor
         # its config, and a restored experiment may have had fewer trials left than the new
@@ -329,7 +334,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
                dists: dict[str, optuna.distributions.FloatDistribution], recorder: Recorder,
                points: list[SeedPoint] | None, address: str | None, concurrency: int | None,
                cpus_per_trial: float, gpus_per_trial: float, max_failures: int,
-               resume: bool) -> None:
+               limit: TimeLimit, resume: bool) -> None:
     """One Tune experiment (fresh, or restored with ``resume``) towards ``total`` trials."""
     connect(address)
     space = ctx.space
@@ -380,6 +385,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
         restored = tuner._local_tuner._tune_config.search_alg
         if isinstance(restored, AutopruneSearch):
             callback.searcher = restored
+            restored.limit = limit  # this run's budget, not the saved one's
     else:
         remaining = total - done_count(study)
         if remaining <= 0:
@@ -392,6 +398,7 @@ def _run_round(ctx: TrialContext, study: optuna.Study, total: int,
             space=dict(dists), metric=[OBJECTIVES[o][1] for o in objectives],
             mode=[d[:3] for d in directions(objectives)], points_to_evaluate=todo or None,
             sampler=make_sampler(space, sampler_seed(space.search.seed, study)))
+        searcher.limit = limit
         # A resumed search's sampler starts from the trials already finished (NSGA-II's
         # population, the front to fill), as the local controller's does from its study.
         searcher.add_finished(study)
@@ -462,7 +469,11 @@ class AutopruneSearch(OptunaSearch):
     samples (see :func:`autoprune.study.ask`), so it can become a parent.
     """
 
+    limit: TimeLimit | None = None  # the run's time budget: spent, no more trials
+
     def suggest(self, trial_id: str) -> Any:
+        if self.limit is not None and self.limit.reached():
+            return Searcher.FINISHED  # Tune starts no more, and ends when the running finish
         params = super().suggest(trial_id)
         study: optuna.Study = self._ot_study  # type: ignore[assignment]
         ot_trial = self._ot_trials.get(trial_id)
