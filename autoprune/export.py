@@ -41,6 +41,7 @@ from autoprune.pareto import pick
 from autoprune.prune import PruneRecord, replay
 from autoprune.quiet import quieter
 from autoprune.rebuild import SCHEMA_VERSION, validate_config
+from autoprune.report import speed_words
 from autoprune.sources import load_checkpoint
 from autoprune.sources._models import load_state_dict_strict
 
@@ -643,14 +644,6 @@ def _inputs_section(config: dict[str, Any]) -> str:
             f"`prune_config.json` under `data.preprocessing`):\n{steps}")
 
 
-def _speed_words(speedup: float) -> str:
-    """A speed-up as a reader says it: below 1 (the pruned model timed slower), ``1.61x
-    slower``, not ``0.62x faster``."""
-    if speedup >= 1:
-        return f"{speedup:.2f}x faster"
-    return f"{1 / speedup:.2f}x slower" if speedup > 0 else "not timed"
-
-
 def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConfig,
                dense: bool = False) -> str:
     """The export's README: ``dense`` when the model predicts per position (segmentation)."""
@@ -665,7 +658,7 @@ def model_card(config: dict[str, Any], front: Any, number: int, space: SpaceConf
         ("MACs", f"{t['macs'] / 1e6:.3f} M ({t['macs_ratio']:.3f}x)", f"{b['macs'] / 1e6:.3f} M"),
         ("FLOPs", f"{2 * t['macs'] / 1e6:.3f} M", f"{2 * b['macs'] / 1e6:.3f} M"),
         ("parameters", f"{t['params']:,} ({t['params_ratio']:.3f}x)", f"{b['params']:,}"),
-        ("latency (median)", f"{t['latency_ms']:.3f} ms ({_speed_words(t['speedup'])})",
+        ("latency (median)", f"{t['latency_ms']:.3f} ms ({speed_words(t['speedup'])})",
          f"{b['latency_ms']:.3f} ms"),
     ]
     table = "\n".join(f"| {a} | {x} | {y} |" for a, x, y in rows)

@@ -174,6 +174,14 @@ def write_tables(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list
     return df, [trials_csv, pareto_csv]
 
 
+def speed_words(speedup: float) -> str:
+    """A speed-up as a reader says it: below 1 (the pruned model timed slower), ``1.61x
+    slower``, not ``0.62x faster``."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower" if speedup > 0 else "not timed"
+
+
 def format_front(front: pd.DataFrame, objectives: Sequence[str] = ()) -> str:
     if front.empty:
         return "(no feasible completed trial yet)"

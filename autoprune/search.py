@@ -31,6 +31,7 @@ from autoprune.report import (
     front_hypervolume,
     load_plotting,
     plot_front,
+    speed_words,
     write_tables,
 )
 from autoprune.signals import stop_as_interrupt
@@ -260,10 +261,10 @@ def trial_line(frozen: FrozenTrial, done: int, total: int, counts: dict[str, int
     score = "accuracy at the stop" if state == "pruned" else \
         "proxy accuracy" if state == "infeasible" else "accuracy"
     for key, fmt in (("accuracy", score + " {:.4f}"), ("macs_ratio", "macs_ratio {:.3f}"),
-                     ("speedup", "{:.2f}x faster")):
+                     ("speedup", "")):
         value = a.get(key)
         if isinstance(value, (int, float)) and value == value:
-            parts.append(fmt.format(value))
+            parts.append(fmt.format(value) if fmt else speed_words(value))
     if state == "failed":
         parts = [(str(a.get("error") or "unknown error").split("\n")[0])[:200]]
     parts += [f"{v:.3g} under constraints.min_accuracy" if k == "accuracy" else

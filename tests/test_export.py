@@ -871,10 +871,10 @@ def test_a_missing_user_checkpoint_is_not_blamed_on_the_runs_dir() -> None:
 
 
 def test_the_card_says_slower_for_a_speed_up_below_one() -> None:
-    from autoprune.export import _speed_words
+    from autoprune.report import speed_words
 
-    assert _speed_words(2.5) == "2.50x faster"
-    assert _speed_words(0.62) == "1.61x slower"  # it read "0.62x faster"
+    assert speed_words(2.5) == "2.50x faster"
+    assert speed_words(0.62) == "1.61x slower"  # it read "0.62x faster"
 
 
 def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_folder(

@@ -366,6 +366,9 @@ def test_a_trial_s_log_line_says_what_became_of_it() -> None:
     assert line(state="failed", error="ValueError: boom\nTraceback ...").startswith(
         "autoprune: trial 0 failed: ValueError: boom, 1.2 s [3/10;")
     assert "the model of trial 2, reused" in line(state="complete", duplicate_of=2)
+    # a trial timed slower than the base: not "0.80x faster" (the model card says slower)
+    assert "macs_ratio 0.784, 1.25x slower, 1.2 s" in line(state="complete", accuracy=0.99,
+                                                           macs_ratio=0.784, speedup=0.8)
 
 
 def test_a_search_whose_every_trial_fails_says_why_and_exits_non_zero(
