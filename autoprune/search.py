@@ -603,12 +603,22 @@ def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done
             f"{done + queued + generation} trials or more also run a generation of proposals")
 
 
+def _models(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``columns`` of the complete trials, each model once: a trial that reused an earlier
+    trial's model (``duplicate_of``) repeats its (proxy, accuracy) pair, and counted again it
+    moved the Kendall tau by 0.11 in a 13-trial study with 4 such trials."""
+    done = df[df["state"] == "complete"]
+    if "duplicate_of" in done:
+        done = done[done["duplicate_of"].isna()]
+    return done[columns].dropna()
+
+
 def proxy_kendall_tau(df: pd.DataFrame) -> float | None:
     """Rank correlation between the adaptive-BN proxy and the final accuracy (complete trials):
     how far a user can trust the proxy to stop trials early on this model."""
     from scipy.stats import kendalltau
 
-    done = df[df["state"] == "complete"][["proxy_accuracy", "accuracy"]].dropna()
+    done = _models(df, ["proxy_accuracy", "accuracy"])
     if len(done) < 3 or done["proxy_accuracy"].nunique() < 2 or done["accuracy"].nunique() < 2:
         return None
     return float(kendalltau(done["proxy_accuracy"], done["accuracy"]).statistic)
@@ -619,7 +629,7 @@ def proxy_partial_rho(df: pd.DataFrame) -> float | None:
     accuracy | MACs ratio) over complete trials (near 0: it only repeats the cost)."""
     from autoprune.fidelity import partial_spearman
 
-    done = df[df["state"] == "complete"][["proxy_accuracy", "accuracy", "macs_ratio"]].dropna()
+    done = _models(df, ["proxy_accuracy", "accuracy", "macs_ratio"])
     if len(done) < 4:
         return None
     return partial_spearman(done["proxy_accuracy"], done["accuracy"], done["macs_ratio"])
