@@ -101,8 +101,9 @@ class PruneRecord:
 
 
 #: The rounding rule's version, part of cached results' keys (the sensitivity scan): version 2
-#: rounds a group in blocks to their nearest multiple, where version 1 rounded down.
-ROUNDING_RULE = 2
+#: rounds a group in blocks to their nearest multiple, where version 1 rounded down; version 3
+#: rounds half-way cases up whatever the ratio's float error (version 2 rounded some down).
+ROUNDING_RULE = 3
 
 
 def kept_after_rounding(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
@@ -113,7 +114,10 @@ def kept_after_rounding(channels: int, ratio: float, round_to: int, blocks: int 
     if blocks > 1 and channels % blocks == 0:
         both = math.lcm(unit, blocks)
         unit = both if channels % both == 0 else blocks  # whole blocks come first
-    kept = math.floor(channels * (1.0 - ratio) / unit + 0.5) * unit  # half rounds up
+    # half rounds up, at the ratio as written: 0.35 comes from the sampler as
+    # 0.35000000000000003, and 40 * (1 - that) / 4 = 6.4999999999999991 rounded down to 24 kept
+    # where 0.35 as written kept 28
+    kept = math.floor(round(channels * (1.0 - ratio) / unit, 9) + 0.5) * unit
     return int(min(channels, max(unit, kept)))
 
 

@@ -62,6 +62,12 @@ def test_groups_of_the_test_model(base: nn.Module, example: torch.Tensor) -> Non
     (6, 0.5, 8, 3),       # fewer channels than round_to: plain rounding
     (10, 0.99, 1, 1),     # never fewer than 1
     (16, 0.5, 4, 8),
+    # half-way cases round up as written, whatever the ratio's float error (the sampler gives
+    # 0.35000000000000003; 60 * (1 - 0.9) is 5.999999999999998): they kept 24, 4 and 4
+    (40, 0.35, 4, 28),
+    (40, 0.35000000000000003, 4, 28),
+    (20, 0.7000000000000001, 4, 8),
+    (60, 0.9, 4, 8),
 ])
 def test_kept_after_rounding(channels: int, ratio: float, round_to: int, kept: int) -> None:
     assert kept_after_rounding(channels, ratio, round_to) == kept
