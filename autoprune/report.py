@@ -19,7 +19,8 @@ METRIC_COLUMNS = ("accuracy", "proxy_accuracy", "macs_ratio", "params_ratio", "l
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, baseline, ratio summary, metrics, per-group ratios."""
+    """One row per trial: number, state, baseline, ratio summary (of the ratios asked),
+    metrics, per-group ratios asked (``ratio.<group>``) and channels kept (``kept.<group>``)."""
     front = front_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -43,11 +44,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[key] = t.user_attrs.get(key)
         row["error"] = t.user_attrs.get("error") or None  # the whole traceback (a quoted cell)
         row.update({f"ratio.{k}": tidy_number(v) for k, v in t.params.items()})
+        # the channels each group kept: the ratio asked, rounded (pruning.round_to, blocks)
+        row.update({f"kept.{k}": int(v) for k, v in
+                    (t.user_attrs.get("kept_channels") or {}).items()})
         rows.append(row)
     df = pd.DataFrame(rows)
     # counts and trial numbers: integers, or missing (a failed trial has none; without this a
     # column with a gap reads 44.0)
-    for col in ("duplicate_of", "inherits_trial", "finetune_steps", "params"):
+    kept = [c for c in df.columns if c.startswith("kept.")]
+    for col in ("duplicate_of", "inherits_trial", "finetune_steps", "params", *kept):
         if col in df:
             df[col] = pd.to_numeric(df[col]).round().astype("Int64")
     return df

@@ -300,7 +300,9 @@ class Tracker:
         # accuracy at each multi-fidelity rung (step = rung; rung 0 is the proxy)
         metrics += [Metric("rung_accuracy", float(a), now, int(r))
                     for r, a, _c in attrs.get("rungs") or []]
-        self._log_params(run_id, [p for p in _trial_params(params, settings)
+        kept = [Param(f"kept.{g}", str(int(c))) for g, c in
+                (attrs.get("kept_channels") or {}).items()]  # the channels, after rounding
+        self._log_params(run_id, [p for p in _trial_params(params, settings) + kept
                                   if p.key not in logged])
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])

@@ -86,8 +86,12 @@ def test_short_search_records_every_trial_in_mlflow(runs: Path) -> None:
     runs_ = child_runs(runs, "short")
     assert sorted(int(r.data.tags["autoprune.trial"]) for r in runs_) == [0, 1, 2, 3, 4]
     groups = [g for g in study.trials[0].params]
+    kept = {t.number: t.user_attrs["kept_channels"] for t in finished}
     for r in runs_:
         assert {f"ratio.{g}" for g in groups} <= set(r.data.params)
+        # the channels each group kept (a ratio asked is rounded: the tables showed only it)
+        assert {k: int(v) for k, v in r.data.params.items() if k.startswith("kept.")} == \
+            {f"kept.{g}": c for g, c in kept[int(r.data.tags["autoprune.trial"])].items()}
         assert {"importance", "round_to"} <= set(r.data.params)
         assert {"proxy_accuracy", "macs", "flops", "macs_ratio", "params", "latency_ms",
                 "latency_p90_ms", "speedup"} <= set(r.data.metrics)
@@ -122,6 +126,11 @@ def test_short_search_records_every_trial_in_mlflow(runs: Path) -> None:
     assert parent.data.metrics["base_accuracy"] > 0.5
     names = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     assert {"trials.csv", "pareto.csv", "space.yaml", "plots"} <= names
+    import pandas as pd
+
+    table = pd.read_csv(summary.study_dir / "trials.csv")
+    for _, row in table.iterrows():
+        assert {g: int(row[f"kept.{g}"]) for g in groups} == kept[int(row["trial"])]
     plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
     assert "plots/pareto_accuracy_vs_macs.png" in plots
     assert "plots/pareto_accuracy_vs_latency.html" in plots
