@@ -134,6 +134,13 @@ class Recorder:
         self.track(f"starting Ray trial {trial_id}", self.tracker.start_trial, None, ratios,
                    pruning_settings(self.space), came_from, time.time(), trial_id)
 
+    def requeued(self, numbers: list[int]) -> None:
+        """Trials cut when a worker process died beside them: queued to run again."""
+        for n in numbers:
+            self.track(f"closing trial {n}'s run", self.tracker.drop_open, n)
+        print(f"autoprune: trial(s) {numbers} ran beside the worker process that died and are "
+              "queued to run again", file=sys.stderr)
+
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
@@ -519,7 +526,8 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                 from autoprune.controllers import run_local
 
                 run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
-                          space.search.keep_models, on_start=recorder.start, limit=limit)
+                          space.search.keep_models, on_start=recorder.start, limit=limit,
+                          on_requeue=recorder.requeued)
             timed_out = limit.reached() and done_count(study) < total
             if timed_out:  # shown with --quiet: the study is short of what was asked
                 before = ("; preparing the base model (and the sensitivity scan) spent it, "

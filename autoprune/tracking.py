@@ -222,6 +222,13 @@ class Tracker:
         self._open[str(number) if number is not None else f"ray:{ray_trial}"] = run_id
         return run_id
 
+    def drop_open(self, number: int) -> None:
+        """Delete the open run of a trial that runs again under a new number (it was cut: a
+        worker process died beside it)."""
+        run_id = self._open.pop(str(number), None)
+        if run_id is not None:
+            self.client.delete_run(run_id)
+
     def close_open(self) -> None:
         """Delete the runs of trials that did not finish (an interrupt): such a trial runs
         again under a new number with --resume (on Ray, Tune's restored trial opens a new

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -579,6 +581,102 @@ def test_workers_end_when_the_search_is_killed(runs: Path, tmp_path: Path) -> No
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _trials_by_outcome(study: optuna.Study) -> tuple[list[Any], list[Any]]:
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and not t.user_attrs.get("interrupted")]
+    cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    return failed, cut
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_worker_killed_fails_its_trial_alone_and_the_search_goes_on(
+        runs: Path, tmp_path: Path) -> None:
+    """kill -9 of one --jobs 2 worker (the out-of-memory killer): both trials in flight were
+    failed with the same words, so the healthy one (a uniform baseline) never ran again. Now
+    only the killed worker's trial fails, saying how; the other runs again."""
+    import signal
+
+    import yaml
+
+    space_file = tmp_path / "oom.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "oom", **{
+        "search.trials": 5, "finetune.steps": 300})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    run_search(parse_space(tiny_space(runs, "oom-warm", **{"search.trials": 1})), quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", str(space_file),
+                             "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        # one trial finished (both workers have started), the next two running
+        assert wait_for_study(proc, "oom", space.storage_url, lambda study: [
+            t.state for t in study.trials].count(optuna.trial.TrialState.RUNNING) == 2 and any(
+            t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), every=0.2)
+        time.sleep(0.5)
+        busiest = max(_alive_children(proc.pid), key=_cpu_ticks)  # a worker, not the manager
+        os.kill(busiest, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    study = load_study("oom", space.storage_url)
+    failed, cut = _trials_by_outcome(study)
+    assert len(failed) == 1 and "killed by SIGKILL" in failed[0].user_attrs["error"], \
+        [t.user_attrs.get("error") for t in failed]
+    assert len(cut) == 1 and f"trial(s) [{cut[0].number}] ran beside the worker" in err
+    # the trial cut beside it ran again with its ratios (a uniform baseline keeps its role)
+    again = [t for t in study.trials if t.number > cut[0].number and t.params == cut[0].params
+             and t.state == optuna.trial.TrialState.COMPLETE]
+    assert again and again[0].user_attrs.get("baseline") == cut[0].user_attrs.get("baseline")
+    runs_now = child_runs(runs, "oom")
+    assert sorted(int(r.data.tags["autoprune.trial"]) for r in runs_now) == sorted(
+        t.number for t in study.trials if not t.user_attrs.get("interrupted"))
+    assert "RUNNING" not in {r.info.status for r in runs_now}
+
+
+def test_a_worker_that_dies_while_the_search_records_does_not_end_it(
+        runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed while the controller recorded a trial or asked the next one broke the
+    pool there: the next submit raised BrokenProcessPool, uncaught, and the search ended in a
+    traceback (2 of 2 tries)."""
+    import multiprocessing as mp
+    import signal
+
+    from autoprune.search import Recorder
+
+    space = parse_space(tiny_space(runs, "broke", **{"search.trials": 5, "search.jobs": 2}))
+    starts = [0]
+    start = Recorder.start
+
+    def start_and_kill(self: Any, trial: Any, ratios: Any) -> None:
+        starts[0] += 1
+        if starts[0] == 3:  # after the first trial's record, before the next submit
+            for child in mp.active_children():
+                if child.name.startswith("SpawnProcess"):  # the pool's workers
+                    os.kill(child.pid, signal.SIGKILL)
+            time.sleep(2)  # the pool sees it broken
+        start(self, trial, ratios)
+
+    monkeypatch.setattr(Recorder, "start", start_and_kill)
+    summary = run_search(space, quiet=True)
+    assert summary.trials == 5
+    study = load_study("broke", space.storage_url)
+    failed, cut = _trials_by_outcome(study)
+    assert cut  # the trial asked when the pool broke never ran: it runs again
+    assert all("killed by SIGKILL" in t.user_attrs["error"] for t in failed)
+    runs_now = child_runs(runs, "broke")
+    assert "RUNNING" not in {r.info.status for r in runs_now}
+    assert len(runs_now) == 5
 
 
 def test_sigterm_to_the_search_alone_ends_it_as_ctrl_c_does(runs: Path, tmp_path: Path) -> None:

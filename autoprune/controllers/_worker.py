@@ -60,9 +60,11 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> No
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
          key: str = "", seen: Any = None, role: str | None = None,
-         models: Any = None) -> TrialResult:
+         models: Any = None, pids: Any = None) -> TrialResult:
     global _BUSY
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
+    if pids is not None:  # which process runs which trial: the one whose worker dies fails
+        pids[key] = os.getpid()
     promote = promoter(book, key, role, _CTX.space.search.inherit) if book is not None else None
     _BUSY = True
     try:

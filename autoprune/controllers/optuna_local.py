@@ -13,7 +13,7 @@ import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing.managers import BaseManager
+from multiprocessing.managers import BaseManager, DictProxy
 from typing import Any
 
 import optuna
@@ -23,11 +23,20 @@ from autoprune.dedup import SeenConfigs, mark_twin, remember, reuser, study_entr
 from autoprune.fidelity import RungBook, book_args, promoter
 from autoprune.inherit import ParentModels, inheritor, load_kept, offer
 from autoprune.signals import STOP_SIGNALS, STOPPED_BY, handling
-from autoprune.study import TimeLimit, ask, done_count, rung_history, seed_role, suggest_ratios
+from autoprune.study import (
+    TimeLimit,
+    ask,
+    done_count,
+    recover_interrupted,
+    rung_history,
+    seed_role,
+    suggest_ratios,
+)
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 OnResult = Callable[[optuna.Trial, TrialResult], None]
 OnStart = Callable[[optuna.Trial, dict[str, float]], None]
+OnRequeue = Callable[[list[int]], None]
 
 
 class _CtrlC:
@@ -76,17 +85,18 @@ def _ctrl_c_remembered() -> Iterator[_CtrlC]:
 def run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
               dists: dict[str, optuna.distributions.FloatDistribution],
               on_result: OnResult, keep_model: bool, on_start: OnStart | None = None,
-              limit: TimeLimit | None = None) -> None:
+              limit: TimeLimit | None = None, on_requeue: OnRequeue | None = None) -> None:
     """See :func:`_run_local`; a Ctrl-C that Python swallowed still stops it after the trial."""
     with _ctrl_c_remembered() as ctrl_c:
         _run_local(ctx, study, total, jobs, dists, on_result, keep_model, ctrl_c,
-                   on_start or (lambda trial, ratios: None), limit or TimeLimit())
+                   on_start or (lambda trial, ratios: None), limit or TimeLimit(),
+                   on_requeue or (lambda numbers: None))
 
 
 def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                dists: dict[str, optuna.distributions.FloatDistribution],
                on_result: OnResult, keep_model: bool, ctrl_c: _CtrlC,
-               on_start: OnStart, limit: TimeLimit) -> None:
+               on_start: OnStart, limit: TimeLimit, on_requeue: OnRequeue) -> None:
     """Run trials until ``total`` have finished (completed or failed), or until ``limit`` is
     reached: then no trial starts, and those running finish.
 
@@ -100,6 +110,8 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         on_start: called in this process with every trial as it starts, and its ratios.
         keep_model: ask trials to return their fine-tuned weights.
         limit: the run's time budget.
+        on_requeue: called with the trials queued to run again after a worker process died
+            beside them (their runs were opened by ``on_start``).
     """
     fid, inherit = ctx.space.search.fidelity, ctx.space.search.inherit
     weights = keep_model or inherit  # inheritance needs every trial's fine-tuned weights
@@ -150,6 +162,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     manager = _BookManager()
     manager.start(_worker.die_with_parent)
     seen = manager.SeenConfigs()  # type: ignore[attr-defined]
+    pids = manager.Pids()  # type: ignore[attr-defined]  # trial label -> the worker running it
     seen.load(study_entries(study))
     models = manager.ParentModels() if inherit else None  # type: ignore[attr-defined]
     if models is not None:
@@ -160,6 +173,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
         shared.load(rung_history(study))
     pool = _pool(ctx, jobs, threads)
     pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}
+    broke_again = False
     try:
         def more() -> bool:
             return done_count(study) + len(pending) < total and not limit.reached()
@@ -171,28 +185,54 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     ratios = suggest_ratios(trial, dists)
                     on_start(trial, ratios)
                 role = seed_role(trial.user_attrs)
-                fut = pool.submit(_worker.work, ratios, weights, shared, f"t{trial.number}",
-                                  seen, role, models if inherits(models, role) else None)
+                try:
+                    fut = pool.submit(_worker.work, ratios, weights, shared, f"t{trial.number}",
+                                      seen, role, models if inherits(models, role) else None,
+                                      pids)
+                except BrokenProcessPool as e:  # a worker died while this process recorded
+                    fut = Future()  # or asked: this trial never ran
+                    fut.set_exception(e)
                 pending[fut] = (trial, ratios)
+                if fut.done():
+                    break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            broken = False
+            lost: list[tuple[optuna.Trial, dict[str, float]]] = []
             for fut in finished:
                 trial, ratios = pending.pop(fut)
                 try:
                     result = fut.result()
-                except BrokenProcessPool as e:  # the worker died (killed, out of memory)
-                    broken = True
-                    result = TrialResult(ratios=ratios, state="failed", seed=ctx.space.search.seed,
-                                         error=f"worker process died: {e}")
+                except BrokenProcessPool:  # a worker died (killed, out of memory)
+                    lost.append((trial, ratios))
+                    continue
                 record(trial, result, seen, models)
-            if broken:
+            if lost:  # the pool ends every trial in flight: each running one is lost too
                 for fut, (trial, ratios) in list(pending.items()):
-                    pending.pop(fut)
-                    on_result(trial, TrialResult(ratios=ratios, state="failed",
-                                                 seed=ctx.space.search.seed,
-                                                 error="worker pool broke during this trial"))
+                    del pending[fut]
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        record(trial, fut.result(), seen, models)  # finished just before
+                    else:
+                        lost.append((trial, ratios))
+                died = _died_alone(pool, pids)
+                for trial, ratios in lost:
+                    why = died.get(f"t{trial.number}")
+                    if why is None and died and not broke_again:
+                        continue  # it ran beside the one that died (or never ran): again
+                    error = (f"worker process died: {why}" if why else "worker process died "
+                             "(a worker of the pool died, which one is not known)" if not died
+                             else "the worker pool broke again before any trial finished")
+                    with ctrl_c.held():
+                        on_result(trial, TrialResult(ratios=ratios, state="failed",
+                                                     seed=ctx.space.search.seed, error=error))
+                with ctrl_c.held():
+                    again = recover_interrupted(study)
+                    if again:
+                        on_requeue(again)
                 pool.shutdown(cancel_futures=True)
                 pool = _pool(ctx, jobs, threads)
+                broke_again = True  # till a trial finishes: a pool that keeps breaking (a
+                # worker that dies as it starts) fails its trials rather than re-run them
+            elif finished:
+                broke_again = False
     finally:
         # A second Ctrl-C (GNU timeout sends its signal to the child and to the group) landing
         # here cut the manager's shutdown: the manager process lived on and the exit waited on
@@ -202,6 +242,33 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
             _interrupt_workers(pool)
         pool.shutdown(wait=False, cancel_futures=True)
         manager.shutdown()
+
+
+def _died_alone(pool: ProcessPoolExecutor, pids: Any) -> dict[str, str]:
+    """The trials whose worker process died of itself, and how (a broken pool then
+    terminates the other workers, with SIGTERM): a ``kill -9`` or the out-of-memory killer
+    ended one worker, and both trials in flight were failed with the same words, so the
+    healthy one (a uniform baseline) never ran again."""
+    procs = dict(getattr(pool, "_processes", None) or {})
+    for proc in procs.values():
+        proc.join(timeout=10)
+    codes = {pid: proc.exitcode for pid, proc in procs.items()}
+    dead = {}
+    for pid, code in codes.items():
+        if code is None or code == -signal.SIGTERM:
+            continue
+        if code < 0:
+            name = signal.Signals(-code).name
+            dead[pid] = (f"killed by {name} (the out-of-memory killer, or kill -9)"
+                         if -code == signal.SIGKILL else f"killed by {name}")
+        else:
+            dead[pid] = f"exited with status {code}"
+    # a worker that died before its first trial (or between trials) fails none: the label
+    # "-" stands for it, so the trials in flight run again
+    out = {label: dead[pid] for label, pid in dict(pids).items() if pid in dead}
+    if dead and not out:
+        out["-"] = next(iter(dead.values()))
+    return out
 
 
 def _interrupt_workers(pool: ProcessPoolExecutor) -> None:
@@ -220,6 +287,7 @@ class _BookManager(BaseManager):
 _BookManager.register("RungBook", RungBook)
 _BookManager.register("SeenConfigs", SeenConfigs)
 _BookManager.register("ParentModels", ParentModels)
+_BookManager.register("Pids", dict, DictProxy)
 
 
 def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:
