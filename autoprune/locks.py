@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,37 @@ def exclusive(lock_file: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def held_alone(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold ``lock_file`` for the block, or raise :class:`AutopruneError` (``busy``, then the
+    holder's pid and start) at once when another process holds it; without POSIX locks
+    (Windows), no lock. The kernel frees it when its holder dies, however it dies."""
+    from autoprune.errors import AutopruneError
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise AutopruneError(f"{busy} (held by {holder}; {lock_file})") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            yield
+        finally:
+            f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -25,7 +25,7 @@ from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space, duration_seconds
 from autoprune.errors import AutopruneError, ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
-from autoprune.locks import replacing
+from autoprune.locks import held_alone, replacing
 from autoprune.preflight import preflight
 from autoprune.report import (
     front_hypervolume,
@@ -370,6 +370,41 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
                jobs: int | None = None, resume: bool = False, seed: int | None = None,
                backend: str = "local", ray_options: dict[str, Any] | None = None,
                quiet: bool = False, timeout: float | None = None) -> SearchSummary:
+    """Run (or resume) a search to ``trials`` finished trials and return its front; see
+    :func:`_run_search` for the arguments. One search at a time holds a study: a second one
+    (a ``--resume`` in another terminal) took the first's running trial for one a dead process
+    left, and the first then crashed recording it."""
+    name = study_name or space.name
+    check_name(name, "--study" if study_name is not None else "name")
+    _check_runs_dir(space.runs_dir)
+    lock = search_lock(space, name)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("search.storage", space.storage_url, f"a store in a folder autoprune "
+                          f"can create and write ({e.strerror or e})") from None
+    with held_alone(lock,
+                    f"--study: study {name!r} is being searched by another process on this "
+                    f"machine; allowed: wait for it to end, stop it (Ctrl-C: --resume goes on "
+                    f"from there), or another --study"):
+        return _run_search(space, study_name, trials, jobs, resume, seed, backend, ray_options,
+                           quiet, timeout)
+
+
+def search_lock(space: SpaceConfig, name: str) -> Path:
+    """The lock file a search of study ``name`` holds: beside a ``sqlite:///`` store (whatever
+    runs dir names it), else in the study's folder."""
+    url = space.storage_url
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        return db.with_name(f".{db.name}.{name}.search.lock")
+    return study_dir(space, name) / ".search.lock"
+
+
+def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int | None = None,
+                jobs: int | None = None, resume: bool = False, seed: int | None = None,
+                backend: str = "local", ray_options: dict[str, Any] | None = None,
+                quiet: bool = False, timeout: float | None = None) -> SearchSummary:
     """Run (or resume) a search to ``trials`` finished trials and return its front.
 
     Args:
@@ -404,7 +439,6 @@ def run_search(space: SpaceConfig, study_name: str | None = None, trials: int | 
     name = study_name or space.name
     total = trials or space.search.trials
     load_plotting()  # at the start: an interrupt during its first import had no handler to see
-    _check_runs_dir(space.runs_dir)
     check_server(space.tracking_uri)  # before any work: an MLflow server that does not answer
     if backend == "ray":
         from autoprune.controllers.ray_tune import check_address

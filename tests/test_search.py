@@ -644,6 +644,39 @@ def test_a_worker_killed_fails_its_trial_alone_and_the_search_goes_on(
     assert "RUNNING" not in {r.info.status for r in runs_now}
 
 
+def test_a_second_search_of_a_running_study_is_refused(runs: Path, tmp_path: Path) -> None:
+    """A --resume started while the study's search ran took its running trial for one a dead
+    process left (re-queued it, marked it failed), and the first search then crashed recording
+    it (UpdateFinishedTrialError): its work was lost. The second now stops before any work."""
+    import yaml
+
+    space_file = tmp_path / "busy.yaml"
+    space_file.write_text(yaml.safe_dump(tiny_space(runs, "busy", **{
+        "search.trials": 3, "finetune.steps": 150})))
+    space = parse_space(yaml.safe_load(space_file.read_text()))
+    run_search(parse_space(tiny_space(runs, "busy-warm", **{"search.trials": 1})), quiet=True)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search", str(space_file),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert wait_for_study(proc, "busy", space.storage_url, lambda study: any(
+            t.state == optuna.trial.TrialState.RUNNING for t in study.trials), every=0.2)
+        with pytest.raises(AutopruneError, match=r"--study: study 'busy' is being searched by "
+                                                 r"another process on this machine; allowed: "
+                                                 rf"wait .*\(held by pid {proc.pid} since"):
+            run_search(space, resume=True, quiet=True)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    study = load_study("busy", space.storage_url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert not any(t.user_attrs.get("interrupted") for t in study.trials)
+    # once it has ended, the study is free again
+    assert run_search(space, resume=True, trials=4, quiet=True).trials == 4
+
+
 def test_a_worker_that_dies_while_the_search_records_does_not_end_it(
         runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker killed while the controller recorded a trial or asked the next one broke the
