@@ -31,3 +31,39 @@ class CheckpointError(AutopruneError):
 
 class PruningError(AutopruneError):
     """Pruning could not be applied; the input model is left untouched."""
+
+
+def environment_error(error: BaseException) -> str | None:
+    """What went wrong around autoprune rather than in it, read from ``error``'s chain (a
+    full disk, a store locked or deleted under a running search), in words that name the
+    file; None for anything else. A full disk ended a search in 100-300 lines of chained
+    traceback whose Optuna layer blamed "invalid data in the commit"."""
+    import errno
+    import sqlite3
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        at = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on device{at}"
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"{e.strerror or e}{at}"
+        if isinstance(e, sqlite3.OperationalError):
+            text = str(e)
+            if "disk is full" in text:
+                return "no space left on device (a SQLite store could not grow)"
+            if "locked" in text:
+                return ("a SQLite store stayed locked by another process past the wait "
+                        f"({text})")
+            if "readonly" in text or "unable to open" in text or "no such table" in text:
+                return (f"a SQLite store cannot be written ({text}): was it deleted, moved "
+                        "or made read-only while autoprune ran?")
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):  # torch's zip writer
+            return "torch could not finish writing a file (is the disk full?)"
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]  # sqlalchemy's cause
+    return None

@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from autoprune.locks import replacing
 from autoprune.pareto import hypervolume_2d, pareto_mask
 from autoprune.study import INTERRUPTED, front_numbers, origin, tidy_number
 
@@ -158,14 +159,16 @@ def plot_front(df: pd.DataFrame, base: dict[str, Any], out_dir: Path,
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         png = out_dir / f"{stem}.png"
-        fig.savefig(png, dpi=110)
+        with replacing(png) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(png)
         if html:  # self-contained (plotly.js embedded: the UI may have no internet), ~5 MB
             page_fig.update_layout(title=title, xaxis_title=label, yaxis_title="accuracy",
                                    template="plotly_white")
             page = out_dir / f"{stem}.html"
-            page_fig.write_html(str(page), include_plotlyjs=True)
+            with replacing(page) as tmp:
+                page_fig.write_html(str(tmp), include_plotlyjs=True)
             written.append(page)
     return written
 
@@ -174,8 +177,11 @@ def write_tables(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list
     out_dir.mkdir(parents=True, exist_ok=True)
     df = trials_frame(study)
     trials_csv, pareto_csv = out_dir / "trials.csv", out_dir / "pareto.csv"
-    df.to_csv(trials_csv, index=False)
-    (df[df["pareto"]] if not df.empty else df).to_csv(pareto_csv, index=False)
+    # whole files or the last ones: on a full disk the write had left trials.csv empty
+    with replacing(trials_csv) as tmp:
+        df.to_csv(tmp, index=False)
+    with replacing(pareto_csv) as tmp:
+        (df[df["pareto"]] if not df.empty else df).to_csv(tmp, index=False)
     return df, [trials_csv, pareto_csv]
 
 

@@ -8,6 +8,7 @@ controller.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from autoprune.errors import AutopruneError, ConfigError
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.locks import held_alone, replacing
 from autoprune.preflight import preflight
+from autoprune.quiet import quieter
 from autoprune.report import (
     front_hypervolume,
     load_plotting,
@@ -97,6 +99,7 @@ class Recorder:
         self.total = 0  # trials the search runs to, for those lines
         self.since_report = 0
         self.tracking_down = False  # MLflow failed: go on without it, catch up at the end
+        self.ending = False  # an interrupt or an error is ending the search
 
     def track(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """An MLflow call that cannot stop the search: on the first failure (a server that
@@ -104,15 +107,19 @@ class Recorder:
         :meth:`catch_up` logs what it missed at the end (or ``--resume`` does)."""
         if self.tracking_down:
             return None
-        try:
-            return fn(*args, **kwargs)
+        try:  # MLflow's store logs its database errors with their traceback (75 lines on a
+            # full disk): the first line below says it
+            with quieter(logging.CRITICAL, "mlflow.store.db.utils"):
+                return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never lose a trial
             self.tracking_down = True
             first = (str(e).strip().splitlines() or [""])[0][:300]
+            then = ("the search is ending; its trials are logged to MLflow by the next --resume"
+                    if self.ending else "the search goes on without MLflow; every trial is kept "
+                    f"in the Optuna study ({self.space.storage_url}) and is logged to MLflow at "
+                    "the end of the search, or by the next --resume")
             _warn(f"autoprune: MLflow ({self.tracker.uri}) failed while {what}: "
-                  f"{type(e).__name__}: {first}\nautoprune: the search goes on without MLflow; "
-                  f"every trial is kept in the Optuna study ({self.space.storage_url}) and is "
-                  "logged to MLflow at the end of the search, or by the next --resume")
+                  f"{type(e).__name__}: {first}\nautoprune: {then}")
             return None
 
     def catch_up(self) -> None:
@@ -510,7 +517,7 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
     old_parent = study.user_attrs.get("parent_run_id")
     parent = tracker.start_parent(ran, ctx.base, old_parent, out / "space.yaml")
     recorder = Recorder(space, study, tracker, out)
-    status, timed_out = "FAILED", False
+    status, timed_out, ended = "FAILED", False, False
     df = pd.DataFrame()
     # from here the parent run is RUNNING: a SIGTERM or SIGHUP ends the search as Ctrl-C does
     # (the controllers hold them back around each record), and the run is closed whatever ends
@@ -575,6 +582,7 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
             # a search whose every trial failed is one (the CLI exits 1): not FINISHED in MLflow
             failed = recorder.failed()
             status = "FAILED" if failed and failed == done_count(study) else "FINISHED"
+            ended = True
         except KeyboardInterrupt:
             status = "KILLED"
             if backend != "ray":  # Optuna would show them RUNNING until the next --resume
@@ -584,17 +592,19 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
                         "--resume")
             raise
         finally:
+            recorder.ending = not ended
             try:
                 if recorder.progress is not None:
                     recorder.progress.close()
                 recorder.catch_up()
                 try:
                     df = recorder.report(final=True)
-                except Exception as e:  # noqa: BLE001 - an interrupt is on its way: the news
-                    if status != "KILLED":
+                except Exception as e:  # noqa: BLE001 - an interrupt or error is on its way:
+                    if ended:  # the news, which this one must not replace
                         raise
-                    print(f"autoprune: the tables and plots were not remade after the "
-                          f"interrupt ({type(e).__name__}: {e}); --resume remakes them",
+                    what = "interrupt" if status == "KILLED" else "error below"
+                    print(f"autoprune: the tables and plots were not remade after the {what} "
+                          f"({type(e).__name__}: {str(e)[:300]}); --resume remakes them",
                           file=sys.stderr)
             except KeyboardInterrupt:  # while the tables were remade: they are not all there
                 status = "KILLED"

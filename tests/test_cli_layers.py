@@ -334,3 +334,39 @@ def test_submit_passes_the_trial_resources_on() -> None:
     assert search[search.index("--cpus-per-trial") + 1] == "2.0"
     plain = submit_command(build_parser().parse_args(["submit", "s.yaml"]), "env.yaml")
     assert "--gpus-per-trial" not in plain and "--timeout" not in plain
+
+
+def test_a_full_disk_or_a_lost_store_reads_as_such() -> None:
+    """A full disk ended a search in 100-300 lines of chained traceback whose Optuna layer
+    blamed "invalid data in the commit": the chain is read for what went wrong around it."""
+    import errno
+    import sqlite3
+
+    import optuna
+    import sqlalchemy.exc
+
+    from autoprune.errors import environment_error
+
+    def chained(inner: BaseException, outer: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:  # noqa: BLE001 - the chain is the point
+            return e
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/studies/s/trials.csv")
+    assert environment_error(chained(full, RuntimeError("while recording"))) == \
+        "no space left on device writing /runs/studies/s/trials.csv"
+    locked = sqlalchemy.exc.OperationalError("UPDATE trials", {},
+                                             sqlite3.OperationalError("database is locked"))
+    commit = optuna.exceptions.StorageInternalError("An exception is raised during the commit")
+    assert "stayed locked by another process" in str(environment_error(chained(locked, commit)))
+    grown = sqlalchemy.exc.OperationalError("INSERT", {},
+                                            sqlite3.OperationalError("database or disk is full"))
+    assert environment_error(chained(grown, commit)) == \
+        "no space left on device (a SQLite store could not grow)"
+    gone = sqlite3.OperationalError("attempt to write a readonly database")
+    assert "deleted, moved or made read-only" in str(environment_error(gone))
+    assert environment_error(ValueError("a bug")) is None
