@@ -57,7 +57,13 @@ from autoprune.study import (
     stored_seed_points,
     tell,
 )
-from autoprune.tracking import Tracker, absolute_uri, check_server, default_artifact_dir
+from autoprune.tracking import (
+    Tracker,
+    absolute_uri,
+    check_server,
+    check_store,
+    default_artifact_dir,
+)
 from autoprune.trial import TrialContext, TrialResult
 
 REPORT_EVERY = 5  # trials between refreshes of the parent run's tables and plots
@@ -447,6 +453,7 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
     total = trials or space.search.trials
     load_plotting()  # at the start: an interrupt during its first import had no handler to see
     check_server(space.tracking_uri)  # before any work: an MLflow server that does not answer
+    check_store(space.tracking_uri, space.experiment_name)  # or a store that cannot be read
     if backend == "ray":
         from autoprune.controllers.ray_tune import check_address
 

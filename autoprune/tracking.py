@@ -61,6 +61,37 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
                              "under runs_dir") from None
 
 
+def _open_store(uri: str, name: str) -> tuple[MlflowClient, Any]:
+    """A client of the store, and its experiment ``name`` (None: not there yet). A SQLite
+    store that cannot be read is named, with what to do: one whose creation a full disk cut
+    was left half-migrated, and every later search in that runs dir failed on "table
+    _alembic_tmp_experiments already exists" with no word of the store."""
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        return client, client.get_experiment_by_name(name)
+    except Exception as e:
+        if not uri.startswith("sqlite:///"):
+            raise
+        from autoprune.errors import environment_error
+
+        if environment_error(e) and "cannot be written" not in str(environment_error(e)):
+            raise  # a full disk, a lock: said as such
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise AutopruneError(
+            f"tracking.uri: the MLflow store {uri.removeprefix('sqlite:///')} cannot be read "
+            f"({type(e).__name__}: {first}): its creation was cut (a full disk, a kill) or it "
+            "is not an MLflow store; allowed: move it away (the Optuna study keeps every "
+            "trial, and --resume logs them to a new store), or another tracking.uri") from None
+
+
+def check_store(uri: str, experiment: str) -> None:
+    """A SQLite store that exists must be readable before any work (see :func:`_open_store`):
+    a broken one was found after the base model's training and the scan."""
+    if uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).exists():
+        with sqlite_setup(uri), quieter(logging.WARNING, "mlflow.store.db.utils", "alembic"):
+            _open_store(uri, experiment)
+
+
 def _ms(t: float | None = None) -> int:
     return int((time.time() if t is None else t) * 1000)
 
@@ -80,9 +111,8 @@ class Tracker:
         # a new store: one process at a time, without MLflow's INFO 'Creating initial MLflow
         # database tables...' and alembic's migrations (shown under --quiet too)
         with sqlite_setup(uri), quieter(logging.WARNING, "mlflow.store.db.utils", "alembic"):
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client, exp = _open_store(uri, experiment)
             self.uri, self.study = uri, study
-            exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = (Path(artifact_dir).resolve().as_uri()
                             if not uri.startswith(("http://", "https://")) else None)

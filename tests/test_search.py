@@ -892,6 +892,20 @@ def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> Non
                    quiet=True)
 
 
+def test_an_mlflow_store_that_cannot_be_read_is_named_before_any_work(tmp_path: Path) -> None:
+    """A store whose creation a full disk cut was left half-migrated: every later search in
+    that runs dir failed after its base training, on "table _alembic_tmp_experiments already
+    exists", with no word of the store."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "mlflow.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+    space = parse_space(tiny_space(runs, "cut"))
+    with pytest.raises(AutopruneError, match=r"tracking.uri: the MLflow store .*mlflow.db "
+                                             r"cannot be read .*allowed: move it away"):
+        run_search(space, quiet=True)
+    assert not (runs / "base").exists()  # before the base model's training
+
+
 def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None:
     """The server goes away mid-search: the search finishes every trial (kept in Optuna), says
     so, and a --resume with the server back logs what MLflow missed, once each."""
