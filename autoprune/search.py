@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space, duration_seconds
-from autoprune.errors import AutopruneError, ConfigError
+from autoprune.errors import AutopruneError, ConfigError, environment_error
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.locks import held_alone, replacing
 from autoprune.preflight import preflight
@@ -179,14 +179,16 @@ class Recorder:
         self.track(f"logging trial {frozen.number}", self.tracker.log_trial, frozen.number,
                    frozen.user_attrs, frozen.params, pruning_settings(self.space),
                    result.finetune_losses, start, time.time(), artifacts)
-        self.track("tagging the front", self.tracker.update_front, front_numbers(self.study))
+        front = front_numbers(self.study)
+        self.track("tagging the front", self.tracker.update_front, front)
         self.since_report += 1
         if self.since_report >= REPORT_EVERY:
-            self.report()
+            self._refresh()
         if self.progress is not None or self.lines:
             pruned = sum(1 for t in self.study.get_trials(deepcopy=False)
                          if t.state == optuna.trial.TrialState.PRUNED)
-            counts = {"failed": self.failed(), "pruned": pruned, "front": len(self.tracker.front)}
+            # the study's front: the tracker's stood still while MLflow was down
+            counts = {"failed": self.failed(), "pruned": pruned, "front": len(front)}
             if self.progress is not None:
                 self.progress.set_postfix(counts, refresh=False)  # one redraw per trial
                 self.progress.update(1)
@@ -217,6 +219,18 @@ class Recorder:
                 line = (t.user_attrs.get("error") or "unknown error").split("\n")[0]
                 out.setdefault(line, []).append(t.number)
         return out
+
+    def _refresh(self) -> None:
+        """The tables and plots every few trials: a side line, which must not end the search
+        (out of memory there ended one whose trials were recorded)."""
+        try:
+            self.report()
+        except Exception as e:  # noqa: BLE001 - the trials are in the study: the end remakes it
+            if environment_error(e) and "no space" in str(environment_error(e)):
+                raise  # a full disk: the next record fails too, and says so
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _warn(f"autoprune: the tables and plots were not refreshed ({type(e).__name__}: "
+                  f"{first}); the search goes on, and they are remade at its end")
 
     def report(self, final: bool = False) -> pd.DataFrame:
         """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run (the

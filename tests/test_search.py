@@ -924,7 +924,7 @@ def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None
         env = dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
                    MLFLOW_HTTP_REQUEST_TIMEOUT="5")  # the user's setting wins over autoprune's
         proc = subprocess.Popen([sys.executable, "-m", "autoprune.cli", "search",
-                                 str(tmp_path / "outage.yaml"), "--quiet"], env=env,
+                                 str(tmp_path / "outage.yaml")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_study(proc, "outage", space.storage_url,
                        lambda study: sum(t.state.is_finished() for t in study.trials) >= 2)
@@ -937,6 +937,10 @@ def test_a_search_outlives_its_mlflow_server(runs: Path, tmp_path: Path) -> None
     assert "the search goes on without MLflow" in err
     study = load_study("outage", space.storage_url)
     assert sum(t.state.is_finished() for t in study.trials) == 6
+    # a line per trial (stderr is a pipe): its front count is the study's, not the one MLflow
+    # had when it went away
+    last = [line for line in err.splitlines() if line.startswith("autoprune: trial ")][-1]
+    assert f"front {len(front_numbers(study))}]" in last, last
     with mlflow_server_process(store, port) as url:
         run_search(space, resume=True, quiet=True)
         client = MlflowClient(url)
