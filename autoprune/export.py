@@ -382,8 +382,11 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         originals = originals_by_key(study) if study is not None else {}
         first = ancestors(originals, attrs)
         # a fine-tune each, on this machine's CPU: minutes on a large model, said beforehand
-        print(f"autoprune: trial {number}'s fine-tuned weights are not kept ({tdir}; "
-              "search.keep_models keeps them): re-running it with its seed"
+        why = (f"missing from {tdir} (search.keep_models was on: deleted, or lost to a full "
+               "disk)" if space.search.keep_models else
+               f"not kept (search.keep_models keeps them, under {tdir})")
+        print(f"autoprune: trial {number}'s fine-tuned weights are {why}: "
+              "re-running it with its seed"
               + (f", after the {len(first)} trial(s) whose fine-tuned models it was pruned "
                  f"from, oldest first: {first}" if first else "")
               + f" ({len(first) + 1} fine-tune(s))", file=sys.stderr)

@@ -146,7 +146,8 @@ def test_a_local_search_inherits_and_export_rebuilds_the_chain(
         chain.insert(0, up)
         up = study.trials[up].user_attrs.get("inherits_trial")
     err = capsys.readouterr().err
-    assert f"autoprune: trial {heir.number}'s fine-tuned weights are not kept (" in err
+    assert f"autoprune: trial {heir.number}'s fine-tuned weights are not kept (search." \
+        "keep_models keeps them, under " in err
     assert (f", after the {len(chain)} trial(s) whose fine-tuned models it was pruned from, "
             f"oldest first: {chain} ({len(chain) + 1} fine-tune(s))") in err
     assert record.kept_channels == heir.user_attrs["kept_channels"]
