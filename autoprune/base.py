@@ -394,24 +394,32 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
 BASE_LATENCY_RUNS = 3
 
 
-def base_latency(space: SpaceConfig, model: nn.Module) -> LatencyResult:
-    """The base latency: the middle of :data:`BASE_LATENCY_RUNS` measurements (one ONNX
-    export), with every measurement's median in ``runs_ms``. On an H100 a small ResNet at
-    batch 1 timed 0.8 to 1.7 ms from one measurement to the next, and it with half its
-    channels pruned 0.8 to 1.5 ms (eager PyTorch on CUDA waits on kernel launches there): a
-    study timed so says it (:func:`autoprune.search._study_base`)."""
+def middle_latency(space: SpaceConfig, model: nn.Module,
+                   runs: int = BASE_LATENCY_RUNS) -> LatencyResult:
+    """The middle of ``runs`` latency measurements of ``model`` (one ONNX export), with every
+    measurement's median in ``runs_ms``. One measurement that other work on the cores slowed
+    put a trial 1.8x slow (1.35x faster where it re-timed 2.42x), and so on the front above
+    trials it dominates; the base's spread on an H100 is in :func:`base_latency`."""
     import tempfile
 
     lat, shape, dtype = space.latency, space.model.input_shape, space.model.input_dtype
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = (export_onnx(model, shape, Path(tmp) / "base.onnx", dtype=dtype)
+        onnx = (export_onnx(model, shape, Path(tmp) / "model.onnx", dtype=dtype)
                 if lat.runtime == "onnxruntime" else None)
-        runs = sorted((measure_latency(model, shape, lat.runtime, lat.threads, lat.batch_size,
-                                       lat.warmup, lat.repeats, lat.device, onnx_path=onnx,
-                                       dtype=dtype) for _ in range(BASE_LATENCY_RUNS)),
-                      key=lambda r: r.median_ms)
-    middle = runs[len(runs) // 2]
-    return LatencyResult(**{**middle.to_dict(), "runs_ms": [r.median_ms for r in runs]})
+        measured = sorted((measure_latency(model, shape, lat.runtime, lat.threads,
+                                           lat.batch_size, lat.warmup, lat.repeats, lat.device,
+                                           onnx_path=onnx, dtype=dtype) for _ in range(runs)),
+                          key=lambda r: r.median_ms)
+    middle = measured[len(measured) // 2]
+    return LatencyResult(**{**middle.to_dict(), "runs_ms": [r.median_ms for r in measured]})
+
+
+def base_latency(space: SpaceConfig, model: nn.Module) -> LatencyResult:
+    """The base latency: the middle of :data:`BASE_LATENCY_RUNS` measurements. On an H100 a
+    small ResNet at batch 1 timed 0.8 to 1.7 ms from one measurement to the next, and it with
+    half its channels pruned 0.8 to 1.5 ms (eager PyTorch on CUDA waits on kernel launches
+    there): a study timed so says it (:func:`autoprune.search._study_base`)."""
+    return middle_latency(space, model, BASE_LATENCY_RUNS)
 
 
 def warn_untrained(space: SpaceConfig, accuracy: float, tally: Tally) -> None:

@@ -20,6 +20,7 @@ from autoprune.base import (
     BaseMetrics,
     base_checkpoint,
     load_sources,
+    middle_latency,
     resolve_device,
     seed_everything,
 )
@@ -33,7 +34,6 @@ from autoprune.measure import (
     evaluate,
     example_input,
     latency_device,
-    measure_latency,
 )
 from autoprune.prune import failing_groups, prune_model
 from autoprune.sources import DataBundle, load_checkpoint
@@ -131,6 +131,9 @@ class TrialContext:
         return left
 
 
+#: A trial's latency is the middle of this many measurements, as the base's is: one that other
+#: work on the cores slowed put dominated trials on a latency front.
+TRIAL_LATENCY_RUNS = 3
 PROBE_RATIO = 0.25  # modest: removes channels without reaching a model's own width limits
 
 
@@ -299,10 +302,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
         result.record, result.inherits = record.to_dict(), parent.key
 
     cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
-    lat = space.latency
-    latency = measure_latency(model, space.model.input_shape, lat.runtime, lat.threads,
-                              lat.batch_size, lat.warmup, lat.repeats, lat.device,
-                              dtype=space.model.input_dtype)
+    latency = middle_latency(space, model, TRIAL_LATENCY_RUNS)
     base = ctx.base
     result.macs, result.params = cost.macs, cost.params
     result.macs_ratio = cost.macs / base.macs
