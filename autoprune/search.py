@@ -65,6 +65,7 @@ from autoprune.tracking import (
     default_artifact_dir,
 )
 from autoprune.trial import TrialContext, TrialResult
+from autoprune.watch import TrialWatch, duration
 
 REPORT_EVERY = 5  # trials between refreshes of the parent run's tables and plots
 
@@ -106,6 +107,7 @@ class Recorder:
         self.since_report = 0
         self.tracking_down = False  # MLflow failed: go on without it, catch up at the end
         self.ending = False  # an interrupt or an error is ending the search
+        self.watch = TrialWatch(self.say)  # names a trial that runs long
 
     def track(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """An MLflow call that cannot stop the search: on the first failure (a server that
@@ -137,25 +139,36 @@ class Recorder:
         if n is not None:
             _warn(f"autoprune: MLflow is back: logged the {n} trial(s) it missed")
 
+    def say(self, line: str) -> None:
+        """A status line: through the bar on a terminal, as a line elsewhere, none if quiet."""
+        if self.progress is not None:
+            self.progress.write(line, file=sys.stderr)
+        elif self.lines:
+            print(line, file=sys.stderr, flush=True)
+
     def start(self, trial: optuna.Trial, ratios: dict[str, float]) -> None:
         """A trial the local controller starts: its MLflow run opens now, with its ratios."""
+        self.watch.started(f"trial {trial.number}")
         self.track(f"starting trial {trial.number}", self.tracker.start_trial, trial.number,
                    ratios, pruning_settings(self.space), origin(trial.user_attrs), time.time())
 
     def start_ray(self, trial_id: str, ratios: dict[str, float], came_from: str) -> None:
         """A trial Ray Tune starts: its MLflow run opens now (numbered when it is recorded)."""
+        self.watch.started(f"Ray trial {trial_id}")
         self.track(f"starting Ray trial {trial_id}", self.tracker.start_trial, None, ratios,
                    pruning_settings(self.space), came_from, time.time(), trial_id)
 
     def requeued(self, numbers: list[int]) -> None:
         """Trials cut when a worker process died beside them: queued to run again."""
         for n in numbers:
+            self.watch.finished(f"trial {n}")
             self.track(f"closing trial {n}'s run", self.tracker.drop_open, n)
         print(f"autoprune: trial(s) {numbers} ran beside the worker process that died and are "
               "queued to run again", file=sys.stderr)
 
     def __call__(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Record a trial the local controller asked for."""
+        self.watch.finished(f"trial {trial.number}")
         start = trial.datetime_start.timestamp() if trial.datetime_start else None
         for key, value in self._lineage(result).items():
             trial.set_user_attr(key, value)
@@ -164,6 +177,7 @@ class Recorder:
     def add(self, result: TrialResult, user_attrs: dict[str, Any],
             dists: dict[str, Any], start: float | None = None) -> FrozenTrial:
         """Record a trial that another searcher proposed (Ray Tune's OptunaSearch)."""
+        self.watch.finished(f"Ray trial {user_attrs.get('ray_trial_id')}")
         frozen = add_result(self.study, result, self.space.objectives, dists,
                             dict(user_attrs) | self._lineage(result))
         self._after(frozen, result, start)
@@ -578,24 +592,25 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
                 file=sys.stderr)
             recorder.lines, recorder.total = not quiet and not tty, total
             recorder.reconcile()
-            if backend == "ray":
-                from autoprune.controllers.ray_tune import run_ray
+            with recorder.watch:  # a line for a trial that runs long
+                if backend == "ray":
+                    from autoprune.controllers.ray_tune import run_ray
 
-                opts = {**(ray_options or {}), "concurrency": ran_jobs}
-                run_ray(ctx, study, total, dists, recorder, points=points, resume=resume,
-                        limit=limit, **opts)
-            else:
-                from autoprune.controllers import run_local
+                    opts = {**(ray_options or {}), "concurrency": ran_jobs}
+                    run_ray(ctx, study, total, dists, recorder, points=points, resume=resume,
+                            limit=limit, **opts)
+                else:
+                    from autoprune.controllers import run_local
 
-                run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
-                          space.search.keep_models, on_start=recorder.start, limit=limit,
-                          on_requeue=recorder.requeued)
+                    run_local(ctx, study, total, ran_jobs or 1, dists, recorder,
+                              space.search.keep_models, on_start=recorder.start, limit=limit,
+                              on_requeue=recorder.requeued)
             timed_out = limit.reached() and done_count(study) < total
             if timed_out:  # shown with --quiet: the study is short of what was asked
                 before = ("; preparing the base model (and the sensitivity scan) spent it, "
                           "and both are cached for the next run" if done_count(study) == already
                           else "")
-                print(f"autoprune: time limit reached ({_seconds(limit.seconds or 0)}, counted "
+                print(f"autoprune: time limit reached ({duration(limit.seconds or 0)}, counted "
                       f"from this run's start): {done_count(study)} of {total} trials finished; "
                       f"no trial started after it and the running ones finished{before}. The "
                       "same command with --resume runs the rest, with a new time budget",
@@ -639,15 +654,6 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
                          recorder.errors(), study.user_attrs["base"].get("accuracy"),
                          sum(t.user_attrs.get("duplicate_of") is not None
                              for t in study.get_trials(deepcopy=False)), timed_out)
-
-
-def _seconds(seconds: float) -> str:
-    """A duration as a person reads it: 45 s, 2 min 30 s, 2 h 5 min."""
-    if seconds < 90:
-        return f"{seconds:g} s"
-    hours, rest = divmod(round(seconds), 3600)
-    parts = zip((hours, *divmod(rest, 60)), ("h", "min", "s"), strict=True)
-    return " ".join(f"{n} {unit}" for n, unit in parts if n)
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,

@@ -1146,6 +1146,22 @@ def test_a_base_latency_that_moves_between_measurements_is_said(
     assert "differed" not in capsys.readouterr().err
 
 
+def test_a_trial_that_runs_long_is_named_while_it_runs(
+        runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial whose data loader hung showed nothing, for good (a line per trial comes when it
+    ends): one running past watch.STILL_RUNNING_S is named, and again as long again after."""
+    import autoprune.watch
+
+    monkeypatch.setattr(autoprune.watch, "STILL_RUNNING_S", 0.4)
+    spec = tiny_space(runs, "long", **{"search.baselines": [0.5], "search.trials": 1,
+                                       "finetune.steps": 400})
+    run_search(parse_space(spec))  # stderr is no terminal here: lines
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("autoprune: trial 0 still running after ")]
+    assert len(lines) >= 2, lines
+    assert lines[0].endswith("s (Ctrl-C stops the search; --resume runs it again)")
+
+
 def test_a_trial_s_latency_is_the_middle_of_three_measurements(
         runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial was timed once: one measurement that other work on the cores slowed 1.8x (1.35x
