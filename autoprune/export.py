@@ -35,7 +35,7 @@ from torch import nn
 import autoprune
 from autoprune.base import BaseMetrics, load_sources, sha256_file
 from autoprune.config import SpaceConfig, parse_space
-from autoprune.errors import AutopruneError, CheckpointError
+from autoprune.errors import AutopruneError, CheckpointError, environment_error
 from autoprune.measure import INPUT_DTYPES, count_cost, evaluate, example_input, export_onnx
 from autoprune.pareto import pick
 from autoprune.prune import PruneRecord, replay
@@ -285,10 +285,20 @@ def write_model_files(model: nn.Module, input_shape: tuple[int, ...], out: Path,
     onnx_path, program_path = out / "model.onnx", out / "model.pt2"
     files = {"onnx": onnx_path.name, "weights": "weights.pt"}
     export_onnx(model, input_shape, onnx_path, dtype=dtype)
+    # model.pt2 and weights.pt each hold about the ONNX file's weights. On a disk without room
+    # for them, torch's zip writer aborted the process from a destructor (no cleanup, the
+    # staging folder left on the full disk) after a warning that blamed torch.export
+    need, free = 2 * onnx_path.stat().st_size + (1 << 20), shutil.disk_usage(out).free
+    if free < need:
+        raise AutopruneError(f"--out: no space left on device for the model files: "
+                             f"{free / 1e6:.1f} MB free under {out.parent}, about "
+                             f"{need / 1e6:.1f} MB needed for model.pt2 and weights.pt")
     try:
         export_program(model, input_shape, program_path, dtype)
         files["program"] = program_path.name
     except Exception as e:  # noqa: BLE001 - ONNX and weights.pt still serve
+        if environment_error(e):  # a full disk is no model that torch.export cannot take
+            raise
         program_path.unlink(missing_ok=True)
         warnings.warn(f"model.pt2 not written: torch.export could not take the model "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",

@@ -923,3 +923,22 @@ def test_an_old_study_s_space_is_read_without_today_s_value_rules(
     assert space_of(attrs)[0].search.fidelity.rungs == (0.3, 0.3)
     with pytest.raises(ConfigError, match="strictly increasing"):
         parse_space(attrs["space"])  # a space file given today still gets the rule
+
+
+def test_an_export_to_a_full_disk_says_so_and_leaves_nothing(
+        searched: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a disk without room for model.pt2 and weights.pt, torch's zip writer aborted the
+    process from a destructor (exit 134), after a warning that blamed torch.export, and the
+    staging folder stayed on the full disk. The room is checked once the ONNX file is written
+    (a filled disk stands in here: shutil.disk_usage as a nearly full one reports it)."""
+    import collections
+    import shutil
+
+    space, _ = searched
+    full = collections.namedtuple("usage", "total used free")(10**9, 10**9 - 1000, 1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    out = tmp_path / "out"
+    with pytest.raises(AutopruneError, match=r"--out: no space left on device for the model "
+                                             r"files: 0.0 MB free under .*needed for model.pt2"):
+        export_trial("exp", space.storage_url, "knee", out)
+    assert not out.exists() or not any(out.iterdir())
