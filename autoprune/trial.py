@@ -254,9 +254,23 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit, constraints)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
-        result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+        oom = "out of memory: " if out_of_memory(e) else ""
+        result.error = f"{oom}{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
     result.duration_s = time.perf_counter() - t0
     return result
+
+
+#: How an allocation that failed reads from torch's CPU kernels (oneDNN), CUDA and the allocator.
+_OOM_WORDS = ("could not create a primitive", "out of memory", "can't allocate memory",
+              "not enough memory", "failed to allocate")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a trial's error is memory running out: under a memory cap, trials failed as
+    'RuntimeError: could not create a primitive' or 'ONNX export failed', which read as
+    faults of the model or the pruning."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(w in text for w in _OOM_WORDS)
 
 
 def _cost(ctx: TrialContext, result: TrialResult) -> float:

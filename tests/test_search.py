@@ -1574,3 +1574,27 @@ def test_ctrl_c_waits_for_a_trial_s_record_and_an_idle_worker_leaves_quietly() -
             _worker._on_ctrl_c(signal.SIGINT, None)
     finally:
         _worker._BUSY = False
+
+
+def test_a_trial_that_runs_out_of_memory_says_so(tmp_path: Path) -> None:
+    """Under a memory cap trials failed as 'RuntimeError: could not create a primitive',
+    which reads as a fault of the model or the pruning."""
+    import torch
+
+    from autoprune.trial import TrialContext, out_of_memory, run_trial
+
+    try:
+        torch.empty(2**60)  # more than any machine has: the allocator's own error
+    except RuntimeError as e:
+        assert out_of_memory(e)
+    assert out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN's words
+    assert not out_of_memory(RuntimeError("this block needs >= 6 channels, got 4"))
+
+    ctx = TrialContext.build(parse_space(tiny_space(tmp_path / "runs", "oom-trial")))
+
+    def hungry(*args: Any, **kwargs: Any) -> Any:
+        torch.empty(2**60)
+
+    ctx.evaluate_fn = hungry  # the trial's evaluation asks for too much
+    result = run_trial(ctx, {g.name: 0.3 for g in ctx.groups})
+    assert result.state == "failed" and result.error.startswith("out of memory: RuntimeError")
