@@ -637,6 +637,7 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
                     df = recorder.report(final=True)
                 except Exception as e:  # noqa: BLE001 - an interrupt or error is on its way:
                     if ended:  # the news, which this one must not replace
+                        status = "FAILED"  # the command fails: so does the parent run
                         raise
                     what = "interrupt" if status == "KILLED" else "error below"
                     print(f"autoprune: the tables and plots were not remade after the {what} "

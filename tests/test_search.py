@@ -1598,3 +1598,14 @@ def test_a_trial_that_runs_out_of_memory_says_so(tmp_path: Path) -> None:
     ctx.evaluate_fn = hungry  # the trial's evaluation asks for too much
     result = run_trial(ctx, {g.name: 0.3 for g in ctx.groups})
     assert result.state == "failed" and result.error.startswith("out of memory: RuntimeError")
+
+
+def test_tables_that_cannot_be_written_at_the_end_fail_the_parent_run(runs: Path) -> None:
+    """The search ended in a traceback (exit 1) while its MLflow parent run said FINISHED."""
+    space = parse_space(tiny_space(runs, "blocked-tables", **{"search.trials": 2}))
+    (runs / "studies" / "blocked-tables" / "trials.csv").mkdir(parents=True)  # not a file
+    with pytest.raises(IsADirectoryError):
+        run_search(space, quiet=True)
+    study = load_study("blocked-tables", space.storage_url)
+    parent = MlflowClient(space.tracking_uri).get_run(study.user_attrs["parent_run_id"])
+    assert parent.info.status == "FAILED"
