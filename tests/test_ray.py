@@ -124,7 +124,9 @@ def test_search_on_a_two_node_cluster(listeners_before: set[tuple[str, int]], cl
                 if exp is None:
                     continue
                 for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
-                    if r.data.tags.get("autoprune.role") == "running":
+                    # its ratios are logged just after the run is made: look again
+                    if r.data.tags.get("autoprune.role") == "running" and any(
+                            k.startswith("ratio.") for k in r.data.params):
                         seen.setdefault(r.info.run_id, dict(r.data.tags) | {
                             "ratios": str(sorted(k for k in r.data.params
                                                  if k.startswith("ratio.")))})
