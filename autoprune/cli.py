@@ -716,16 +716,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:
-        from autoprune.errors import environment_error
+        from autoprune.errors import environment_error, first_line
 
         what = environment_error(e)
         if what is None or os.environ.get("AUTOPRUNE_TRACEBACK"):
             raise
         again = (": fix that and run the same command with --resume (finished trials are "
                  "kept)" if args.command == "search" else ": fix that and run it again")
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"autoprune: error: {what}{again} [{type(e).__name__}: {first}; the traceback: "
-              "AUTOPRUNE_TRACEBACK=1]", file=sys.stderr)
+        print(f"autoprune: error: {what}{again} [{type(e).__name__}: {first_line(e)}; the "
+              "traceback: AUTOPRUNE_TRACEBACK=1]", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning = shown

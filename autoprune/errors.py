@@ -33,6 +33,11 @@ class PruningError(AutopruneError):
     """Pruning could not be applied; the input model is left untouched."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's first line, at most ``limit`` characters: what a one-line message quotes."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]
+
+
 def environment_error(error: BaseException) -> str | None:
     """What went wrong around autoprune rather than in it, read from ``error``'s chain (a
     full disk, a store locked or deleted under a running search), in words that name the

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, check_name, check_seed, dump_space, duration_seconds
-from autoprune.errors import AutopruneError, ConfigError, environment_error
+from autoprune.errors import AutopruneError, ConfigError, environment_error, first_line
 from autoprune.inherit import INHERITS_TRIAL, parent_number
 from autoprune.locks import held_alone, replacing
 from autoprune.preflight import preflight
@@ -121,7 +121,7 @@ class Recorder:
                 return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never lose a trial
             self.tracking_down = True
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            first = first_line(e)
             then = ("the search is ending; its trials are logged to MLflow by the next --resume"
                     if self.ending else "the search goes on without MLflow; every trial is kept "
                     f"in the Optuna study ({self.space.storage_url}) and is logged to MLflow at "
@@ -240,11 +240,10 @@ class Recorder:
         try:
             self.report()
         except Exception as e:  # noqa: BLE001 - the trials are in the study: the end remakes it
-            if environment_error(e) and "no space" in str(environment_error(e)):
+            if (environment_error(e) or "").startswith("no space"):
                 raise  # a full disk: the next record fails too, and says so
-            first = (str(e).strip().splitlines() or [""])[0][:300]
             _warn(f"autoprune: the tables and plots were not refreshed ({type(e).__name__}: "
-                  f"{first}); the search goes on, and they are remade at its end")
+                  f"{first_line(e)}); the search goes on, and they are remade at its end")
 
     def report(self, final: bool = False) -> pd.DataFrame:
         """Refresh ``trials.csv``, ``pareto.csv`` and the plots on the parent run (the

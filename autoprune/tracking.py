@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from autoprune.base import BaseMetrics
 from autoprune.config import SpaceConfig, flat_items
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, first_line
 from autoprune.locks import sqlite_setup
 from autoprune.quiet import quieter
 from autoprune.study import origin, tidy_number
@@ -76,7 +76,7 @@ def _open_store(uri: str, name: str) -> tuple[MlflowClient, Any]:
 
         if environment_error(e) and "cannot be written" not in str(environment_error(e)):
             raise  # a full disk, a lock: said as such
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = first_line(e)
         raise AutopruneError(
             f"tracking.uri: the MLflow store {uri.removeprefix('sqlite:///')} cannot be read "
             f"({type(e).__name__}: {first}): its creation was cut (a full disk, a kill) or it "
@@ -188,10 +188,6 @@ class Tracker:
                                                 f"tags.`autoprune.role` = 'search'",
             max_results=1, order_by=["attributes.start_time DESC"])
         return str(runs[0].info.run_id) if runs else None
-
-    @property
-    def front(self) -> set[int]:
-        return set(self._front)
 
     def finish_parent(self, status: str = "FINISHED", stopped_by: str | None = None) -> None:
         """End the parent run; ``stopped_by`` (the time limit) is its ``autoprune.stopped_by``
