@@ -110,6 +110,20 @@ def _kept_axis(src: tuple[int, ...], dst: tuple[int, ...], i: int) -> bool:
     return any(d == src[i] and math.prod(dst[:j]) == before for j, d in enumerate(dst) if j)
 
 
+def _unit_axes_only(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
+                    c_out: int | None) -> bool:
+    """Whether only size-1 axes come or go, the width is one axis of its own, and it does not
+    land where a batch would be: a Linear fed one sample runs as ``[1, F] -> [F] -> [1, F]``,
+    whose ``[F] -> [1, F]`` has no batch axis to tell the channels by."""
+    kept = [d for d in src if d != 1]
+    if kept != [d for d in dst if d != 1]:
+        return False
+    for c in (c_in, c_out):
+        if c and kept.count(c) == 1:
+            return len(dst) == 1 or dst.index(c) > 0
+    return False
+
+
 def reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
                      c_out: int | None, channel_last: bool = False) -> tuple[str, int] | None:
     """How channels go through a reshape of ``src`` to ``dst``: ``(kind, stride)`` or None.
@@ -124,6 +138,8 @@ def reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | Non
     before or after are Linear or LayerNorm: tokens x channels, where the token count may
     equal the width).
     """
+    if _unit_axes_only(src, dst, c_in, c_out):
+        return "same", 1
     c = next((c for c in (c_in, c_out) if c and c in src[1:]), None)
     if c is None:
         return None
@@ -396,8 +412,9 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor,
     """
     model = model.eval()
     graph = build_graph(model, example_inputs)
+    # One sample: Torch-Pruning divides the total by the batch but not each layer's count.
     total_macs, _params, layer_macs, _lp = tp.utils.count_ops_and_params(
-        model, example_inputs, layer_wise=True)
+        model, example_inputs[:1], layer_wise=True)
     infos = []
     heads = attention_heads(model)
     for group in iter_groups(graph, ignored_modules(model, example_inputs, ignore)):

@@ -165,6 +165,8 @@ def test_catalog_model_prunes_replays_and_exports(name: str, tmp_path: Path) -> 
     ((1, 16, 16, 16), (1, 2, 8, 16, 16), 16, 16, None),           # ... as wide as it is high
     ((5, 49, 288), (5, 49, 3, 3, 32), 288, 96, None),             # q, k, v split into heads
     ((1, 192, 8, 8), (1, 2, 96, 8, 8), None, None, None),         # widths unknown
+    ((32,), (1, 32), 32, 32, ("same", 1)),                        # a Linear fed one sample
+    ((1, 16, 64), (16, 64), 16, 64, None),     # the batch would merge with the channels
 ])
 def test_reshape_channels(src: tuple[int, ...], dst: tuple[int, ...], c_in: int | None,
                           c_out: int | None, how: tuple[str, int] | None) -> None:

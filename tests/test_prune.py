@@ -52,6 +52,29 @@ def test_groups_of_the_test_model(base: nn.Module, example: torch.Tensor) -> Non
     assert groups == GROUPS
 
 
+def test_a_tabular_mlp_traced_with_one_sample_is_searchable_and_prunes() -> None:
+    # A Linear fed one sample runs as [1, F] -> [F] -> [1, F] views: they had cut every
+    # group off as "a reshape that does not keep them whole", so a model of input_shape
+    # [1, 20] had nothing to search
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 3)).eval()
+    one = torch.zeros(1, 20)
+    assert {g.name: g.channels for g in describe_groups(mlp, one)} == {"0": 32, "2": 32}
+    pruned, record = prune_model(mlp, one, {"0": 0.5, "2": 0.25}, "l1")
+    assert record.kept_channels == {"0": 16, "2": 24}
+    assert [m.out_features for m in pruned if isinstance(m, nn.Linear)] == [16, 24, 3]
+    assert pruned(torch.randn(5, 20)).shape == (5, 3)
+
+
+def test_macs_shares_are_per_sample_whatever_the_batch_traced(base: nn.Module) -> None:
+    # Torch-Pruning divides its total by the batch but not each layer's count: a batch of 4
+    # showed shares of 359%
+    one = {g.name: g.macs_share for g in describe_groups(base, torch.zeros(SHAPE))}
+    four = {g.name: g.macs_share for g in describe_groups(base, torch.zeros(4, *SHAPE[1:]))}
+    assert four == pytest.approx(one) and 0 < max(one.values()) <= 1
+
+
 @pytest.mark.parametrize(("channels", "ratio", "round_to", "kept"), [
     (64, 0.3, 8, 48),     # the documented example
     (64, 0.0, 8, 64),
