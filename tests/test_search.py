@@ -1320,6 +1320,56 @@ def test_parallel_jobs_record_every_trial_once(runs: Path) -> None:
     assert all(t.user_attrs["finetune_steps"] == 4 for t in study.trials)
 
 
+WORKER_DATA = '''
+import multiprocessing
+
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def loaders(batch_size=64, only_here=False):
+    if only_here and multiprocessing.parent_process() is not None:
+        raise RuntimeError("this data lives on the search's machine only")
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16
+    y = torch.tensor(y)
+    col = lambda items: (torch.stack([a for a, _ in items]), torch.stack([b for _, b in items]))
+    return (DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=batch_size, shuffle=True,
+                       drop_last=True, num_workers=1, collate_fn=col),
+            DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=256, num_workers=1,
+                       collate_fn=col))
+'''
+
+
+@pytest.mark.parametrize("only_here", [False, True])
+def test_trial_workers_take_the_loaders_jobs_1_takes_or_say_why_not(
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, only_here: bool) -> None:
+    """--jobs 2 workers are spawned, and a DataLoader's own workers started inside one were
+    spawned too, which pickles them: a lambda collate_fn (fine with --jobs 1) failed every
+    trial, with "the worker pool broke again before any trial finished". They start as with
+    --jobs 1 now; a worker that cannot start at all (here: its data function raises there)
+    fails its trials with why."""
+    (tmp_path / "worker_data.py").write_text(WORKER_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"loaders{int(only_here)}"
+    space = parse_space(tiny_space(runs, name, **{
+        "data.source": "worker_data:loaders", "data.kwargs": {"only_here": only_here},
+        "search.trials": 2, "search.jobs": 2, "search.baselines": [0.5]}))
+    summary = run_search(space, quiet=True)
+    study = load_study(name, space.storage_url)
+    recorded = [t for t in study.trials if "state" in t.user_attrs]  # not the re-queued
+    states = [t.user_attrs["state"] for t in recorded]
+    errors = {(t.user_attrs.get("error") or "").partition("\n")[0] for t in recorded}
+    if not only_here:
+        assert summary.trials == 2 and states == ["complete", "complete"], errors
+        return
+    assert states == ["failed", "failed"]
+    assert errors == {"a worker process could not start: SourceError: data.source: "
+                      "'worker_data:loaders' raised RuntimeError: this data lives on the "
+                      "search's machine only"}
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_time_limit_starts_no_trial_after_it_and_resume_runs_the_rest(
         runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

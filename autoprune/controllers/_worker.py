@@ -50,12 +50,30 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> None:
+#: the key under which a worker that could not start leaves why, in the shared pid map
+INIT_ERROR = "init-error"
+
+
+def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int,
+                pids: Any = None) -> None:
     global _CTX
     die_with_parent()
     signal.signal(signal.SIGINT, _on_ctrl_c)
     torch.set_num_threads(threads)
-    _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))
+    # A spawned process starts its own children by spawning too, which pickles them: a
+    # DataLoader with workers and a lambda collate_fn (fine with --jobs 1, whose loaders start
+    # theirs the platform's way) failed in every trial worker. Start them as --jobs 1 does.
+    import multiprocessing
+
+    multiprocessing.set_start_method(None, force=True)
+    try:
+        _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))
+    except BaseException as e:
+        if pids is not None:  # the pool only says it broke; the controller tells the trials why
+            from autoprune.errors import first_line
+
+            pids[INIT_ERROR] = f"{type(e).__name__}: {first_line(e)}"
+        raise
 
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
