@@ -100,27 +100,16 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
                         space.model.kwargs).eval()
     m = space.model
     batch = next(iter(data.val))
-    inputs = batch[0]
-    want = INPUT_DTYPES[m.input_dtype]
-    if inputs.is_floating_point() and want.is_floating_point and inputs.dtype != want:
-        raise SourceError(f"data.source: {space.data.source!r} yields "
-                          f"{str(inputs.dtype).removeprefix('torch.')} inputs; allowed: "
-                          f"{m.input_dtype} inputs, as model.input_dtype says and the model's "
-                          "weights are (convert in the loader, e.g. x.float())")
-    if inputs.is_floating_point() != want.is_floating_point:
-        given = str(inputs.dtype).removeprefix("torch.")
-        closest = given if given in INPUT_DTYPES else \
-            "float32" if inputs.is_floating_point() else "int64"
-        raise SourceError(f"model.input_dtype: got {m.input_dtype!r} but {space.data.source!r} "
-                          f"yields {given} inputs; allowed: {closest!r}, the dtype of the data "
-                          "(the model is traced, timed and exported with it)")
-    out = example_output(model, m.source, m.input_shape, m.input_dtype)
-    if tuple(inputs.shape[1:]) != tuple(space.model.input_shape[1:]):
-        raise SourceError(f"model.input_shape: got {list(space.model.input_shape)} but "
-                          f"{space.data.source!r} yields samples of shape "
-                          f"{list(inputs.shape[1:])}")
     first_train = next(iter(data.train))
-    for split, b in (("validation", batch), ("training", first_train)):
+    splits = (("validation", batch), ("training", first_train))
+    for split, b in splits:
+        _check_input_dtype(space, b[0], split)
+    out = example_output(model, m.source, m.input_shape, m.input_dtype)
+    for split, b in splits:
+        if tuple(b[0].shape[1:]) != tuple(m.input_shape[1:]):
+            raise SourceError(f"model.input_shape: got {list(m.input_shape)} but "
+                              f"{space.data.source!r} yields {split} samples of shape "
+                              f"{list(b[0].shape[1:])}")
         check_inputs(b[0], split)
         _check_targets(space, out, b[1], data.num_classes)  # a void label may be in either
     _check_last_batch(space, model, data.train)
@@ -131,6 +120,24 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
     if evaluate_fn is None and space.data.ignore_index is not None:
         evaluate_fn = accuracy_ignoring(space.data.ignore_index)
     return model, data, evaluate_fn
+
+
+def _check_input_dtype(space: SpaceConfig, inputs: torch.Tensor, split: str) -> None:
+    """A split's inputs have ``model.input_dtype`` (both splits: a float64 training split
+    crashed base training, or failed every trial, with a raw dtype error)."""
+    m, src = space.model, space.data.source
+    want = INPUT_DTYPES[m.input_dtype]
+    given = str(inputs.dtype).removeprefix("torch.")
+    if inputs.is_floating_point() and want.is_floating_point and inputs.dtype != want:
+        raise SourceError(f"data.source: {src!r} yields {given} {split} inputs; allowed: "
+                          f"{m.input_dtype} inputs, as model.input_dtype says and the model's "
+                          "weights are (convert in the loader, e.g. x.float())")
+    if inputs.is_floating_point() != want.is_floating_point:
+        closest = given if given in INPUT_DTYPES else \
+            "float32" if inputs.is_floating_point() else "int64"
+        raise SourceError(f"model.input_dtype: got {m.input_dtype!r} but {src!r} yields "
+                          f"{given} {split} inputs; allowed: {closest!r}, the dtype of the data "
+                          "(the model is traced, timed and exported with it)")
 
 
 def _check_evaluate(name: str, fn: Any, model: nn.Module, val: Any) -> None:
@@ -239,6 +246,10 @@ def _check_targets(space: SpaceConfig, out: torch.Tensor, labels: torch.Tensor,
                           f"class ids in [0, {k}), and data.ignore_index (now {ignore}) for "
                           "labels to leave out")
     top = int(kept.max()) if kept.numel() else -1
+    if top >= k and m.num_classes is None and data_classes == k:  # the model was sized by it
+        raise SourceError(f"data.source: {src!r} gives num_classes {k} but has the label {top}; "
+                          f"allowed: class ids 0 to {k - 1} (map sparse ids such as 0, 3, 7 to "
+                          "0, 1, 2), or a num_classes above the largest label")
     if top >= k or (data_classes is not None and data_classes > k):
         need = max(top + 1, data_classes or 0)
         now = ("" if space.data.ignore_index is None
@@ -367,6 +378,10 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
     if path.exists():
         load_checkpoint(model, path)
         return path
+    # Scored once untrained, before any training: data.evaluate raising or returning no
+    # number, validation labels all void or past the first batch out of range, failed only
+    # after the training, which was then lost. The seed below makes the training as before.
+    evaluate(model.to(device), data.val, device, evaluate_fn)
     seed_everything(space.search.seed)
     try:
         log = train_base(model, data.train, m.train, device, space.data.ignore_index)
@@ -379,9 +394,9 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
     # 0.006, and 1.0 recalibrated), and the base is what trials and the card compare with
     adaptive_bn(model, data.train, space.finetune.bn_calibration_batches, device)
     model.cpu().eval()
-    acc = evaluate(model, data.val, "cpu", evaluate_fn)
-    with replacing(path) as tmp:
+    with replacing(path) as tmp:  # before it is scored: the training is kept whatever happens
         torch.save(model.state_dict(), tmp)
+    acc = evaluate(model, data.val, "cpu", evaluate_fn)
     path.with_suffix(".json").write_text(json.dumps({
         "model": m.source, "data": space.data.source, "train": asdict(m.train),
         "steps": log.steps, "final_loss": log.losses[-1][1] if log.losses else None,

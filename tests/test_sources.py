@@ -445,7 +445,8 @@ def test_load_sources_rejects_data_of_another_shape(space: SpaceConfig, tmp_path
         model=ModelConfig(source="builtin:tiny_cnn", input_shape=(1, 1, 16, 16)),
         data=DataConfig(source=f"{mod}:loaders"))
     with pytest.raises(SourceError, match=r"model.input_shape: got \[1, 1, 16, 16\] but "
-                                          rf"'{mod}:loaders' yields samples of shape \[1, 8, 8\]"):
+                                          rf"'{mod}:loaders' yields validation samples of "
+                                          r"shape \[1, 8, 8\]"):
         load_sources(bad)
 
 
@@ -647,11 +648,11 @@ def test_outputs_and_labels_that_make_no_classification_loss_fail_at_load(
     with pytest.raises(SourceError, match=r"set data.ignore_index: 255 \(it is 254 now\)"):
         load("segmenter", "masks", ignore_index=254)  # the wrong void label keeps the hint
     with pytest.raises(SourceError, match=r"model.input_dtype: got 'float32' but .*:token_ids' "
-                                          r"yields int64 inputs; allowed: 'int64'"):
+                                          r"yields int64 validation inputs; allowed: 'int64'"):
         load("text", "token_ids", shape=(1, 12))
     load("text", "token_ids", shape=(1, 12), dtype="int64")
     with pytest.raises(SourceError, match=r"model.input_dtype: got 'int64' but .*:masks' "
-                                          r"yields float32 inputs; allowed: 'float32'"):
+                                          r"yields float32 validation inputs; allowed: 'float32'"):
         load("segmenter", "masks", dtype="int64", ignore_index=255)
 
     # with the void label named, the loss and the accuracy leave it out
@@ -772,7 +773,8 @@ def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named
     model, data, _ = load("val_label")
     with pytest.raises(SourceError, match=r"a validation batch has the label 12"):
         evaluate(model, data.val)
-    with pytest.raises(SourceError, match=r"yields float64 inputs; allowed: float32 inputs"):
+    with pytest.raises(SourceError, match=r"yields float64 validation inputs; allowed: "
+                                          r"float32 inputs"):
         load("double")
     with pytest.raises(SourceError, match=r"a training batch has a NaN or infinite input "
                                           r"\(sample 3 of the batch\); allowed: finite"):
@@ -795,6 +797,71 @@ def test_data_problems_past_the_first_batch_or_in_the_user_s_functions_are_named
     with pytest.raises(SourceError, match=rf"data.evaluate: '{mod}:nan_score' returned nan; "
                                           r"allowed: a finite score"):
         evaluate(model, data.val, fn=fn)
+
+
+def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep U: a float64 training split (only the validation split's dtype was checked), the
+    data function's third item, sparse class ids, all-void validation labels, a bad label past
+    the first validation batch and a data.evaluate that raises or returns no number each
+    failed with a traceback or a misleading message, several after the base model trained
+    (and lost it). Each is a named error now, before any training."""
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def data(bad="", third=None, n=64):
+            x, y = torch.randn(n, 1, 8, 8), torch.arange(n) % 10
+            xv, yv = x.clone(), y.clone()
+            if bad == "train_double":
+                x = x.double()
+            if bad == "sparse":
+                y, yv = y % 3 * 3, yv % 3 * 3  # 0, 3, 6
+            if bad == "void":
+                yv[:] = -100
+            if bad == "late":
+                yv[-1] = 12
+            out = (DataLoader(TensorDataset(x, y), batch_size=16),
+                   DataLoader(TensorDataset(xv, yv), batch_size=16))
+            return out if third is None else (*out, third)
+
+        def raises(model, loader):
+            raise KeyError("top5")
+
+        def as_dict(model, loader):
+            return {"acc": 0.5}
+    """)
+    import autoprune.base as base_mod
+    from autoprune.base import base_checkpoint
+
+    def load(bad: str = "", third: Any = None, **data_kw: Any) -> Any:
+        return load_sources(space.replace(data=DataConfig(
+            source=f"{mod}:data", kwargs={"bad": bad, "third": third}, **data_kw)))
+
+    with pytest.raises(SourceError, match=r"yields float64 training inputs; allowed: float32"):
+        load("train_double")
+    for third, shown in ((["a", "b"], r"\['a', 'b'\]"), (10.7, "10.7"), (1, "1")):
+        with pytest.raises(SourceError, match=rf"returned {shown} as its third item, the number "
+                                              r"of classes.*allowed: an integer of at least 2"):
+            load(third=third)
+    assert load(third=torch.tensor(10))[1].num_classes == 10
+    with pytest.raises(SourceError, match=r"gives num_classes 3 but has the label 6; allowed: "
+                                          r"class ids 0 to 2 \(map sparse ids"):
+        load("sparse", third=3)
+    trained: list[int] = []
+    monkeypatch.setattr(base_mod, "train_base", lambda *a, **k: trained.append(1))
+    runs = str(tmp_path / "runs")
+    for bad, evaluate, error in (
+            ("void", None, r"every one of the 64 validation labels is -100"),
+            ("late", None, r"a validation batch has the label 12"),
+            ("", f"{mod}:raises", rf"data.evaluate: '{mod}:raises' raised KeyError: 'top5'"),
+            ("", f"{mod}:as_dict", rf"data.evaluate: '{mod}:as_dict' returned dict "
+                                   r"\{'acc': 0.5\}; allowed: a finite score")):
+        model, data, fn = load(bad, evaluate=evaluate)
+        with pytest.raises(SourceError, match=error):
+            base_checkpoint(space.replace(runs_dir=runs, data=DataConfig(source=f"{mod}:data")),
+                            model, data, torch.device("cpu"), fn)
+    assert not trained
 
 
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:

@@ -92,7 +92,7 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
     Labels equal to ``ignore_index`` are left out, as the loss leaves them out. ``tally``
     counts the labels and answers."""
     model.eval()
-    correct = total = 0
+    correct = total = seen = 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -101,11 +101,19 @@ def top1_accuracy(model: nn.Module, loader: Iterable[Any], device: torch.device 
         out = model(x)
         check_labels(out, y, ignore_index, "validation")
         keep = y != ignore_index
+        seen += y.numel()
         answers = out.argmax(1)
         correct += int(((answers == y) & keep).sum())
         total += int(keep.sum())
         if tally is not None:
             tally.add(y[keep], answers[keep], out.shape[1])
+    if total == 0 and seen:
+        from autoprune.errors import SourceError
+
+        raise SourceError(f"data.source: every one of the {seen} validation labels is "
+                          f"{ignore_index}, the label left out (data.ignore_index, or PyTorch's "
+                          "-100), so nothing can be scored; allowed: a validation split with "
+                          "labelled samples")
     if total == 0:
         raise ValueError("the validation loader yielded no samples")
     return correct / total
@@ -127,14 +135,28 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     """The task score (higher is better): ``fn(model, loader)`` if given, else top-1 accuracy."""
     if fn is None:
         return top1_accuracy(model, loader, device)
-    model.eval()
-    with torch.no_grad():
-        score = float(fn(model, loader))
-    if score != score or score in (float("inf"), float("-inf")):
-        from autoprune.errors import SourceError
+    from autoprune.errors import AutopruneError, SourceError
 
-        name = (f"{fn.__module__}:{fn.__qualname__}" if hasattr(fn, "__qualname__")
-                else repr(fn))  # as data.evaluate names it
-        raise SourceError(f"data.evaluate: {name!r} returned {score}; allowed: a finite score, "
-                          "higher is better")
+    model.eval()
+    if isinstance(fn, functools.partial):  # autoprune's own (accuracy_ignoring)
+        with torch.no_grad():
+            return float(fn(model, loader))
+    name = (f"{fn.__module__}:{fn.__qualname__}" if hasattr(fn, "__qualname__")
+            else repr(fn))  # as data.evaluate names it
+    allowed = "allowed: a finite score (one number), higher is better"
+    try:
+        with torch.no_grad():
+            got = fn(model, loader)
+    except (AutopruneError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's function: name it, keep the chain
+        raise SourceError(f"data.evaluate: {name!r} raised {type(e).__name__}"
+                          f"{f': {e}' if str(e) else ''}") from e
+    try:
+        score = float(got)
+    except (TypeError, ValueError):
+        shown = f"{type(got).__name__} {str(got)[:80]}" if got is not None else "None"
+        raise SourceError(f"data.evaluate: {name!r} returned {shown}; {allowed}") from None
+    if score != score or score in (float("inf"), float("-inf")):
+        raise SourceError(f"data.evaluate: {name!r} returned {score}; {allowed}")
     return score

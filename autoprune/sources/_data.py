@@ -225,11 +225,30 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
     if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise SourceError(f"data.source: {cfg.source!r} returned {type(result).__name__}; "
                           "allowed: (train_loader, val_loader) or (train, val, num_classes)")
-    num_classes = int(result[2]) if len(result) == 3 else None
+    num_classes = _num_classes(cfg.source, result[2]) if len(result) == 3 else None
     for name, loader in (("training", result[0]), ("validation", result[1])):
         _check_loader(cfg.source, name, loader)
     return DataBundle(train=result[0], val=result[1], num_classes=num_classes,
                       description=f"user data from {cfg.source}")
+
+
+def _num_classes(source: str, given: Any) -> int:
+    """The data function's third item, the number of classes: a list of class names raised a
+    raw TypeError, 10.7 was cut to 10 and 1 was blamed on the model."""
+    import operator
+
+    try:
+        n = operator.index(given)  # int, numpy integer, 0-d integer tensor; not bool
+        if isinstance(given, bool):
+            raise TypeError
+    except TypeError:
+        n = None
+    if n is None or n < 2:
+        shown = repr(given) if len(repr(given)) <= 80 else f"a {type(given).__name__}"
+        hint = " (for class names, return len(names))" if isinstance(given, (list, tuple)) else ""
+        raise SourceError(f"data.source: {source!r} returned {shown} as its third item, the "
+                          f"number of classes{hint}; allowed: an integer of at least 2")
+    return int(n)
 
 
 #: data settings a user's data function gets when it has a parameter of that name
