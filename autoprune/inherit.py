@@ -227,8 +227,10 @@ def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mappin
                                  f"{presult.state}: {presult.error or 'no model'}")
         inherit = lambda kept: parent  # noqa: E731 - the recorded parent, whatever it keeps
     seed = attrs.get("seed")
+    # the channels it kept, not what its ratios round to today: a trial an older autoprune
+    # made (half-way counts rounded down) was re-made another model, and export refused it
     return run_trial(ctx, ratios, None if seed is None else int(seed), keep_model=True,
-                     inherit=inherit, constraints=False)
+                     inherit=inherit, constraints=False, kept=attrs.get("kept_channels"))
 
 
 def ancestors(originals: Mapping[str, FrozenTrial], attrs: Mapping[str, Any]) -> list[int]:

@@ -153,6 +153,7 @@ def prune_model(
     grad_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     parent: PruneRecord | None = None,
+    keep: Mapping[str, int] | None = None,
 ) -> tuple[nn.Module, PruneRecord]:
     """Prune a copy of ``model``; the input model is never changed.
 
@@ -171,6 +172,9 @@ def prune_model(
             the channels still missing are removed, by ``model``'s own weights. The record
             returned continues ``parent``'s history, so :func:`replay` rebuilds the result from
             the base model.
+        keep: channels each group keeps, in place of what ``ratios`` round to: a recorded
+            trial re-made as it was, whatever rounding rule made it (an older autoprune
+            rounded half-way counts down at float-error ratios).
 
     Returns:
         The pruned copy and its :class:`PruneRecord`.
@@ -197,8 +201,9 @@ def prune_model(
     by_name = {n: m for m, n in names.items()}
     current = {n: int(graph.get_out_channels(m)) for m, n in names.items()}
     base_channels = dict(parent.base_channels) if parent is not None else current
-    kept = {n: kept_after_rounding(base_channels[n], float(r), round_to,
-                                   channel_groups(graph, groups[by_name[n]], heads))
+    kept = {n: int(keep[n]) if keep is not None and n in keep else
+            kept_after_rounding(base_channels[n], float(r), round_to,
+                                channel_groups(graph, groups[by_name[n]], heads))
             for n, r in ratios.items()}
     grown = {n: (kept[n], current[n]) for n in ratios if kept[n] > current[n]}
     if grown:

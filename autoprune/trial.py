@@ -221,7 +221,8 @@ def constraint_values(space: SpaceConfig, result: TrialResult) -> dict[str, floa
 def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None = None,
               keep_model: bool = False, finetune_steps: int | None = None,
               promote: Promote | None = None, reuse: Reuse | None = None,
-              inherit: Inherit | None = None, constraints: bool = True) -> TrialResult:
+              inherit: Inherit | None = None, constraints: bool = True,
+              kept: Mapping[str, int] | None = None) -> TrialResult:
     """Prune the base model with ``ratios``, fine-tune it briefly and measure it.
 
     Never raises for a failure inside the trial: the result has ``state="failed"`` and the
@@ -245,13 +246,16 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         constraints: stop an infeasible candidate before fine-tuning. A re-run of a recorded
             trial (export) passes False: it remakes that trial's model, and a measured latency
             that comes out over a limit this time must not stop it.
+        kept: the channels each group keeps, as a recorded trial kept them (a re-run), in
+            place of what ``ratios`` round to.
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
     result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
     t0 = time.perf_counter()
     try:
-        _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit, constraints)
+        _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit, constraints,
+             kept)
     except Exception as e:  # noqa: BLE001 - a failed trial is data, not a crash
         result.state = "failed"
         oom = "out of memory: " if out_of_memory(e) else ""
@@ -283,7 +287,8 @@ def _cost(ctx: TrialContext, result: TrialResult) -> float:
 
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
          finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None,
-         inherit: Inherit | None, constraints: bool = True) -> None:
+         inherit: Inherit | None, constraints: bool = True,
+         kept: Mapping[str, int] | None = None) -> None:
     space, dev = ctx.space, ctx.device
     seed_everything(result.seed)
     p = space.pruning
@@ -291,7 +296,8 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
                     if p.importance == "taylor" else None)
     loss = class_loss(space.data.ignore_index)
     model, record = prune_model(ctx.base_model, ctx.example_inputs, result.ratios,
-                                p.importance, p.round_to, space.groups.ignore, grad_batches, loss)
+                                p.importance, p.round_to, space.groups.ignore, grad_batches, loss,
+                                keep=kept)
     result.record = record.to_dict()
     result.kept_channels = dict(record.kept_channels)
     if reuse is not None and finetune_steps is None:
@@ -309,7 +315,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
         start, start_record = parent_model(ctx, parent)
         model, record = prune_model(start, ctx.example_inputs, result.ratios, p.importance,
                                     p.round_to, space.groups.ignore, grad_batches, loss,
-                                    parent=start_record)
+                                    parent=start_record, keep=kept)
         if record.kept_channels != result.kept_channels:  # a bug, not user input
             raise RuntimeError(f"inherited pruning kept {record.kept_channels}, not "
                                f"{result.kept_channels}")

@@ -413,6 +413,33 @@ def test_a_rerun_remakes_the_recorded_model_whatever_the_constraints_say(tmp_pat
     assert again.finetune_steps == 4
 
 
+def test_a_trial_an_older_rounding_rule_made_is_re_made_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An autoprune before 4db1669 rounded half-way channel counts down at float-error ratios
+    (0.35000000000000003 of 40 kept 24, now 28). Export re-ran such a trial (weights not kept)
+    by its ratios under today's rule, made another model and refused it ("exported MACs ...
+    differ from the trial's"). It re-makes the channels the trial kept."""
+    import autoprune.prune as prune_mod
+
+    today = prune_mod.kept_after_rounding
+
+    def older(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
+        kept = today(channels, ratio, round_to, blocks)  # one channel fewer, where it can
+        return kept - 1 if 0 < ratio and kept > 2 else kept
+
+    monkeypatch.setattr(prune_mod, "kept_after_rounding", older)
+    space = parse_space(tiny_space(tmp_path / "runs", "older", **{
+        "search.trials": 1, "search.baselines": [0.5], "search.keep_models": False}))
+    run_search(space, quiet=True)
+    monkeypatch.setattr(prune_mod, "kept_after_rounding", today)
+    trial = load_study("older", space.storage_url).trials[0]
+    kept = trial.user_attrs["kept_channels"]
+    assert any(kept[n] != today(8, 0.5, 1) for n in kept)  # today's rule keeps other counts
+    res = export_trial("older", space.storage_url, "trial:0", tmp_path / "out")
+    assert res.config["pruning"]["kept_channels"] == kept
+    assert res.config["metrics"]["trial"]["macs"] == trial.user_attrs["macs"]
+
+
 def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: Path) -> None:
     from torch import nn
 
