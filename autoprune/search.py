@@ -514,6 +514,7 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
     study = open_study(space, name, resume, space.search.seed, ctx.base)
     if existing is not None:
         check_same_ranges(name, study, dists)
+        _warn_older_rounding(study, ctx)
     ctx.base = _study_base(name, study.user_attrs.get("base") or {}, ctx.base,
                            resumed=existing is not None, log=log)
     lost = recover_interrupted(study) if resume else []
@@ -654,6 +655,22 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
                          recorder.errors(), study.user_attrs["base"].get("accuracy"),
                          sum(t.user_attrs.get("duplicate_of") is not None
                              for t in study.get_trials(deepcopy=False)), timed_out)
+
+
+def _warn_older_rounding(study: optuna.Study, ctx: TrialContext) -> None:
+    """A study an older autoprune began rounds some ratios to other channel counts than its
+    new trials will (sweep V: 0.35 of 40 kept 24 in the old trials, 28 in the new, without a
+    word). Said once: the study is stamped with today's rule after."""
+    from autoprune.study import older_rounding, stamp_rounding
+
+    older = older_rounding(study, ctx.groups, ctx.space.pruning.round_to)
+    if older:
+        _warn(f"autoprune: warning: --resume: {len(older)} trial(s) of study "
+              f"{study.study_name!r} were pruned by an older autoprune, which rounded some "
+              f"half-way channel counts down ({older[0]}): they keep the channels recorded "
+              "(kept.<group> in trials.csv; export re-makes them so), and trials from now on "
+              "round half-way counts up, so one ratio may keep two counts in this study")
+    stamp_rounding(study)
 
 
 def _warn_seeds_left(study: optuna.Study, ray_points: Sequence[Any] | None, done: int,

@@ -249,7 +249,42 @@ def open_study(space: SpaceConfig, name: str, resume: bool, seed: int,
     study.set_user_attr("code", code_digests(space))
     study.set_user_attr("import_dir", os.getcwd())  # where the user's modules were imported
     study.set_user_attr("seed", seed)
+    stamp_rounding(study)
     return study
+
+
+def stamp_rounding(study: optuna.Study) -> None:
+    """Record the rounding rule (and autoprune version) the study's trials are pruned by."""
+    from autoprune import __version__
+    from autoprune.prune import ROUNDING_RULE
+
+    study.set_user_attr("rounding_rule", ROUNDING_RULE)
+    study.set_user_attr("autoprune_version", __version__)
+
+
+def older_rounding(study: optuna.Study, groups: Sequence[Any], round_to: int) -> list[str]:
+    """The trials an older autoprune pruned to other channel counts than today's rounding
+    of their ratios gives (half-way counts at float-error ratios rounded down before rule 3),
+    each as ``trial N: group at ratio r kept k of C (k' now)``; empty for a study stamped
+    with today's rule."""
+    from autoprune.prune import ROUNDING_RULE, kept_after_rounding
+
+    if study.user_attrs.get("rounding_rule") == ROUNDING_RULE:
+        return []
+    by_name = {g.name: g for g in groups}
+    found = []
+    for t in study.get_trials(deepcopy=False):
+        kept = t.user_attrs.get("kept_channels") or {}
+        for name, ratio in t.params.items():
+            g = by_name.get(name)
+            if g is None or name not in kept:
+                continue
+            now = kept_after_rounding(g.channels, float(ratio), round_to, g.blocks)
+            if now != int(kept[name]):
+                found.append(f"trial {t.number}: {name} at ratio {float(ratio):g} kept "
+                             f"{kept[name]} of {g.channels} channels ({now} now)")
+                break
+    return found
 
 
 def code_digests(space: SpaceConfig) -> dict[str, str]:

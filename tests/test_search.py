@@ -1370,6 +1370,37 @@ def test_trial_workers_take_the_loaders_jobs_1_takes_or_say_why_not(
                       "search's machine only"}
 
 
+def test_a_resume_of_a_study_an_older_rounding_made_says_so_once(
+        runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sweep V: a study begun before rounding rule 3, resumed after it, held one ratio at two
+    channel counts without a word (and nothing in it said which rule made it)."""
+    import autoprune.prune as prune_mod
+    from autoprune.prune import ROUNDING_RULE
+
+    today = prune_mod.kept_after_rounding
+
+    def older(channels: int, ratio: float, round_to: int, blocks: int = 1) -> int:
+        kept = today(channels, ratio, round_to, blocks)
+        return kept - 1 if 0 < ratio and kept > 2 else kept
+
+    space = parse_space(tiny_space(runs, "rule", **{"search.trials": 1,
+                                                    "search.baselines": [0.5]}))
+    monkeypatch.setattr(prune_mod, "kept_after_rounding", older)
+    run_search(space, quiet=True)
+    study = load_study("rule", space.storage_url)
+    assert study.user_attrs["rounding_rule"] == ROUNDING_RULE
+    study.set_user_attr("rounding_rule", None)  # as an older autoprune left it: no stamp
+    monkeypatch.setattr(prune_mod, "kept_after_rounding", today)
+    capsys.readouterr()
+    run_search(space, quiet=True, resume=True, trials=2)
+    err = capsys.readouterr().err
+    assert "--resume: 1 trial(s) of study 'rule' were pruned by an older autoprune" in err
+    assert "(trial 0: layer3.0.shortcut.0 at ratio 0.5 kept 15 of 32 channels (16 now))" in err
+    assert load_study("rule", space.storage_url).user_attrs["rounding_rule"] == ROUNDING_RULE
+    run_search(space, quiet=True, resume=True, trials=3)
+    assert "older autoprune" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_time_limit_starts_no_trial_after_it_and_resume_runs_the_rest(
         runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
