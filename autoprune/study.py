@@ -370,7 +370,8 @@ def check_same_base(name: str, study: optuna.Study, space: SpaceConfig) -> None:
     if not was:
         return
     if not space.model.checkpoint:
-        _check_base_file(name, stored, str(base_cache_path(space)), space)
+        _check_base_file(name, stored, str(base_cache_path(space)), space,
+                         study.user_attrs.get("code"))
         return
     if not Path(space.model.checkpoint).is_file():
         return  # loading it says so
@@ -382,13 +383,22 @@ def check_same_base(name: str, study: optuna.Study, space: SpaceConfig) -> None:
             "checkpoint, or a new --study for this one")
 
 
-def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: SpaceConfig) -> None:
-    if Path(str(stored.get("checkpoint", ""))).name != Path(now).name:
-        raise AutopruneError(
-            f"--resume: study {name!r} pruned the base model {stored.get('checkpoint')!r}; "
-            f"this space gives {now!r}: the code or files of model.source "
-            f"({space.model.source!r}) or data.source ({space.data.source!r}) changed since; "
-            "allowed: the code the study was made with, or a new --study")
+def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: SpaceConfig,
+                     code: Mapping[str, str] | None = None) -> None:
+    if Path(str(stored.get("checkpoint", ""))).name == Path(now).name:
+        return
+    why = (f"the code or files of model.source ({space.model.source!r}) or data.source "
+           f"({space.data.source!r}) changed since; allowed: the code the study was made "
+           "with, or a new --study")
+    if code is not None and code == code_digests(space):  # autoprune's own recipe changed
+        from autoprune import __version__
+
+        why = (f"the sources are as they were, so this autoprune ({__version__}) trains its base "
+               f"models another way than the one that made the study; allowed: a new --study "
+               "(pareto and export of this one still work), or the autoprune version that made "
+               "it to resume it")
+    raise AutopruneError(f"--resume: study {name!r} pruned the base model "
+                         f"{stored.get('checkpoint')!r}; this space gives {now!r}: {why}")
 
 
 def sampler_seed(seed: int, study: optuna.Study) -> int:

@@ -1009,6 +1009,14 @@ def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
     ckpt.write_bytes(original)  # the study's own file again: it goes on
     run_search(parse_space(spec), trials=2, resume=True, quiet=True)
     assert len(load_study("ckpt-b", parse_space(spec).storage_url).trials) == 2
+    # a base an older autoprune trained its own way (another cache key for the same built-in
+    # sources) blamed the user's code, which had not changed
+    study = load_study("ckpt-a", storage)
+    study.set_user_attr("base", {**study.user_attrs["base"], "checkpoint": "old-recipe.pt"})
+    with pytest.raises(AutopruneError, match=r"'old-recipe.pt'; this space gives .*: the "
+                                             r"sources are as they were, so this autoprune "
+                                             r"\(.*\) trains its base models another way"):
+        run_search(parse_space(first), trials=2, resume=True, quiet=True)
 
     patterns = {"layer1*": {"low": 0.2, "high": 0.6, "step": 0.1},
                 "layer*": {"low": 0.0, "high": 0.3, "step": 0.1}}
