@@ -521,12 +521,20 @@ def _run_search(space: SpaceConfig, study_name: str | None = None, trials: int |
     if lost:
         log(f"autoprune: re-queued trials interrupted by the last run: {lost}")
     sens = None
-    if space.search.warm_start.sensitivity:
-        from autoprune.sensitivity import cached_scan
-
-        sens, cached = cached_scan(ctx, progress=not quiet, log=log)
-        log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
     points = stored_seed_points(study)
+    if space.search.warm_start.sensitivity:
+        from autoprune.sensitivity import Sensitivity, cache_path, cached_scan
+
+        own = out / "sensitivity.json"  # the scan that seeded the study, kept with it
+        if points is not None and own.exists() and \
+                not cache_path(ctx, list(space.search.warm_start.ratios)).exists():
+            # its seeds are stored: a scan missing from the cache (deleted, or keyed by an
+            # older autoprune's rounding rule) would only redraw the heatmap, for minutes
+            sens = Sensitivity(**json.loads(own.read_text()))
+            log("autoprune: sensitivity: the study's own scan (its seeds are stored)")
+        else:
+            sens, cached = cached_scan(ctx, progress=not quiet, log=log)
+            log(f"autoprune: sensitivity {'from the cache' if cached else 'scanned'}")
     if points is None:  # counting each allocation's MACs takes minutes on a large model: once
         allocated = None
         if sens is not None:

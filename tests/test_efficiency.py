@@ -359,6 +359,16 @@ def test_sensitivity_scan_is_cached_and_seeds_the_search(
     run_search(space, trials=8, resume=True, quiet=True)
     assert len([t for t in load_study("warm", space.storage_url).trials
                 if t.state.is_finished()]) == 8
+    # nor is the scan made again when the cache lost it (deleted, or keyed by an older
+    # autoprune's rounding rule): it only redrew the heatmap, for minutes on a large model
+    import autoprune.sensitivity as sens_mod
+
+    for f in (runs / "sensitivity").glob("*.json"):
+        f.unlink()
+    monkeypatch.setattr(sens_mod, "scan", lambda *a, **k: no_recount())
+    capsys.readouterr()
+    run_search(space, trials=9, resume=True)
+    assert "sensitivity: the study's own scan (its seeds are stored)" in capsys.readouterr().err
 
 
 def test_an_interrupted_scan_keeps_the_groups_it_finished(
