@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -408,7 +408,19 @@ def trial_model(space: SpaceConfig, base: BaseMetrics, study_name: str, number: 
         pruned = replay(model, example, record)
         state = result.state_dict
     load_state_dict_strict(pruned, state, f"trial {number} weights")
-    return pruned.eval(), record, {"data": data, "evaluate_fn": evaluate_fn}, state
+    return pruned.eval(), record, {"data": data, "evaluate_fn": evaluate_fn,
+                                   "rerun": kept is None}, state
+
+
+def _threads_unknown(attrs: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
+    """For a re-made trial that does not record its CPU threads (made before 0.2.0): the
+    thread count changes floating-point sums, and a --jobs N trial had fewer."""
+    if not extra.get("rerun") or attrs.get("threads"):
+        return ""
+    return (f"; the trial was re-run (its weights were not kept) with {torch.get_num_threads()}"
+            " CPU threads, and it does not record how many it had (an autoprune before 0.2.0 "
+            "made it): if its search ran several trials at once (--jobs N), export again with "
+            "OMP_NUM_THREADS set to the threads each trial had (the cores / N)")
 
 
 def _trial_state(study: Any, rule: str) -> str:
@@ -494,7 +506,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
             return verify(model, space, extra["data"], extra["evaluate_fn"], trial.user_attrs,
                           onnx, program)
         except AutopruneError as e:
-            raise AutopruneError(f"{e}{_code_changed(study, space)}") from None
+            raise AutopruneError(f"{e}{_code_changed(study, space)}"
+                                 f"{_threads_unknown(trial.user_attrs, extra)}") from None
 
     with staged(out) as stage:
         files, verified = write_model_files(model, space.model.input_shape, stage, checked,

@@ -227,10 +227,18 @@ def rerun(ctx: TrialContext, originals: Mapping[str, FrozenTrial], attrs: Mappin
                                  f"{presult.state}: {presult.error or 'no model'}")
         inherit = lambda kept: parent  # noqa: E731 - the recorded parent, whatever it keeps
     seed = attrs.get("seed")
-    # the channels it kept, not what its ratios round to today: a trial an older autoprune
-    # made (half-way counts rounded down) was re-made another model, and export refused it
-    return run_trial(ctx, ratios, None if seed is None else int(seed), keep_model=True,
-                     inherit=inherit, constraints=False, kept=attrs.get("kept_channels"))
+    # with the threads it ran with: a --jobs 2 trial (1 thread each) re-made with 2 scored
+    # 0.9917 against its 0.9889, and export refused it
+    was, threads = torch.get_num_threads(), int(attrs.get("threads") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        # the channels it kept, not what its ratios round to today: a trial an older
+        # autoprune made (half-way counts rounded down) was re-made another model
+        return run_trial(ctx, ratios, None if seed is None else int(seed), keep_model=True,
+                         inherit=inherit, constraints=False, kept=attrs.get("kept_channels"))
+    finally:
+        torch.set_num_threads(was)
 
 
 def ancestors(originals: Mapping[str, FrozenTrial], attrs: Mapping[str, Any]) -> list[int]:

@@ -178,6 +178,9 @@ class TrialResult:
     error: str | None = None
     duplicate_of: int | None = None  # a config that already ran: its result, reused
     inherits: str | None = None  # structure key of the finished trial whose weights it pruned
+    # torch's CPU threads it ran with: floating-point sums differ with the thread count, so a
+    # re-run (export) uses as many
+    threads: int = 0
     record: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] | None = None
 
@@ -251,7 +254,8 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
     """
     space = ctx.space
     seed = space.search.seed if seed is None else seed
-    result = TrialResult(ratios=dict(ratios), state="failed", seed=seed)
+    result = TrialResult(ratios=dict(ratios), state="failed", seed=seed,
+                         threads=torch.get_num_threads())
     t0 = time.perf_counter()
     try:
         _run(ctx, result, keep_model, finetune_steps, promote, reuse, inherit, constraints,

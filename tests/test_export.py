@@ -440,6 +440,31 @@ def test_a_trial_an_older_rounding_rule_made_is_re_made_as_it_was(
     assert res.config["metrics"]["trial"]["macs"] == trial.user_attrs["macs"]
 
 
+def test_a_rerun_runs_with_the_cpu_threads_its_trial_ran_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Floating-point sums differ with torch's thread count: a --jobs 2 trial (1 thread each)
+    re-made by export with 2 threads scored 0.9917 against its 0.9889, and was refused."""
+    import autoprune.trial as trial_mod
+    from autoprune.inherit import rerun
+    from autoprune.trial import TrialContext
+
+    ctx = TrialContext.build(parse_space(tiny_space(tmp_path / "runs", "threads")))
+    ratios = {g.name: 0.3 for g in ctx.groups}
+    was = torch.get_num_threads()
+    assert trial_mod.run_trial(ctx, ratios, finetune_steps=0).threads == was  # recorded
+    seen: list[int] = []
+    real = trial_mod.run_trial
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_mod, "run_trial", counting)
+    again = rerun(ctx, {}, {"seed": 0, "threads": was + 1}, ratios)
+    assert seen == [was + 1] and again.threads == was + 1 and again.state == "complete"
+    assert torch.get_num_threads() == was  # and back
+
+
 def test_onnx_check_scales_with_the_outputs_and_catches_a_wrong_model(tmp_path: Path) -> None:
     from torch import nn
 
