@@ -380,8 +380,9 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
         return path
     # Scored once untrained, before any training: data.evaluate raising or returning no
     # number, validation labels all void or past the first batch out of range, failed only
-    # after the training, which was then lost. The seed below makes the training as before.
-    evaluate(model.to(device), data.val, device, evaluate_fn)
+    # after the training, which was then lost (NaN may be an untrained model's fair score:
+    # judged after). The seed below makes the training as before.
+    evaluate(model.to(device), data.val, device, evaluate_fn, finite=False)
     seed_everything(space.search.seed)
     try:
         log = train_base(model, data.train, m.train, device, space.data.ignore_index)

@@ -830,6 +830,9 @@ def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
 
         def as_dict(model, loader):
             return {"acc": 0.5}
+
+        def nan(model, loader):
+            return float("nan")
     """)
     import autoprune.base as base_mod
     from autoprune.base import base_checkpoint
@@ -862,6 +865,13 @@ def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
             base_checkpoint(space.replace(runs_dir=runs, data=DataConfig(source=f"{mod}:data")),
                             model, data, torch.device("cpu"), fn)
     assert not trained
+    # NaN may be an untrained model's fair score (an undefined mean IoU): judged after the
+    # training, which is saved before it is scored
+    model, data, fn = load(evaluate=f"{mod}:nan")
+    trained_space = space.replace(runs_dir=runs, data=DataConfig(source=f"{mod}:data"))
+    with pytest.raises(SourceError, match=rf"data.evaluate: '{mod}:nan' returned nan"):
+        base_checkpoint(trained_space, model, data, torch.device("cpu"), fn)
+    assert trained == [1] and base_mod.base_cache_path(trained_space).exists()
 
 
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:

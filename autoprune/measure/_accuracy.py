@@ -131,8 +131,11 @@ def accuracy_ignoring(ignore_index: int) -> Callable[[nn.Module, Iterable[Any]],
 
 
 def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str = "cpu",
-             fn: Callable[[nn.Module, Iterable[Any]], float] | None = None) -> float:
-    """The task score (higher is better): ``fn(model, loader)`` if given, else top-1 accuracy."""
+             fn: Callable[[nn.Module, Iterable[Any]], float] | None = None,
+             finite: bool = True) -> float:
+    """The task score (higher is better): ``fn(model, loader)`` if given, else top-1 accuracy.
+    ``finite=False`` lets ``fn`` return NaN or inf (an untrained model's mean IoU may be
+    undefined); anything but a number is an error all the same."""
     if fn is None:
         return top1_accuracy(model, loader, device)
     from autoprune.errors import AutopruneError, SourceError
@@ -157,6 +160,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     except (TypeError, ValueError):
         shown = f"{type(got).__name__} {str(got)[:80]}" if got is not None else "None"
         raise SourceError(f"data.evaluate: {name!r} returned {shown}; {allowed}") from None
-    if score != score or score in (float("inf"), float("-inf")):
+    if finite and (score != score or score in (float("inf"), float("-inf"))):
         raise SourceError(f"data.evaluate: {name!r} returned {score}; {allowed}")
     return score
