@@ -211,13 +211,16 @@ def test_attention_model_whose_token_count_equals_its_width_keeps_its_embedding_
     assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
     assert left_out_groups(model, example) == {}
-    # Without the LayerNorm before the MLP, the MLP's first Linear runs as view, mm, view, and
-    # the view back cannot be read (the width before it is unknown): the group is still left
-    # out, but `autoprune layers` says which and why.
+    # Without the LayerNorm before the MLP, its first Linear runs as view, mm, view: the view
+    # back, (64, 128) -> (1, 64, 128), only adds a unit axis, so the channels are read through
+    # it and the group stays (it was left out before the unit-axis rule).
     model.ln2 = nn.Identity()
-    assert "mlp.2" not in {g.name for g in describe_groups(model, example)}
-    why = left_out_groups(model, example)["mlp.2"]
-    assert why.startswith("its channels cross a reshape that does not keep them whole (")
+    assert {g.name: g.channels for g in describe_groups(model, example)} == groups
+    assert left_out_groups(model, example) == {}
+    pruned, record = prune_model(model, example, {"mlp.2": 0.5, "mlp.0": 0.5}, round_to=4)
+    assert record.kept_channels == {"mlp.2": 32, "mlp.0": 64}
+    assert pruned.mlp[0].in_features == 32 and pruned.attn.embed_dim == 32
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_grouped_conv_keeps_one_channel_per_block_at_high_ratios() -> None:

@@ -793,7 +793,7 @@ def test_a_model_of_token_ids_is_searched_and_exported_with_integer_inputs(
                       data={"source": "textmods:loaders", "batch_size": 32},
                       **{"search.trials": 3, "search.baselines": [0.25, 0.5]})
     with pytest.raises(AutopruneError, match=r"model.input_dtype: got 'float32' but "
-                                             r"'textmods:loaders' yields int64 inputs; "
+                                             r"'textmods:loaders' yields int64 validation inputs; "
                                              r"allowed: 'int64'"):
         run_search(parse_space({**spec, "model": {**spec["model"], "input_dtype": "float32"}}),
                    quiet=True)
