@@ -72,3 +72,16 @@ def environment_error(error: BaseException) -> str | None:
             return "torch could not finish writing a file (is the disk full?)"
         todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]  # sqlalchemy's cause
     return None
+
+
+#: How an allocation that failed reads from torch's CPU kernels (oneDNN), CUDA and the allocator.
+_OOM_WORDS = ("could not create a primitive", "out of memory", "can't allocate memory",
+              "not enough memory", "failed to allocate")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a trial's error is memory running out: under a memory cap, trials failed as
+    'RuntimeError: could not create a primitive' or 'ONNX export failed', which read as
+    faults of the model or the pruning."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(w in text for w in _OOM_WORDS)

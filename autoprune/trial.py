@@ -25,6 +25,7 @@ from autoprune.base import (
     seed_everything,
 )
 from autoprune.config import SpaceConfig
+from autoprune.errors import out_of_memory
 from autoprune.fidelity import Promote, Promoter, numbered_rungs
 from autoprune.finetune import TrainLog, adaptive_bn, class_loss, finetuner
 from autoprune.groups import GroupInfo, describe_groups
@@ -266,19 +267,6 @@ def run_trial(ctx: TrialContext, ratios: Mapping[str, float], seed: int | None =
         result.error = f"{oom}{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
     result.duration_s = time.perf_counter() - t0
     return result
-
-
-#: How an allocation that failed reads from torch's CPU kernels (oneDNN), CUDA and the allocator.
-_OOM_WORDS = ("could not create a primitive", "out of memory", "can't allocate memory",
-              "not enough memory", "failed to allocate")
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether a trial's error is memory running out: under a memory cap, trials failed as
-    'RuntimeError: could not create a primitive' or 'ONNX export failed', which read as
-    faults of the model or the pruning."""
-    text = str(error).lower()
-    return isinstance(error, MemoryError) or any(w in text for w in _OOM_WORDS)
 
 
 def _cost(ctx: TrialContext, result: TrialResult) -> float:

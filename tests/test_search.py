@@ -1673,7 +1673,8 @@ def test_a_trial_that_runs_out_of_memory_says_so(tmp_path: Path) -> None:
     which reads as a fault of the model or the pruning."""
     import torch
 
-    from autoprune.trial import TrialContext, out_of_memory, run_trial
+    from autoprune.errors import out_of_memory
+    from autoprune.trial import TrialContext, run_trial
 
     try:
         torch.empty(2**60)  # more than any machine has: the allocator's own error

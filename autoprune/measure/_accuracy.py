@@ -138,7 +138,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     undefined); anything but a number is an error all the same."""
     if fn is None:
         return top1_accuracy(model, loader, device)
-    from autoprune.errors import AutopruneError, SourceError
+    from autoprune.errors import AutopruneError, SourceError, out_of_memory
 
     model.eval()
     if isinstance(fn, functools.partial):  # autoprune's own (accuracy_ignoring)
@@ -153,6 +153,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device | str
     except (AutopruneError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - the user's function: name it, keep the chain
+        if out_of_memory(e):  # the machine's limit, not a fault of the function
+            raise
         raise SourceError(f"data.evaluate: {name!r} raised {type(e).__name__}"
                           f"{f': {e}' if str(e) else ''}") from e
     try:
