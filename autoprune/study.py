@@ -390,7 +390,10 @@ def _check_base_file(name: str, stored: Mapping[str, Any], now: str, space: Spac
     why = (f"the code or files of model.source ({space.model.source!r}) or data.source "
            f"({space.data.source!r}) changed since; allowed: the code the study was made "
            "with, or a new --study")
-    if code is not None and code == code_digests(space):  # autoprune's own recipe changed
+    today = code_digests(space)
+    # The sources are as they were (a study made before their code was stored has built-in
+    # sources only when none is hashed today): autoprune's own recipe changed.
+    if (code is None and not today) or (code is not None and code == today):
         from autoprune import __version__
 
         why = (f"the sources are as they were, so this autoprune ({__version__}) trains its base "

@@ -1017,6 +1017,9 @@ def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
                                              r"sources are as they were, so this autoprune "
                                              r"\(.*\) trains its base models another way"):
         run_search(parse_space(first), trials=2, resume=True, quiet=True)
+    study.set_user_attr("code", None)  # a study made before the code was stored: the same
+    with pytest.raises(AutopruneError, match=r"the sources are as they were, so this autoprune"):
+        run_search(parse_space(first), trials=2, resume=True, quiet=True)
 
     patterns = {"layer1*": {"low": 0.2, "high": 0.6, "step": 0.1},
                 "layer*": {"low": 0.0, "high": 0.3, "step": 0.1}}
