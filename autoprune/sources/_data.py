@@ -234,21 +234,34 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...]) -> DataBundle:
 
 def _num_classes(source: str, given: Any) -> int:
     """The data function's third item, the number of classes: a list of class names raised a
-    raw TypeError, 10.7 was cut to 10 and 1 was blamed on the model."""
+    raw TypeError, 10.7 was cut to 10 and 1 was blamed on the model. A whole float (10.0)
+    is taken."""
     import operator
 
+    n: int | None
     try:
         n = operator.index(given)  # int, numpy integer, 0-d integer tensor; not bool
         if isinstance(given, bool):
             raise TypeError
     except TypeError:
-        n = None
+        n = _whole(given)  # 10.0, or y.max() + 1 of float labels
     if n is None or n < 2:
         shown = repr(given) if len(repr(given)) <= 80 else f"a {type(given).__name__}"
         hint = " (for class names, return len(names))" if isinstance(given, (list, tuple)) else ""
         raise SourceError(f"data.source: {source!r} returned {shown} as its third item, the "
                           f"number of classes{hint}; allowed: an integer of at least 2")
     return int(n)
+
+
+def _whole(given: Any) -> int | None:
+    """A whole number given as a float (a Python, numpy or 0-d tensor float), else None."""
+    if isinstance(given, (str, bytes, bool)):
+        return None
+    try:
+        f = float(given)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several numbers
+        return None
+    return int(f) if f.is_integer() else None
 
 
 #: data settings a user's data function gets when it has a parameter of that name
