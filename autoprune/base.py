@@ -106,10 +106,17 @@ def load_sources(space: SpaceConfig) -> tuple[nn.Module, DataBundle, Any]:
         _check_input_dtype(space, b[0], split)
     out = example_output(model, m.source, m.input_shape, m.input_dtype)
     for split, b in splits:
-        if tuple(b[0].shape[1:]) != tuple(m.input_shape[1:]):
+        shape = list(b[0].shape[1:])
+        if split == "training" and shape != list(batch[0].shape[1:]):  # validation's fit
+            raise SourceError(f"data.source: {space.data.source!r} yields training samples of "
+                              f"shape {shape} and validation samples of shape "
+                              f"{list(batch[0].shape[1:])} (model.input_shape "
+                              f"{list(m.input_shape)}); allowed: one sample shape in both "
+                              "splits, the model's")
+        if tuple(shape) != tuple(m.input_shape[1:]):
             raise SourceError(f"model.input_shape: got {list(m.input_shape)} but "
                               f"{space.data.source!r} yields {split} samples of shape "
-                              f"{list(b[0].shape[1:])}")
+                              f"{shape}")
         check_inputs(b[0], split)
         _check_targets(space, out, b[1], data.num_classes)  # a void label may be in either
     _check_last_batch(space, model, data.train)

@@ -815,6 +815,8 @@ def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
             xv, yv = x.clone(), y.clone()
             if bad == "train_double":
                 x = x.double()
+            if bad == "train_shape":
+                x = torch.randn(n, 1, 10, 10)
             if bad == "sparse":
                 y, yv = y % 3 * 3, yv % 3 * 3  # 0, 3, 6
             if bad == "void":
@@ -843,11 +845,17 @@ def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
 
     with pytest.raises(SourceError, match=r"yields float64 training inputs; allowed: float32"):
         load("train_double")
-    for third, shown in ((["a", "b"], r"\['a', 'b'\]"), (10.7, "10.7"), (1, "1")):
+    with pytest.raises(SourceError, match=r"data.source: .* yields training samples of shape "
+                                          r"\[1, 10, 10\] and validation samples of shape "
+                                          r"\[1, 8, 8\] \(model.input_shape"):
+        load("train_shape")
+    for third, shown in ((["a", "b"], r"\['a', 'b'\]"), (10.7, "10.7"), (1, "1"), (True, "True"),
+                         ("10", "'10'")):
         with pytest.raises(SourceError, match=rf"returned {shown} as its third item, the number "
                                               r"of classes.*allowed: an integer of at least 2"):
             load(third=third)
-    assert load(third=torch.tensor(10))[1].num_classes == 10
+    for third in (torch.tensor(10), 10.0, torch.tensor([9.0]).max() + 1):  # whole numbers
+        assert load(third=third)[1].num_classes == 10
     with pytest.raises(SourceError, match=r"gives num_classes 3 but has the label 6; allowed: "
                                           r"class ids 0 to 2 \(map sparse ids"):
         load("sparse", third=3)
