@@ -1355,12 +1355,14 @@ def loaders(batch_size=64, only_here=False):
 
 @pytest.mark.parametrize("only_here", [False, True])
 def test_trial_workers_take_the_loaders_jobs_1_takes_or_say_why_not(
-        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, only_here: bool) -> None:
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, only_here: bool,
+        capfd: pytest.CaptureFixture[str]) -> None:
     """--jobs 2 workers are spawned, and a DataLoader's own workers started inside one were
     spawned too, which pickles them: a lambda collate_fn (fine with --jobs 1) failed every
     trial, with "the worker pool broke again before any trial finished". They start as with
     --jobs 1 now; a worker that cannot start at all (here: its data function raises there)
-    fails its trials with why."""
+    fails its trials with why (it had broken the pool: a raw traceback per worker, and the
+    trials in flight queued again "beside the worker process that died")."""
     (tmp_path / "worker_data.py").write_text(WORKER_DATA)
     monkeypatch.syspath_prepend(str(tmp_path))
     name = f"loaders{int(only_here)}"
@@ -1369,13 +1371,15 @@ def test_trial_workers_take_the_loaders_jobs_1_takes_or_say_why_not(
         "search.trials": 2, "search.jobs": 2, "search.baselines": [0.5]}))
     summary = run_search(space, quiet=True)
     study = load_study(name, space.storage_url)
-    recorded = [t for t in study.trials if "state" in t.user_attrs]  # not the re-queued
+    recorded = [t for t in study.trials if "state" in t.user_attrs]
     states = [t.user_attrs["state"] for t in recorded]
     errors = {(t.user_attrs.get("error") or "").partition("\n")[0] for t in recorded}
     if not only_here:
         assert summary.trials == 2 and states == ["complete", "complete"], errors
         return
-    assert states == ["failed", "failed"]
+    assert states == ["failed", "failed"] and len(study.trials) == 2  # none queued again
+    err = capfd.readouterr().err
+    assert "Exception in initializer" not in err and "died" not in err
     assert errors == {"a worker process could not start: SourceError: data.source: "
                       "'worker_data:loaders' raised RuntimeError: this data lives on the "
                       "search's machine only"}

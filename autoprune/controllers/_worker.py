@@ -18,6 +18,7 @@ from autoprune.inherit import inheritor
 from autoprune.trial import TrialContext, TrialResult, run_trial
 
 _CTX: TrialContext | None = None
+_INIT_ERROR: tuple[str, int] | None = None  # why this worker could not build its context
 _BUSY = False  # running a trial (Ctrl-C then ends it as the controller expects)
 
 
@@ -50,13 +51,10 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-#: the key under which a worker that could not start leaves why, in the shared pid map
-INIT_ERROR = "init-error"
 
 
-def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int,
-                pids: Any = None) -> None:
-    global _CTX
+def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int) -> None:
+    global _CTX, _INIT_ERROR
     die_with_parent()
     signal.signal(signal.SIGINT, _on_ctrl_c)
     torch.set_num_threads(threads)
@@ -68,18 +66,22 @@ def init_worker(space: dict[str, Any], base: dict[str, Any], threads: int,
     multiprocessing.set_start_method(None, force=True)
     try:
         _CTX = TrialContext.build(parse_space(space), BaseMetrics.from_dict(base))
-    except BaseException as e:
-        if pids is not None:  # the pool only says it broke; the controller tells the trials why
-            from autoprune.errors import first_line
+    except Exception as e:  # noqa: BLE001 - its trials fail with why, and the search goes on
+        # Raised here, it broke the pool: the pool only says so (a raw traceback per worker
+        # on stderr), and the trials in flight were queued again as if a worker had died.
+        from autoprune.errors import first_line
 
-            pids[INIT_ERROR] = f"{type(e).__name__}: {first_line(e)}"
-        raise
+        _INIT_ERROR = (f"a worker process could not start: {type(e).__name__}: "
+                       f"{first_line(e)}", int(space.get("search", {}).get("seed", 0)))
 
 
 def work(ratios: dict[str, float], keep_model: bool, book: Any = None,
          key: str = "", seen: Any = None, role: str | None = None,
          models: Any = None, pids: Any = None) -> TrialResult:
     global _BUSY
+    if _CTX is None and _INIT_ERROR is not None:
+        error, seed = _INIT_ERROR
+        return TrialResult(ratios=dict(ratios), state="failed", seed=seed, error=error)
     assert _CTX is not None, "init_worker() did not run"  # a bug, not user input
     if pids is not None:  # which process runs which trial: the one whose worker dies fails
         pids[key] = os.getpid()

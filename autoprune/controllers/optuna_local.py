@@ -171,7 +171,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
     if fid.enabled:
         shared = manager.RungBook(*book_args(fid))  # type: ignore[attr-defined]
         shared.load(rung_history(study))
-    pool = _pool(ctx, jobs, threads, pids)
+    pool = _pool(ctx, jobs, threads)
     pending: dict[Future[TrialResult], tuple[optuna.Trial, dict[str, float]]] = {}
     broke_again = False
     try:
@@ -213,7 +213,6 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     else:
                         lost.append((trial, ratios))
                 died = _died_alone(pool, pids)
-                could_not_start = pids.pop(_worker.INIT_ERROR, None)
                 for trial, ratios in lost:
                     why = died.get(f"t{trial.number}")
                     if why is None and died and not broke_again:
@@ -221,8 +220,6 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     error = (f"worker process died: {why}" if why else "worker process died "
                              "(a worker of the pool died, which one is not known)" if not died
                              else "the worker pool broke again before any trial finished")
-                    if could_not_start and not why:
-                        error = f"a worker process could not start: {could_not_start}"
                     with ctrl_c.held():
                         on_result(trial, TrialResult(ratios=ratios, state="failed",
                                                      seed=ctx.space.search.seed, error=error))
@@ -231,7 +228,7 @@ def _run_local(ctx: TrialContext, study: optuna.Study, total: int, jobs: int,
                     if again:
                         on_requeue(again)
                 pool.shutdown(cancel_futures=True)
-                pool = _pool(ctx, jobs, threads, pids)
+                pool = _pool(ctx, jobs, threads)
                 broke_again = True  # till a trial finishes: a pool that keeps breaking (a
                 # worker that dies as it starts) fails its trials rather than re-run them
             elif finished:
@@ -293,8 +290,8 @@ _BookManager.register("ParentModels", ParentModels)
 _BookManager.register("Pids", dict, DictProxy)
 
 
-def _pool(ctx: TrialContext, jobs: int, threads: int, pids: Any) -> ProcessPoolExecutor:
+def _pool(ctx: TrialContext, jobs: int, threads: int) -> ProcessPoolExecutor:
     # spawn, not fork: forking a process that already runs torch thread pools can deadlock.
     return ProcessPoolExecutor(
         max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker.init_worker,
-        initargs=(ctx.space.to_dict(), ctx.base.to_dict(), threads, pids))
+        initargs=(ctx.space.to_dict(), ctx.base.to_dict(), threads))
