@@ -462,6 +462,25 @@ def warn_untrained(space: SpaceConfig, accuracy: float, tally: Tally) -> None:
           f"{hint}", file=sys.stderr)
 
 
+def warn_missing_classes(tally: Tally, num_classes: int | None) -> None:
+    """Say when the validation split holds no label of some classes (up to the data's
+    ``num_classes``, else up to its largest label): a pruned model that loses them scores as
+    well as one that keeps them, and a search ranks it so without a word (sweep U10)."""
+    counts = tally.labels.tolist()
+    seen = [c for c, n in enumerate(counts) if n]
+    if not seen:
+        return
+    bound = min(num_classes or seen[-1] + 1, len(counts))
+    missing = [c for c in range(bound) if not counts[c]]
+    if not missing:
+        return
+    shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+    print(f"autoprune: warning: the validation split holds no label of {len(missing)} of "
+          f"{bound} classes ({shown}): the accuracy cannot see a pruned model lose them, so "
+          "the search cannot either; give the validation split samples of every class",
+          file=sys.stderr)
+
+
 def measure_base(space: SpaceConfig, model: nn.Module, data: DataBundle, checkpoint: Path,
                  evaluate_fn: Any = None, device: torch.device | str = "cpu") -> BaseMetrics:
     cost = count_cost(model, space.model.input_shape, space.model.input_dtype)
@@ -474,6 +493,7 @@ def measure_base(space: SpaceConfig, model: nn.Module, data: DataBundle, checkpo
                                  ignore_index=IGNORE_INDEX if space.data.ignore_index is None
                                  else space.data.ignore_index, tally=tally)
         warn_untrained(space, accuracy, tally)
+        warn_missing_classes(tally, data.num_classes)
     return BaseMetrics(
         accuracy=accuracy,
         macs=cost.macs, params=cost.params, latency_ms=latency.median_ms,

@@ -882,6 +882,33 @@ def test_data_problems_the_first_batch_hides_fail_before_the_base_trains(
     assert trained == [1] and base_mod.base_cache_path(trained_space).exists()
 
 
+def test_a_validation_split_without_some_classes_says_so(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Sweep U10: a validation split with no sample of a class was searched without a word,
+    although no accuracy on it can see a pruned model lose that class."""
+    from autoprune.base import warn_missing_classes
+    from autoprune.measure import Tally, top1_accuracy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    x, y = torch.randn(80, 1, 8, 8), torch.arange(80) % 10
+
+    def warned(labels: torch.Tensor, num_classes: int | None) -> str:
+        tally = Tally()
+        top1_accuracy(model, [(x[:40], labels[:40]), (x[40:], labels[40:])], tally=tally)
+        warn_missing_classes(tally, num_classes)
+        return capsys.readouterr().err
+
+    assert warned(y, 10) == "" and warned(y, None) == ""
+    assert ("warning: the validation split holds no label of 2 of 10 classes (3, 7): the "
+            "accuracy cannot see a pruned model lose them") in warned(
+        torch.where((y == 3) | (y == 7), 0, y), None)
+    # the data says 10 classes, the labels stop at 7: 8 and 9 are missing too
+    assert "no label of 2 of 10 classes (8, 9)" in warned(y % 8, 10)
+    # a model with more outputs than the data's classes: only the data's classes count
+    assert warned(y % 8, 8) == ""
+
+
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:
     """The KL term is a mean per prediction (per pixel for dense logits), as the cross-entropy
     is: summed over 32 x 32 pixels it swamped the loss and wrecked segmentation fine-tunes."""
