@@ -520,10 +520,20 @@ def duration_seconds(value: float | str | None, field: str) -> float | None:
     return seconds
 
 
+#: The longest study or space name: it names a folder, a lock file (``.optuna.db.NAME.search.
+#: lock``, 255 bytes at most on Linux) and MLflow experiments and runs.
+MAX_NAME_BYTES = 120
+
+
 def check_name(name: str, field: str) -> None:
-    """A study or space name: it names a folder under ``runs_dir/studies``."""
-    if not name or any(c in name for c in "/\\ ") or name in (".", ".."):
-        raise ConfigError(field, name, "a non-empty name without spaces or slashes")
+    """A study or space name: it names a folder under ``runs_dir/studies``, a lock file beside
+    the Optuna store, and MLflow experiments and runs, whose searches quote it (a name of 240
+    characters crashed on the lock file's name, one with a quote in MLflow's filter)."""
+    allowed = (f"a non-empty name of at most {MAX_NAME_BYTES} bytes, without spaces, slashes, "
+               "quotes or control characters")
+    if (not name or name in (".", "..") or len(name.encode()) > MAX_NAME_BYTES
+            or any(c in "/\\'\"`" or c.isspace() or not c.isprintable() for c in name)):
+        raise ConfigError(field, name, allowed)
 
 
 def check_seed(seed: int, field: str) -> None:
@@ -678,8 +688,17 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Spa
                 ", or a space autoprune ships: " + ", ".join(
                     f"search_spaces/{n}.yaml" for n in names) if names else ""))
         path = found
+    if path.is_dir():
+        raise ConfigError("space", str(path), "a YAML file, not a folder")
+    try:  # bytes: YAML reads UTF-8 (a BOM or none) and UTF-16 itself, whatever the locale
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("space", str(path), f"a file autoprune can read ({e.strerror})") from e
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.reader.ReaderError as e:  # not UTF-8 or UTF-16 (a Latin-1 comment, say)
+        raise ConfigError("space", str(path), f"a UTF-8 text file ({e.reason} at byte "
+                          f"{e.position})") from e
     except yaml.YAMLError as e:
         raise ConfigError("space", str(path), f"valid YAML ({e})") from e
     if overrides and not isinstance(data, dict):

@@ -152,6 +152,10 @@ def test_wrong_types(space_dict: dict[str, Any], mutate: Mutation, path: str,
     (lambda d: d.__setitem__("objectives", ["accuracy", "accuracy"]), "objectives",
      "at most once"),
     (lambda d: d.__setitem__("name", "my space"), "name", "without spaces"),
+    # sweep W: a quote crashed MLflow's run filter, 240 characters the lock file's name
+    (lambda d: d.__setitem__("name", "bob's"), "name", "without spaces, slashes, quotes"),
+    (lambda d: d.__setitem__("name", "x" * 121), "name", "at most 120 bytes"),
+    (lambda d: d.__setitem__("name", "tab\there"), "name", "control characters"),
     (lambda d: d["finetune"].__setitem__("lr", float("nan")), "finetune.lr", "a finite number"),
     (lambda d: d["finetune"].__setitem__("epochs", float("inf")), "finetune.epochs",
      "a finite number"),
@@ -315,6 +319,18 @@ def test_missing_empty_and_invalid_files(tmp_path: Path) -> None:
                                          "builtin:digits}\nname: b\n")
     with pytest.raises(ConfigError, match="the key 'name' is given twice"):
         load_space(tmp_path / "twice.yaml")
+    # sweep W: a folder, a Latin-1 comment and a UTF-16 file from a Windows editor ended in
+    # raw tracebacks (and a UTF-8 file under LANG=C too: it was read in the locale's encoding)
+    with pytest.raises(ConfigError, match="a YAML file, not a folder"):
+        load_space(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("# Größe\nname: a\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"space: .*allowed: a UTF-8 text file \(invalid "):
+        load_space(tmp_path / "latin1.yaml")
+    text = ("# Größe\nname: a\nmodel: {source: builtin:resnet_tiny, input_shape: [1, 1, 8, 8]}"
+            "\ndata: {source: builtin:digits}\n")
+    for encoding in ("utf-16", "utf-8-sig", "utf-8"):
+        (tmp_path / "s.yaml").write_bytes(text.encode(encoding))
+        assert load_space(tmp_path / "s.yaml").name == "a"
 
 
 def test_relative_checkpoint_resolves_against_the_space_folder(space_dict: dict[str, Any],
