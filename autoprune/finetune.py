@@ -197,10 +197,13 @@ def adaptive_bn(model: nn.Module, loader: Any, batches: int,
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
     model.to(device).train()
+    for bn in bns:  # a model whose train() keeps its BatchNorm frozen (in eval) kept the reset
+        bn.train()  # statistics, mean 0 and variance 1, in every pruned copy
     used = 0
-    for batch in _batches(loader, batches):
-        model(batch[0].to(device))
-        used += 1
+    with torch.no_grad():
+        for batch in _batches(loader, batches):
+            model(batch[0].to(device))
+            used += 1
     for bn, m in zip(bns, momenta, strict=True):
         bn.momentum = m
     model.eval()

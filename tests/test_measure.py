@@ -158,6 +158,28 @@ def test_adaptive_bn_changes_stats_of_a_pruned_model(trained: nn.Module,
     assert top1_accuracy(pruned, digits.val) > acc_before + 0.1
 
 
+def test_adaptive_bn_estimates_a_frozen_batchnorm_too(digits: DataBundle) -> None:
+    """Sweep X: a model whose train() keeps its BatchNorm in eval (the frozen BN of detection
+    backbones) kept the reset statistics, mean 0 and variance 1, in every pruned copy."""
+
+    class FrozenBN(nn.Sequential):
+        def train(self, mode: bool = True) -> FrozenBN:
+            super().train(mode)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+            return self
+
+    model = FrozenBN(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    batches = list(digits.calibration_batches(2))
+    assert adaptive_bn(model, batches, batches=2) == 2
+    with torch.no_grad():
+        conv_out = torch.cat([model[0](x) for x, _y in batches])
+    torch.testing.assert_close(model[1].running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4,
+                               atol=1e-5)
+    assert not model[1].training
+
+
 def test_adaptive_bn_without_batchnorm() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     assert adaptive_bn(model, [(torch.zeros(2, 1, 8, 8), torch.zeros(2))], batches=2) == 0
