@@ -267,10 +267,27 @@ def shape_checked_reshapes() -> Iterator[None]:
         tp_index_mapping.update_reshape_index_mapping = original
 
 
+@contextlib.contextmanager
+def frozen_kept(model: nn.Module) -> Iterator[None]:
+    """Every parameter requires grad inside, and the frozen ones (``requires_grad=False``)
+    are frozen again after, by name. Torch-Pruning traces the autograd graph: a frozen stem
+    left no trace, so it was silently no group; and a frozen layer it pruned came back as new,
+    trainable parameters, which the brief fine-tune then changed."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if frozen:
+        model.requires_grad_(True)
+    try:
+        yield
+    finally:
+        if frozen:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n not in frozen)
+
+
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """Trace the model once into a Torch-Pruning dependency graph."""
     try:
-        with shape_checked_reshapes():
+        with shape_checked_reshapes(), frozen_kept(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                          verbose=False)
     except Exception as e:  # noqa: BLE001 - tracing failures carry the op in their message

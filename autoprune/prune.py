@@ -35,6 +35,7 @@ from autoprune.groups import (
     build_graph,
     channel_groups,
     check_ratios,
+    frozen_kept,
     ignored_modules,
     judged_groups,
     root_module,
@@ -182,6 +183,15 @@ def prune_model(
     if importance not in IMPORTANCES:
         raise PruningError(f"pruning.importance: got {importance!r}; allowed: {list(IMPORTANCES)}")
     pruned = copy.deepcopy(model).eval()
+    with frozen_kept(pruned):  # traced whole; frozen layers stay frozen once pruned
+        return _prune_copy(pruned, example_inputs, ratios, importance, round_to, ignore,
+                           grad_batches, loss_fn, parent, keep)
+
+
+def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str, float],
+                importance: str, round_to: int, ignore: Sequence[str],
+                grad_batches: Any, loss_fn: Any, parent: PruneRecord | None,
+                keep: Mapping[str, int] | None) -> tuple[nn.Module, PruneRecord]:
     with torch.no_grad(), ReshapeLog() as before:
         try:
             ref_out = pruned(example_inputs)

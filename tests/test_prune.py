@@ -67,6 +67,26 @@ def test_a_tabular_mlp_traced_with_one_sample_is_searchable_and_prunes() -> None
     assert pruned(torch.randn(5, 20)).shape == (5, 3)
 
 
+def test_frozen_layers_are_groups_and_stay_frozen_once_pruned() -> None:
+    """Sweep X: Torch-Pruning traces autograd, so a frozen stem (requires_grad=False) left
+    no trace and was silently no group; a frozen layer it pruned came back trainable, and the
+    brief fine-tune changed it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    for m in (model[0], model[1], model[3]):
+        m.requires_grad_(False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    example = torch.zeros(1, 1, 8, 8)
+    assert {g.name for g in describe_groups(model, example)} == {"0", "3", "6"}
+    pruned, record = prune_model(model, example, {"0": 0.5, "3": 0.5, "6": 0.5})
+    assert record.kept_channels == {"0": 8, "3": 8, "6": 8}
+    assert {n for n, p in pruned.named_parameters() if not p.requires_grad} == frozen
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
 def test_macs_shares_are_per_sample_whatever_the_batch_traced(base: nn.Module) -> None:
     # Torch-Pruning divides its total by the batch but not each layer's count: a batch of 4
     # showed shares of 359%
