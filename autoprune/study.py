@@ -320,6 +320,10 @@ def _check_same_space(name: str, study: optuna.Study, space: SpaceConfig) -> Non
     except AutopruneError:
         pass
     before, now = flat_items(stored), flat_items(space.to_dict())
+    if before.get("model.checkpoint") and now.get("model.checkpoint"):
+        # one file spelt two ways (ckpt/best.pt from the project, its full path from
+        # elsewhere) refused the resume: the file's SHA-256 is compared (check_same_base)
+        now["model.checkpoint"] = before["model.checkpoint"]
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
     if changed:

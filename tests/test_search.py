@@ -982,8 +982,8 @@ def test_resume_keeps_the_space_and_an_empty_study_starts_over(runs: Path) -> No
     assert again.user_attrs["space"]["finetune"]["lr"] == 0.05
 
 
-def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
-                                                                   tmp_path: Path) -> None:
+def test_resume_refuses_another_base_model_or_another_pattern_order(
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint file replaced at the same path was accepted on --resume: trials of two
     base models on one front, and no export of either. Swapping two overlapping patterns
     (the first match wins) gave new trials other ranges in the same study."""
@@ -1009,6 +1009,12 @@ def test_resume_refuses_another_base_model_or_another_pattern_order(runs: Path,
     ckpt.write_bytes(original)  # the study's own file again: it goes on
     run_search(parse_space(spec), trials=2, resume=True, quiet=True)
     assert len(load_study("ckpt-b", parse_space(spec).storage_url).trials) == 2
+    # the same file spelt another way (from another directory) is the same base (sweep W:
+    # the spelling was compared and the resume refused)
+    monkeypatch.chdir(tmp_path)
+    run_search(parse_space({**spec, "model": {**spec["model"], "checkpoint": "ckpt.pt"}}),
+               trials=3, resume=True, quiet=True)
+    assert len(load_study("ckpt-b", parse_space(spec).storage_url).trials) == 3
     # a base an older autoprune trained its own way (another cache key for the same built-in
     # sources) blamed the user's code, which had not changed
     study = load_study("ckpt-a", storage)
