@@ -317,12 +317,57 @@ def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
     # the user's modules (model.source: my_project.models:build) are imported from the
     # current directory first, then from the one the search ran in (export from anywhere)
     where = study_attrs.get("import_dir")
-    if where and Path(where).is_dir() and where not in sys.path:
-        sys.path.append(where)
     now = runs_dir_now(space, storage_url, runs_dir)
+    root = _project_root(space, now)  # where the search ran, if the project moved since
+    for folder in (where, str(root) if root else None):
+        if folder and Path(folder).is_dir() and folder not in sys.path:
+            sys.path.append(folder)
+            break
     moved = _moved(base.checkpoint, space.runs_dir, now)
+    if not Path(moved).is_file():
+        moved = _moved_with_project(moved, base.checkpoint_sha256, where, space, root)
     return (dataclasses.replace(space, runs_dir=now),
             dataclasses.replace(base, checkpoint=moved))
+
+
+def _project_root(space: SpaceConfig, runs_now: str) -> Path | None:
+    """The directory the search ran in, as the runs directory now places it: the runs
+    directory recorded relative to it (``runs``), found now at ``runs_now``."""
+    runs = Path(space.runs_dir)
+    now = Path(runs_now).resolve()
+    if runs.is_absolute() or now.parts[-len(runs.parts):] != runs.parts:
+        return None
+    return now.parents[len(runs.parts) - 1]
+
+
+def _moved_with_project(checkpoint: str, digest: str | None, ran_in: str | None,
+                        space: SpaceConfig, root: Path | None) -> str:
+    """A user's checkpoint, outside the runs directory, where the project it was in is now:
+    a project copied from a cluster to a laptop (code, checkpoint and runs/ together) had
+    every export refused, the checkpoint being right there. A file found by the path
+    relative to the directory the search ran in (from here, or from the project root the runs
+    directory now gives), or by ``model.checkpoint`` as the space wrote it, is taken when its
+    SHA-256 is the recorded one."""
+    from autoprune.base import sha256_file
+
+    if not digest:
+        return checkpoint
+    roots = [Path.cwd(), *([root] if root else [])]
+    tails = [Path(space.model.checkpoint)] if space.model.checkpoint else []
+    if ran_in:
+        try:
+            tails.insert(0, Path(checkpoint).relative_to(ran_in))
+        except ValueError:
+            pass
+    for root in roots:
+        for tail in tails:
+            found = root / tail
+            if found.is_file() and sha256_file(found) == digest:
+                print(f"autoprune: the study's base checkpoint {checkpoint} is not there; "
+                      f"using {found}, the same file (SHA-256 {digest[:12]}...)",
+                      file=sys.stderr)
+                return str(found)
+    return checkpoint
 
 
 def runs_dir_now(space: SpaceConfig, storage_url: str | None, runs_dir: str | None) -> str:

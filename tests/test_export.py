@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -958,6 +959,52 @@ def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_fold
     assert cli(["export", "--study", "own", "--out", "out", "--runs-dir",
                 str(proj / "runs")]) == 0
     assert (elsewhere / "out" / "model.onnx").exists()
+
+
+def test_a_moved_project_exports_with_its_own_checkpoint_and_modules(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sweep W: a project copied elsewhere (code, checkpoint and runs/ together, as from a
+    cluster to a laptop) had every export refused: the study recorded the checkpoint's full
+    old path, though the same file (same SHA-256) was right there, and the folder its modules
+    were imported from."""
+    import shutil
+    import uuid
+
+    import torch
+
+    mod = f"movedmodels_{uuid.uuid4().hex[:8]}"
+    proj, moved, elsewhere = tmp_path / "proj", tmp_path / "laptop" / "proj", tmp_path / "x"
+    (proj / "ckpt").mkdir(parents=True)
+    elsewhere.mkdir()
+    (proj / f"{mod}.py").write_text(
+        "from torch import nn\n\n\ndef build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, num_classes))\n")
+    monkeypatch.chdir(proj)
+    monkeypatch.setattr(sys, "path", [str(proj), *sys.path])
+    build = importlib.import_module(mod).build
+    torch.save(build().state_dict(), proj / "ckpt" / "best.pt")
+    spec = tiny_space(Path("runs"), "moved", objectives=["accuracy", "macs"],
+                      **{"search.trials": 2, "search.baselines": [0.5]})
+    spec["model"] = {"source": f"{mod}:build", "input_shape": [1, 1, 8, 8],
+                     "checkpoint": "ckpt/best.pt"}
+    run_search(parse_space(spec), quiet=True)
+    sys.path[:] = [p for p in sys.path if p not in (str(proj), "")]
+    sys.modules.pop(mod, None)
+    moved.parent.mkdir()
+    shutil.move(proj, moved)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli(["export", "--study", "moved", "--out", "out", "--runs-dir",
+                str(moved / "runs")]) == 0
+    assert f"using {moved / 'ckpt' / 'best.pt'}, the same file" in capsys.readouterr().err
+    # another file at that place is not taken for it
+    torch.save(build().state_dict(), moved / "ckpt" / "best.pt")
+    assert cli(["export", "--study", "moved", "--out", "out2", "--runs-dir",
+                str(moved / "runs")]) == 2
+    assert "base checkpoint" in capsys.readouterr().err
 
 
 def test_an_old_study_s_space_is_read_without_today_s_value_rules(
