@@ -237,6 +237,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
             f"{uri.removeprefix('sqlite:///')} (looked from {Path.cwd()}); allowed: the runs "
             "directory a search wrote (--runs-dir DIR), or the store's URI (--uri)")
     _check_port_free(args.port)
+    if not args.uri:
+        from autoprune.tracking import default_artifact_dir, relocate_artifacts
+
+        moved = relocate_artifacts(uri, default_artifact_dir(args.runs_dir))
+        if moved:
+            print(f"autoprune: the runs directory was moved from {Path(moved).parent}: its "
+                  "MLflow store now reads artifacts from here", file=sys.stderr)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
            "127.0.0.1", "--port", str(args.port)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -119,6 +120,11 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(experiment, location)
             else:
                 self.experiment_id = exp.experiment_id
+                moved = relocate_artifacts(uri, artifact_dir)
+                if moved:
+                    print(f"autoprune: the runs directory was moved from {Path(moved).parent}: "
+                          f"MLflow's artifacts are read and written under {artifact_dir} now",
+                          file=sys.stderr)
         self.parent_id: str | None = None
         self._front: set[int] = set()
         self._run_ids: dict[int, str] = {}  # trial number -> child run id, to tag the front
@@ -410,3 +416,43 @@ def absolute_uri(uri: str) -> str:
 
 def default_artifact_dir(runs_dir: str) -> Path:
     return Path(os.path.abspath(runs_dir)) / "mlartifacts"
+
+
+def relocate_artifacts(uri: str, artifact_dir: str | Path) -> str | None:
+    """Point a local store's artifact paths at ``artifact_dir`` when the runs directory was
+    moved there (a project copied from a cluster to a laptop): MLflow records them as full
+    paths, so a resume wrote its tables and plots into the old folder (made again, or a
+    traceback where it could not be), and the UI showed no artifact. Only an old folder
+    ``.../mlartifacts`` that is gone is replaced, in the experiments and their runs.
+
+    Returns:
+        The old folder, when the store was changed; else None.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db, new = Path(uri.removeprefix("sqlite:///")), Path(artifact_dir).resolve()
+    if not db.is_file() or not new.is_dir():
+        return None
+    import contextlib
+    import sqlite3
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        try:
+            locations = [r[0] for r in con.execute(
+                "SELECT DISTINCT artifact_location FROM experiments "
+                "WHERE artifact_location LIKE 'file:%'")]
+        except sqlite3.DatabaseError:  # not an MLflow store: opening it says so
+            return None
+        for location in locations:
+            old = Path(url2pathname(urlparse(location).path))
+            if old.name != new.name or old == new or old.exists():
+                continue
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE "
+                        "artifact_location = ?", (new.as_uri(), location))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE "
+                        "substr(artifact_uri, 1, ?) = ?",
+                        (new.as_uri(), len(location) + 1, len(location) + 1, location + "/"))
+            return str(old)
+    return None

@@ -999,7 +999,20 @@ def test_a_moved_project_exports_with_its_own_checkpoint_and_modules(
     capsys.readouterr()
     assert cli(["export", "--study", "moved", "--out", "out", "--runs-dir",
                 str(moved / "runs")]) == 0
-    assert f"using {moved / 'ckpt' / 'best.pt'}, the same file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"using {moved / 'ckpt' / 'best.pt'}, the same file" in err
+    # MLflow's full artifact paths follow the runs directory (a resume had written its tables
+    # and plots into the old folder, made again; the UI showed no artifact)
+    assert "the runs directory was moved from" in err
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{moved / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.artifact_uri.startswith((moved / "runs").as_uri()) for r in runs)
+    parent = next(r for r in runs if "trials.csv" in
+                  {a.path for a in client.list_artifacts(r.info.run_id)})
+    assert (moved / "runs" / "mlartifacts" / parent.info.run_id).is_dir()
+    assert not proj.exists()
     # another file at that place is not taken for it
     torch.save(build().state_dict(), moved / "ckpt" / "best.pt")
     assert cli(["export", "--study", "moved", "--out", "out2", "--runs-dir",
