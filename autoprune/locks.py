@@ -74,6 +74,11 @@ def sqlite_setup(url: str) -> Iterator[None]:
         yield
         return
     db = Path(url.removeprefix("sqlite:///"))
+    if db.is_file() and not os.access(db.parent, os.W_OK):
+        # a store in a read-only folder (an archive of results, a read-only mount) is only
+        # read, and sets nothing up: pareto and export failed making the lock file
+        yield
+        return
     with exclusive(db.with_name(db.name + ".lock")):
         yield
 

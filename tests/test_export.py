@@ -1020,6 +1020,32 @@ def test_a_moved_project_exports_with_its_own_checkpoint_and_modules(
     assert "base checkpoint" in capsys.readouterr().err
 
 
+def test_a_read_only_runs_directory_is_read_by_pareto_and_export(
+        searched: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep W: pareto and export of a read-only results folder (an archive, a read-only
+    mount) failed making a lock file beside the Optuna store, which they only read."""
+    import shutil
+    import stat
+
+    import autoprune.locks as locks
+
+    _, runs = searched
+    archive = tmp_path / "archive"
+    shutil.copytree(runs, archive, ignore=shutil.ignore_patterns("*.lock", "export*"))
+    archive.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.geteuid() == 0:  # root writes through modes: a read-only mount stands in
+        real = os.access
+        monkeypatch.setattr(locks.os, "access", lambda p, mode: False if (
+            Path(p) == archive and mode == os.W_OK) else real(p, mode))
+    try:
+        assert cli(["pareto", "--study", "exp", "--runs-dir", str(archive)]) == 0
+        assert cli(["export", "--study", "exp", "--runs-dir", str(archive), "--out",
+                    str(tmp_path / "out")]) == 0
+        assert not list(archive.glob("*.lock"))
+    finally:
+        archive.chmod(stat.S_IRWXU)
+
+
 def test_an_old_study_s_space_is_read_without_today_s_value_rules(
         searched: tuple[Any, Path]) -> None:
     """A value rule added since a study began (strictly increasing rungs, say) stopped its
