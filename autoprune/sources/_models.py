@@ -67,9 +67,50 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
         if not isinstance(model, nn.Module):
             raise SourceError(f"model.source: {source!r} returned {type(model).__name__}, "
                               "allowed: a torch.nn.Module")
-        return model
+        return prunable(model, source)
     raise SourceError(f"model.source: got {source!r}; allowed: 'builtin:<name>', "
                       "'torchvision:<name>' or 'package.module:function'")
+
+
+def prunable(model: nn.Module, source: str) -> nn.Module:
+    """The plain module behind a wrapper autoprune can see through (``torch.compile``'s,
+    ``nn.DataParallel``'s: the checkpoint loader already drops their key prefixes), or a
+    :class:`SourceError` for what Torch-Pruning cannot prune: a TorchScript module, and layers
+    with a parametrization (``weight_norm``, ``spectral_norm``), new or old style. Each had
+    ended in a raw traceback, some after the base model trained, or in a refusal of every
+    group that named Torch-Pruning's internals."""
+    from torch.nn.utils import parametrize
+
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SourceError(f"model.source: {source!r} returns a TorchScript module, which "
+                          "cannot be pruned (its code is compiled); allowed: the nn.Module "
+                          "before torch.jit.script or torch.jit.trace (script the exported "
+                          "model instead)")
+    scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    normed = [n for n, m in model.named_modules() if parametrize.is_parametrized(m) or any(
+        type(h).__name__ in ("WeightNorm", "SpectralNorm")
+        for h in m._forward_pre_hooks.values())]
+    for found, what, fix in (
+            (scripted, "TorchScript submodules", "plain nn.Modules"),
+            (normed, "a weight parametrization (weight_norm, spectral_norm or "
+                     "torch.nn.utils.parametrize)",
+             "the layers without it: after loading your weights in the model function, "
+             "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (or "
+             "torch.nn.utils.remove_weight_norm(layer) for the old weight_norm) keeps what "
+             "they compute, with plain weights")):
+        if found:
+            shown = ", ".join(repr(n) for n in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise SourceError(f"model.source: {source!r} has layers with {what}, which "
+                              f"Torch-Pruning cannot prune ({shown}); allowed: {fix}")
+    return model
 
 
 def _call(factory: Any, kwargs: dict[str, Any], source: str) -> Any:
