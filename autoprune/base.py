@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from autoprune.config import SpaceConfig, config_hash
-from autoprune.errors import SourceError
+from autoprune.errors import SourceError, environment_error, first_line
 from autoprune.finetune import adaptive_bn, train_base
 from autoprune.locks import exclusive, replacing
 from autoprune.measure import (
@@ -390,6 +390,7 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
     # after the training, which was then lost (NaN may be an untrained model's fair score:
     # judged after). The seed below makes the training as before.
     evaluate(model.to(device), data.val, device, evaluate_fn, finite=False)
+    _check_onnx(space, model)
     seed_everything(space.search.seed)
     try:
         log = train_base(model, data.train, m.train, device, space.data.ignore_index)
@@ -410,6 +411,28 @@ def _cached_or_trained(space: SpaceConfig, model: nn.Module, data: DataBundle,
         "steps": log.steps, "final_loss": log.losses[-1][1] if log.losses else None,
         "val_accuracy": acc}, indent=2))
     return path
+
+
+def _check_onnx(space: SpaceConfig, model: nn.Module) -> None:
+    """A model the ONNX exporters cannot take is found before the base model trains, not
+    when its latency is first measured in ONNX Runtime, after the training (a raw traceback
+    then, and the training's hours spent)."""
+    if space.latency.runtime != "onnxruntime":
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_onnx(model, space.model.input_shape, Path(tmp) / "model.onnx",
+                        dtype=space.model.input_dtype)
+        except Exception as e:  # noqa: BLE001 - the exporter's error, named
+            if environment_error(e):
+                raise
+            raise SourceError(f"model.source: {space.model.source!r} cannot be exported to ONNX "
+                              f"({type(e).__name__}: {first_line(e, 200)}), which "
+                              "latency.runtime: onnxruntime times and export writes; allowed: a "
+                              "model the ONNX exporter takes, or latency.runtime: torch to "
+                              "search it (export writes ONNX all the same)") from e
 
 
 #: The base model's latency is measured this many times: every speed-up of a study divides by

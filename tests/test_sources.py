@@ -909,6 +909,76 @@ def test_a_validation_split_without_some_classes_says_so(
     assert warned(y % 8, 8) == ""
 
 
+def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep X: torch.compile(model) counted 0 MACs (every trial then failed dividing by
+    them) and failed the base's ONNX export after training; nn.DataParallel(model) failed
+    there too; a TorchScript module, an old-style weight_norm and a parametrization
+    (weight_norm, spectral_norm) ended in raw tracebacks or in a refusal of every group that
+    named Torch-Pruning's internals."""
+    mod = _user_module(tmp_path, monkeypatch, """
+        import torch
+        from torch import nn
+        from torch.nn.utils import parametrizations, weight_norm
+
+        def make():
+            return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        def compiled():
+            return torch.compile(make())
+
+        def parallel():
+            return nn.DataParallel(make())
+
+        def scripted():
+            return torch.jit.script(make())
+
+        def old_norm():
+            m = make()
+            weight_norm(m[0])
+            return m
+
+        def spectral():
+            m = make()
+            parametrizations.spectral_norm(m[5])
+            return m
+    """)
+    from autoprune.sources import build_model
+
+    for wrapped in ("compiled", "parallel"):
+        model = build_model(f"{mod}:{wrapped}", (1, 1, 8, 8), None)
+        assert isinstance(model, nn.Sequential)
+    for name, error in (("scripted", "returns a TorchScript module, which cannot be pruned"),
+                        ("old_norm", r"has layers with a weight parametrization .*\('0'\); "
+                                     r"allowed: .*remove_weight_norm"),
+                        ("spectral", r"has .*\(.5.\); allowed: .*remove_parametrizations")):
+        with pytest.raises(SourceError, match=rf"model.source: '{mod}:{name}' {error}"):
+            build_model(f"{mod}:{name}", (1, 1, 8, 8), None)
+
+
+def test_a_model_onnx_cannot_take_is_named_before_the_base_trains(
+        space: SpaceConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep X: with latency.runtime onnxruntime, a model the exporters cannot take failed
+    with a raw traceback when the base latency was measured, after the base model trained."""
+    import autoprune.base as base_mod
+    from autoprune.base import base_checkpoint
+
+    def cannot(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("ONNX export failed: Couldn't export operator aten::unique")
+
+    trained: list[int] = []
+    monkeypatch.setattr(base_mod, "export_onnx", cannot)
+    monkeypatch.setattr(base_mod, "train_base", lambda *a, **k: trained.append(1))
+    runs = space.replace(runs_dir=str(tmp_path / "runs"),
+                         latency=dataclasses.replace(space.latency, runtime="onnxruntime"))
+    model, data, fn = load_sources(runs)
+    with pytest.raises(SourceError, match=r"cannot be exported to ONNX \(RuntimeError: ONNX "
+                                          r"export failed: .*allowed: .*latency.runtime: torch"):
+        base_checkpoint(runs, model, data, torch.device("cpu"), fn)
+    assert not trained
+
+
 def test_distillation_on_dense_outputs_is_per_prediction() -> None:
     """The KL term is a mean per prediction (per pixel for dense logits), as the cross-entropy
     is: summed over 32 x 32 pixels it swamped the loss and wrecked segmentation fine-tunes."""
