@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoprune.config import INPUT_DTYPE_NAMES, MAX_SEED
-from autoprune.errors import AutopruneError
+from autoprune.errors import AutopruneError, ConfigError
 
 if TYPE_CHECKING:
     from autoprune.groups import GroupInfo
@@ -214,6 +214,17 @@ def cmd_pareto(args: argparse.Namespace) -> int:
               f"latency {base.get('latency_ms', float('nan')):.3f} ms")
         print(format_front(front, study.user_attrs.get("objectives", [])))
     return 0
+
+
+def _runs_dir(value: str) -> str:
+    """``--runs-dir``, checked as the space's ``runs_dir`` is."""
+    from autoprune.config import check_runs_dir
+
+    try:
+        check_runs_dir(value, "--runs-dir")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _ui_hint(space: Any) -> str:
@@ -561,7 +572,8 @@ def _study_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, help="the study's name")
     p.add_argument("--space", help="read the storage from this space file")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///runs/optuna.db)")
-    p.add_argument("--runs-dir", help="the study's runs directory (default runs/; export also "
+    p.add_argument("--runs-dir", type=_runs_dir,
+                   help="the study's runs directory (default runs/; export also "
                                       "finds the base checkpoint, kept weights and MLflow "
                                       "store there)")
     return p
@@ -606,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--quiet", action="store_true",
                     help="no progress bar, per-trial lines or status lines (warnings, errors "
                          "and the final front still print)")
-    se.add_argument("--runs-dir", help="where studies, MLflow store and checkpoints go "
+    se.add_argument("--runs-dir", type=_runs_dir,
+                    help="where studies, MLflow store and checkpoints go "
                                        "(default: the space's runs_dir, runs/)")
     se.add_argument("--backend", choices=["local", "ray"],
                     help="local (default), or ray (the default when a Ray option is given)")
@@ -622,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     sn.add_argument("space", help="search space YAML")
     sn.add_argument("--ratios", type=_ratios, help="e.g. 0.25,0.5,0.75 (default: the space's)")
     sn.add_argument("--json", action="store_true", help="print JSON")
-    sn.add_argument("--runs-dir", help="where the base model and the scan are cached, as in "
+    sn.add_argument("--runs-dir", type=_runs_dir,
+                    help="where the base model and the scan are cached, as in "
                                        "search (default: the space's runs_dir, runs/)")
     sn.set_defaults(fn=cmd_sensitivity)
 
@@ -669,14 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--seed", type=_seed, help="as in search")
     sb.add_argument("--timeout", type=_duration, metavar="DURATION", help="as in search")
     sb.add_argument("--resume", action="store_true", help="continue an existing study")
-    sb.add_argument("--runs-dir", help="an absolute path on the head node for the results "
+    sb.add_argument("--runs-dir", type=_runs_dir,
+                    help="an absolute path on the head node for the results "
                                        "(default: runs/ inside the job's working dir)")
     sb.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     sb.set_defaults(fn=cmd_submit)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--uri", help="tracking URI (default sqlite:///runs/mlflow.db)")
-    ui.add_argument("--runs-dir", default="runs", help="whose mlflow.db to show (default runs)")
+    ui.add_argument("--runs-dir", type=_runs_dir,
+                    default="runs", help="whose mlflow.db to show (default runs)")
     ui.add_argument("--port", type=int, default=5000, help="default 5000")
     ui.set_defaults(fn=cmd_ui)
     return p

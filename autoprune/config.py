@@ -398,6 +398,7 @@ INPUT_DTYPE_NAMES = ("float32", "int64", "int32", "uint8")
 
 
 def _validate(space: SpaceConfig) -> None:
+    check_runs_dir(space.runs_dir, "runs_dir")
     shape = space.model.input_shape
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise ConfigError("model.input_shape", list(shape),
@@ -534,6 +535,15 @@ def check_name(name: str, field: str) -> None:
     if (not name or name in (".", "..") or len(name.encode()) > MAX_NAME_BYTES
             or any(c in "/\\'\"`" or c.isspace() or not c.isprintable() for c in name)):
         raise ConfigError(field, name, allowed)
+
+
+def check_runs_dir(path: str, field: str) -> None:
+    """The runs directory is written into SQLite URLs (``sqlite:///DIR/optuna.db``), which
+    read ``%`` as an escape and ``?`` and ``#`` as the start of options: ``r%20x`` opened
+    ``r x``, and ``r?x=1`` wrote the study into a stray file ``r``."""
+    if any(c in path for c in "%?#"):
+        raise ConfigError(field, path, "a folder path without %, ? or # (a SQLite URL is made "
+                          "of it, which reads them as URL characters)")
 
 
 def check_seed(seed: int, field: str) -> None:
