@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from autoprune.config import INPUT_DTYPE_NAMES, MAX_SEED
@@ -174,13 +175,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"\ntables and plots: {summary.study_dir}; MLflow parent run {summary.parent_run_id} "
           f"({_ui_hint(space)})")
     if len(summary.front):
-        where = (f" --storage {space.search.storage}" if space.search.storage else
-                 f" --runs-dir {space.runs_dir}" if Path(space.runs_dir) != Path("runs") else "")
+        # shell-quoted: pasted as printed, a runs dir with a space ran something else
+        where = (f" --storage {quote(space.search.storage)}" if space.search.storage else
+                 f" --runs-dir {quote(space.runs_dir)}" if Path(space.runs_dir) != Path("runs")
+                 else "")
+        study = quote(summary.study)
         budget = next((b for k, b in (("macs", "'macs<=0.5', "), ("params", "'params<=0.5', "))
                        if k in space.objectives), "")
-        print(f"next: autoprune export --study {summary.study}{where} --pick knee --out "
+        print(f"next: autoprune export --study {study}{where} --pick knee --out "
               f"EXPORT_DIR (or --pick {budget}'accuracy>=0.95', trial:N; `autoprune "
-              f"pareto --study {summary.study}{where}` shows the front)")
+              f"pareto --study {study}{where}` shows the front)")
     if summary.failed and summary.failed == summary.trials:
         print("autoprune: error: every trial failed (see above)", file=sys.stderr)
         return 1
@@ -233,9 +237,9 @@ def _ui_hint(space: Any) -> str:
     if uri and uri.startswith(("http://", "https://")):
         return f"open {uri} to browse"
     if uri:
-        return f"`autoprune ui --uri {uri}` to browse"
+        return f"`autoprune ui --uri {quote(uri)}` to browse"
     if Path(space.runs_dir) != Path("runs"):
-        return f"`autoprune ui --runs-dir {space.runs_dir}` to browse"
+        return f"`autoprune ui --runs-dir {quote(space.runs_dir)}` to browse"
     return "`autoprune ui` to browse"
 
 

@@ -277,6 +277,9 @@ def test_ui_without_a_store_says_so_and_the_search_names_its_own(
     assert _ui_hint(space) == "`autoprune ui` to browse"
     assert _ui_hint(space.replace(runs_dir="../elsewhere")) == \
         "`autoprune ui --runs-dir ../elsewhere` to browse"
+    # shell-quoted, so that the command pasted as printed runs (sweep W)
+    assert _ui_hint(space.replace(runs_dir="my runs")) == \
+        "`autoprune ui --runs-dir 'my runs'` to browse"
 
 
 def test_autoprune_s_warnings_read_as_its_errors_do(capsys: pytest.CaptureFixture[str]) -> None:
