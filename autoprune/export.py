@@ -326,6 +326,14 @@ def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
     moved = _moved(base.checkpoint, space.runs_dir, now)
     if not Path(moved).is_file():
         moved = _moved_with_project(moved, base.checkpoint_sha256, where, space, root)
+    kind, _, folder = space.data.source.partition(":")
+    if kind == "imagefolder" and not Path(folder).is_absolute() and not Path(folder).is_dir():
+        # a relative data folder is the search's folder's, as its modules are (sweep W)
+        found = next((Path(r) / folder for r in (where, root) if r and
+                      (Path(r) / folder).is_dir()), None)
+        if found is not None:
+            space = space.replace(data=dataclasses.replace(
+                space.data, source=f"imagefolder:{found}"))
     return (dataclasses.replace(space, runs_dir=now),
             dataclasses.replace(base, checkpoint=moved))
 

@@ -1046,6 +1046,26 @@ def test_a_read_only_runs_directory_is_read_by_pareto_and_export(
         archive.chmod(stat.S_IRWXU)
 
 
+def test_export_from_elsewhere_finds_a_relative_data_folder_where_the_search_ran(
+        searched: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep W: a study of ``imagefolder:data`` (relative) could not be exported from another
+    directory, though its modules were found from the directory the search ran in."""
+    import copy
+
+    from autoprune.export import space_of
+
+    space, _ = searched
+    attrs = copy.deepcopy(load_study("exp", space.storage_url).user_attrs)
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    attrs["space"]["data"]["source"] = "imagefolder:data"
+    attrs["import_dir"] = str(proj)
+    monkeypatch.chdir(tmp_path)
+    assert space_of(attrs)[0].data.source == f"imagefolder:{proj / 'data'}"
+    (tmp_path / "data").mkdir()  # one here is the user's: it comes first, as for modules
+    assert space_of(attrs)[0].data.source == "imagefolder:data"
+
+
 def test_an_old_study_s_space_is_read_without_today_s_value_rules(
         searched: tuple[Any, Path]) -> None:
     """A value rule added since a study began (strictly increasing rungs, say) stopped its
