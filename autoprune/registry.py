@@ -67,6 +67,9 @@ def register_model(tracking_uri: str, run_id: str | None, name: str, alias: str,
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri)
+    # the registry is the tracking store's, whatever MLFLOW_REGISTRY_URI says: with it set,
+    # the version went to one store and its alias and tags to the other (sweep W)
+    mlflow.set_registry_uri(tracking_uri)
     try:
         return _register(tracking_uri, run_id, name, alias, model, onnx_path, input_shape,
                          dtype, metadata, experiment_id, run_tags or {}, torch_flavour)
@@ -127,7 +130,7 @@ def _register(tracking_uri: str, run_id: str | None, name: str, alias: str, mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         version = str(mlflow.register_model(info.model_uri, name).version)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "autoprune.pytorch_flavour",
                                  "logged" if torch_flavour else f"not logged: {reason}"[:5000])
