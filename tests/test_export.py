@@ -714,10 +714,15 @@ def test_register_without_torch_export_a_trial_run_or_a_server(
         run_search(space, quiet=True)
         study = load_study("branchy", space.storage_url)
         capfd.readouterr()
+        # MLflow's registry variable is not read: with it set, the version went to that
+        # store and its alias and tags to the study's (sweep W)
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'other.db'}")
         with pytest.warns(UserWarning, match="the ONNX flavour alone was logged"):
             res = export_trial("branchy", space.storage_url, "max-accuracy", tmp_path / "a",
                                register="branchy-model")
         assert "def forward" not in capfd.readouterr().err  # torch.export's graph dump
+        assert not (tmp_path / "other.db").exists()
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI")
         client = MlflowClient(url)
         mv = client.get_model_version_by_alias("branchy-model", "champion")
         assert mv.version == res.registered_version == "1"
