@@ -385,7 +385,13 @@ def left_out_groups(model: nn.Module, example_inputs: torch.Tensor,
     left = {graph._module2name.get(root_module(group), "?"): why for group, why in judged if why}
     searched = {dep.target.module for group, why in judged if why is None for dep, _ in group}
     skip = {sub for m in ignored for sub in m.modules()}
+    traced = {sub for m in graph.module2node if isinstance(m, nn.Module) for sub in m.modules()}
     for name, m in model.named_modules():
+        if (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in traced
+                and m not in skip):  # (a traced module's own layers: MHA's out_proj)
+            left[name] = ("autograd recorded no use of it in the traced forward (it runs under "
+                          "torch.no_grad() or a reentrant torch.utils.checkpoint, or not at all "
+                          "in eval mode), so its channels cannot be followed")
         if isinstance(m, nn.Embedding) and m not in searched and m not in skip:
             left[name] = (f"an embedding ({m.embedding_dim} wide): its width is not searched "
                           "(groups start at conv, linear and LSTM layers; the layers it feeds "

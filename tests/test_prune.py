@@ -87,6 +87,30 @@ def test_frozen_layers_are_groups_and_stay_frozen_once_pruned() -> None:
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
 
 
+def test_layers_autograd_does_not_record_are_named_not_dropped() -> None:
+    """Sweep X: layers run under torch.no_grad() in forward left no trace, so `layers` and
+    the search neither offered nor named them."""
+    from autoprune.groups import left_out_groups
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+            self.conv3, self.head = nn.Conv2d(8, 16, 3), nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                x = self.conv2(torch.relu(self.conv1(x)))
+            return self.head(torch.relu(self.conv3(x)).mean((2, 3)))
+
+    model, example = Frozen().eval(), torch.zeros(1, 1, 8, 8)
+    assert {g.name for g in describe_groups(model, example)} == {"conv3"}
+    why = left_out_groups(model, example)
+    assert set(why) == {"conv1", "conv2"}
+    assert why["conv1"].startswith("autograd recorded no use of it in the traced forward (it "
+                                   "runs under torch.no_grad()")
+
+
 def test_macs_shares_are_per_sample_whatever_the_batch_traced(base: nn.Module) -> None:
     # Torch-Pruning divides its total by the batch but not each layer's count: a batch of 4
     # showed shares of 359%
