@@ -198,6 +198,7 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         except Exception as e:
             raise PruningError(f"model.input_shape: the model does not accept an input of shape "
                                f"{list(example_inputs.shape)} ({type(e).__name__}: {e})") from e
+    trains = _train_forward(pruned, example_inputs) is None
     if importance == "taylor":
         _accumulate_gradients(pruned, grad_batches or [], loss_fn or class_loss())
 
@@ -255,6 +256,11 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
     except Exception as e:  # noqa: BLE001 - report which op broke, keep the input model intact
         raise PruningError(f"{_FAILED}{type(e).__name__}: {e}") from e
     _check_output(ref_out, out)
+    if trains and effective and (broke := _train_forward(pruned, example_inputs)) is not None:
+        raise PruningError(f"{_FAILED}the pruned model fails in training mode, though it "
+                           "runs in eval mode, where it is traced: a layer only training runs "
+                           "(an auxiliary head, deep supervision) reads the pruned channels "
+                           f"({type(broke).__name__}: {str(broke)[:200]})")
     if (bad := moved(before.seen, after.seen)) is not None:
         (src, dst), (psrc, pdst) = bad
         raise PruningError(f"{_FAILED}a reshape does not follow the pruned channels: "
@@ -278,6 +284,29 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         ignore=list(ignore), history=history,
     )
     return pruned, record
+
+
+def _train_forward(model: nn.Module, example: torch.Tensor) -> Exception | None:
+    """The error of one training-mode forward of ``model`` (two samples, for BatchNorm), or
+    None; without gradients, and its buffers (BatchNorm statistics) and the random state are
+    as before. The model is traced in eval mode only: a layer only training runs was never
+    seen, and every trial that pruned its input failed in the fine-tune with a bare shape
+    error naming no layer."""
+    batch = example.expand(2, *example.shape[1:]) if example.shape[0] == 1 else example
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    was = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            model(batch)
+        return None
+    except Exception as e:  # noqa: BLE001 - returned: the caller names it
+        return e
+    finally:
+        model.train(was)
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
 
 
 def failing_groups(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str, float],

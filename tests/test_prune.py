@@ -111,6 +111,34 @@ def test_layers_autograd_does_not_record_are_named_not_dropped() -> None:
                                    "runs under torch.no_grad()")
 
 
+def test_a_group_a_training_only_branch_reads_is_named_before_the_search() -> None:
+    """Sweep X: a layer only training runs (deep supervision) was never traced: the group it
+    reads passed the checks, and every trial pruning it failed in the fine-tune with a bare
+    shape error."""
+    from autoprune.prune import failing_groups
+
+    class DeepSupervised(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3)
+            self.bn = nn.BatchNorm2d(16)
+            self.aux, self.head = nn.Conv2d(16, 10, 1), nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mid = torch.relu(self.bn(self.conv1(x)))
+            out = self.head(torch.relu(self.conv2(mid)).mean((2, 3)))
+            return out + self.aux(mid).mean((2, 3)) if self.training else out
+
+    torch.manual_seed(0)
+    model, example = DeepSupervised().eval(), torch.zeros(1, 1, 8, 8)
+    stats = model.bn.running_mean.clone()
+    why = failing_groups(model, example, {"conv1": 0.5, "conv2": 0.5})
+    assert set(why) == {"conv1"}
+    assert "the pruned model fails in training mode, though it runs in eval mode" in why["conv1"]
+    pruned, _ = prune_model(model, example, {"conv2": 0.5})
+    assert not pruned.training and torch.equal(pruned.bn.running_mean, stats)
+
+
 def test_macs_shares_are_per_sample_whatever_the_batch_traced(base: nn.Module) -> None:
     # Torch-Pruning divides its total by the batch but not each layer's count: a batch of 4
     # showed shares of 359%
