@@ -541,7 +541,8 @@ def export_trial(study_name: str, storage_url: str, rule: str, out_dir: str | Pa
         raise AutopruneError(f"{e}{_trial_state(study, rule)}\nthe front of study "
                              f"{study_name!r}:\n{table}") from None
     trial = study.trials[number]
-    found = _trial_run(space, study_name, number, register)
+    found = _trial_run(space, study_name, number, register,
+                       study.user_attrs.get("parent_run_id"))
     run_id = found[0] if found else None
     if register and found:
         _check_artifacts_here(space, found[1])
@@ -615,8 +616,8 @@ def _code_changed(study: Any, space: SpaceConfig) -> str:
             "is now: restore the code the study was made with")
 
 
-def _trial_run(space: SpaceConfig, study: str, number: int,
-               register: str | None) -> tuple[str, str] | None:
+def _trial_run(space: SpaceConfig, study: str, number: int, register: str | None,
+               parent: str | None = None) -> tuple[str, str] | None:
     """:func:`_trial_run_id`, when the study's MLflow store answers. A server that does not
     is an error with ``--register``; without it, a warning: the files need no MLflow (the
     config's ``source.mlflow_run_id`` is then null)."""
@@ -626,7 +627,7 @@ def _trial_run(space: SpaceConfig, study: str, number: int,
 
     try:
         check_server(space.tracking_uri, timeout=5.0)
-        return _trial_run_id(space, study, number)
+        return _trial_run_id(space, study, number, parent)
     except (AutopruneError, MlflowException) as e:
         why = (f"{space.tracking_uri}: {e.message.splitlines()[0] if e.message else e}"
                if isinstance(e, MlflowException) else f"{space.tracking_uri} does not answer")
@@ -658,8 +659,12 @@ def _export_experiment(space: SpaceConfig, study: str, number: int) -> str:
     return str(tracker.experiment_id)
 
 
-def _trial_run_id(space: SpaceConfig, study: str, number: int) -> tuple[str, str] | None:
-    """The trial's MLflow run: its id and artifact URI (None: not found)."""
+def _trial_run_id(space: SpaceConfig, study: str, number: int,
+                  parent: str | None = None) -> tuple[str, str] | None:
+    """The trial's MLflow run: its id and artifact URI (None: not found). Its parent is the
+    one the study recorded (``parent``): the newest parent run tagged with the study's name
+    was another project's, in a store two projects share with one study name, and export
+    attached this model to that project's trial run."""
     from autoprune.tracking import Tracker, default_artifact_dir
 
     if _missing_store(space.tracking_uri):
@@ -667,7 +672,9 @@ def _trial_run_id(space: SpaceConfig, study: str, number: int) -> tuple[str, str
 
     tracker = Tracker(space.tracking_uri, space.experiment_name, study,
                       default_artifact_dir(space.runs_dir))
-    tracker.parent_id = tracker.current_parent()  # not a run of a deleted parent
+    if parent is not None and not tracker.holds(parent):
+        return None  # the study's own parent run is gone (deleted): no run of another's
+    tracker.parent_id = parent or tracker.current_parent()  # an older study recorded none
     for run in tracker.child_runs():
         if run.data.tags.get("autoprune.trial") == str(number):
             return str(run.info.run_id), str(run.info.artifact_uri)

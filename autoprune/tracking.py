@@ -139,7 +139,7 @@ class Tracker:
         experiment does not hold (``tracking`` changed on resume, the store was deleted) is
         not reopened: a new one is started, and :meth:`child_runs` finds none, so the
         finished trials are logged to it once (``reconcile``)."""
-        if resume_run_id and self._holds(resume_run_id):
+        if resume_run_id and self.holds(resume_run_id):
             self.parent_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             run = self.client.get_run(resume_run_id)
@@ -177,7 +177,7 @@ class Tracker:
             RunTag("autoprune.jobs", str(space.search.jobs))])
         self.client.log_artifact(self.parent_id, str(config_file))
 
-    def _holds(self, run_id: str) -> bool:
+    def holds(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
 
         try:

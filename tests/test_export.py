@@ -1071,6 +1071,26 @@ def test_export_from_elsewhere_finds_a_relative_data_folder_where_the_search_ran
     assert space_of(attrs)[0].data.source == "imagefolder:data"
 
 
+def test_export_takes_the_study_s_own_run_in_a_store_two_projects_share(
+        tmp_path: Path) -> None:
+    """Sweep W: two projects logging to one team store under one study name: export of the
+    first took the newest parent run with that study tag, the second project's, and gave the
+    model that project's trial run (its metrics, its registry entry)."""
+    from mlflow import MlflowClient
+
+    team = f"sqlite:///{tmp_path / 'team.db'}"
+    spaces = [parse_space(space_dict(tmp_path / p / "runs", "proj", tracking_uri=team))
+              for p in ("a", "b")]
+    for space in spaces:
+        run_search(space, quiet=True)
+    a = load_study("proj", spaces[0].storage_url)
+    res = export_trial("proj", spaces[0].storage_url, "max-accuracy", tmp_path / "out")
+    run = MlflowClient(team).get_run(res.config["source"]["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == a.user_attrs["parent_run_id"]
+    trial_accuracy = res.config["metrics"]["trial"]["accuracy"]
+    assert run.data.metrics["accuracy"] == pytest.approx(trial_accuracy)
+
+
 def test_an_old_study_s_space_is_read_without_today_s_value_rules(
         searched: tuple[Any, Path]) -> None:
     """A value rule added since a study began (strictly increasing rungs, say) stopped its
