@@ -228,7 +228,7 @@ def _runs_dir(value: str) -> str:
         check_runs_dir(value, "--runs-dir")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+    return os.path.expanduser(value)  # --runs-dir=~/runs: the shell leaves that ~ alone
 
 
 def _ui_hint(space: Any) -> str:
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--pick", default="knee",
                     help="knee | max-accuracy | macs<=R | params<=R | latency_ms<=MS | "
                          "accuracy>=A | trial:N")
-    ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--out", required=True, type=os.path.expanduser, help="the folder to write")
     ex.add_argument("--register", metavar="MODEL_NAME", help="register in the MLflow registry")
     ex.add_argument("--alias", default="champion",
                     help="the registry alias set on the new version (default: %(default)s)")
@@ -666,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "config's); needed with --untrained")
     ap.add_argument("--untrained", action="store_true",
                     help="no --weights: the pruned architecture with the base weights")
-    ap.add_argument("--out", required=True, help="the folder to write")
+    ap.add_argument("--out", required=True, type=os.path.expanduser, help="the folder to write")
     ap.add_argument("--force", action="store_true", help="accept a different base checkpoint")
     ap.set_defaults(fn=cmd_apply)
 

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -620,11 +621,28 @@ def parse_space(data: dict[str, Any], base_dir: str | Path | None = None,
             raise
         raise ConfigError("groups." + e.path.removeprefix("groups.patterns."), e.value,
                           e.allowed) from None
+    space = _expand_home(space)
     if check:
         _validate(space)
     if base_dir is not None:
         space = _resolve_paths(space, Path(base_dir))
     return space
+
+
+def _expand_home(space: SpaceConfig) -> SpaceConfig:
+    """``~`` in ``runs_dir``, ``model.checkpoint`` and an ``imagefolder:`` path is the home
+    folder, as a shell reads it: it was a folder named ``~`` in the project (then a crash
+    when pandas, which expands it, wrote the tables elsewhere), and a ``rm -rf ~`` away from
+    the user's home."""
+    def home(p: str) -> str:
+        return os.path.expanduser(p) if p.startswith("~") else p
+
+    model, data = space.model, space.data
+    if model.checkpoint:
+        model = dataclasses.replace(model, checkpoint=home(model.checkpoint))
+    if data.source.startswith("imagefolder:"):
+        data = dataclasses.replace(data, source="imagefolder:" + home(data.source[12:]))
+    return dataclasses.replace(space, runs_dir=home(space.runs_dir), model=model, data=data)
 
 
 def _resolve_paths(space: SpaceConfig, base_dir: Path) -> SpaceConfig:

@@ -335,6 +335,21 @@ def test_missing_empty_and_invalid_files(tmp_path: Path) -> None:
         assert load_space(tmp_path / "s.yaml").name == "a"
 
 
+def test_a_tilde_is_the_home_folder(space_dict: dict[str, Any], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep W: ``runs_dir: ~/ap_runs`` made a folder named ``~`` in the project, and the
+    search crashed at its end where pandas, which expands it, wrote elsewhere."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    space_dict.update(runs_dir="~/ap_runs")
+    space_dict["model"]["checkpoint"] = "~/best.pt"
+    space_dict["data"]["source"] = "imagefolder:~/data"
+    space = parse_space(space_dict)
+    assert space.runs_dir == str(tmp_path / "ap_runs")
+    assert space.model.checkpoint == str(tmp_path / "best.pt")
+    assert space.data.source == f"imagefolder:{tmp_path / 'data'}"
+    assert space.storage_url == f"sqlite:///{tmp_path / 'ap_runs' / 'optuna.db'}"
+
+
 def test_relative_checkpoint_resolves_against_the_space_folder(space_dict: dict[str, Any],
                                                                tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch
