@@ -317,7 +317,7 @@ def space_of(study_attrs: dict[str, Any], storage_url: str | None = None,
     # the user's modules (model.source: my_project.models:build) are imported from the
     # current directory first, then from the one the search ran in (export from anywhere)
     where = study_attrs.get("import_dir")
-    now = runs_dir_now(space, storage_url, runs_dir)
+    now = runs_dir_now(space, storage_url, runs_dir, where)
     root = _project_root(space, now)  # where the search ran, if the project moved since
     for folder in (where, str(root) if root else None):
         if folder and Path(folder).is_dir() and folder not in sys.path:
@@ -378,14 +378,22 @@ def _moved_with_project(checkpoint: str, digest: str | None, ran_in: str | None,
     return checkpoint
 
 
-def runs_dir_now(space: SpaceConfig, storage_url: str | None, runs_dir: str | None) -> str:
+def runs_dir_now(space: SpaceConfig, storage_url: str | None, runs_dir: str | None,
+                 ran_in: str | None = None) -> str:
     """Where the study's runs directory is now: the one given (``--runs-dir``); else, when the
     study lives in its default SQLite store (``<runs_dir>/optuna.db``), that file's folder;
-    else the one the search recorded (relative paths are read from the current directory)."""
+    else the one the search recorded: a relative one is read from the current directory, or
+    from the directory the search ran in (``ran_in``) when it is not here (with
+    ``search.storage`` set, the search's own export hint, run from elsewhere, called the kept
+    weights deleted and fine-tuned the trial again)."""
     if runs_dir:
         return str(runs_dir)
     if space.search.storage is None and storage_url and storage_url.startswith("sqlite:///"):
         return str(Path(storage_url.removeprefix("sqlite:///")).parent)
+    recorded = Path(space.runs_dir)
+    if not recorded.is_absolute() and not recorded.is_dir() and ran_in and \
+            (Path(ran_in) / recorded).is_dir():
+        return str(Path(ran_in) / recorded)
     return space.runs_dir
 
 
