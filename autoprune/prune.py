@@ -254,7 +254,8 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         with torch.no_grad(), ReshapeLog() as after:
             out = pruned(example_inputs)
     except Exception as e:  # noqa: BLE001 - report which op broke, keep the input model intact
-        raise PruningError(f"{_FAILED}{type(e).__name__}: {e}") from e
+        raise PruningError(f"{_FAILED}{_parametrized(pruned, e)}{type(e).__name__}: "
+                           f"{e}") from e
     _check_output(ref_out, out)
     if trains and effective and (broke := _train_forward(pruned, example_inputs)) is not None:
         raise PruningError(f"{_FAILED}the pruned model fails in training mode, though it "
@@ -284,6 +285,21 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         ignore=list(ignore), history=history,
     )
     return pruned, record
+
+
+def _parametrized(model: nn.Module, error: Exception) -> str:
+    """Why a pruning failed when a layer of a pruned group has a weight parametrization
+    (weight_norm, spectral_norm): Torch-Pruning's own words were a KeyError ("attribute
+    'weight' already exists") that named no layer."""
+    from torch.nn.utils import parametrize
+
+    from autoprune.sources._models import PARAMETRIZED_FIX
+
+    found = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if not found or "already exists" not in str(error):  # Torch-Pruning's words for it
+        return ""
+    return (f"layers with a weight parametrization (weight_norm, spectral_norm) cannot be "
+            f"pruned ({', '.join(found[:4])}); allowed: {PARAMETRIZED_FIX} - ")
 
 
 def _train_forward(model: nn.Module, example: torch.Tensor) -> Exception | None:

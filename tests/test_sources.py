@@ -939,9 +939,14 @@ def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
             weight_norm(m[0])
             return m
 
-        def spectral():
+        def spectral_head():
             m = make()
             parametrizations.spectral_norm(m[5])
+            return m
+
+        def new_norm():
+            m = make()
+            parametrizations.weight_norm(m[0])
             return m
     """)
     from autoprune.sources import build_model
@@ -950,11 +955,21 @@ def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
         model = build_model(f"{mod}:{wrapped}", (1, 1, 8, 8), None)
         assert isinstance(model, nn.Sequential)
     for name, error in (("scripted", "returns a TorchScript module, which cannot be pruned"),
-                        ("old_norm", r"has layers with a weight parametrization .*\('0'\); "
-                                     r"allowed: .*remove_weight_norm"),
-                        ("spectral", r"has .*\(.5.\); allowed: .*remove_parametrizations")):
+                        ("old_norm", r"has layers with the old torch.nn.utils weight_norm or "
+                                     r"spectral_norm, .*\('0'\); allowed: .*remove_weight_norm")):
         with pytest.raises(SourceError, match=rf"model.source: '{mod}:{name}' {error}"):
             build_model(f"{mod}:{name}", (1, 1, 8, 8), None)
+    # a new-style parametrization fails only the groups whose layers have it, named there
+    # (refused at load, a model whose parametrized head's group was ignored was refused too)
+    from autoprune.prune import failing_groups
+
+    example = torch.zeros(1, 1, 8, 8)
+    for name, layer in (("spectral_head", "5"), ("new_norm", "0")):
+        why = failing_groups(build_model(f"{mod}:{name}", (1, 1, 8, 8), None), example,
+                             {"0": 0.5})
+        assert why["0"].startswith("pruning it to ratio 0.5 fails (layers with a weight "
+                                   "parametrization (weight_norm, spectral_norm) cannot be "
+                                   f"pruned ({layer})")
 
 
 def test_a_model_onnx_cannot_take_is_named_before_the_base_trains(

@@ -72,6 +72,14 @@ def build_model(source: str, input_shape: tuple[int, ...], num_classes: int | No
                       "'torchvision:<name>' or 'package.module:function'")
 
 
+#: How to get on with a layer whose weight is parametrized (weight_norm, spectral_norm).
+PARAMETRIZED_FIX = (
+    "the layers without it: after loading your weights in the model function, "
+    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (or "
+    "torch.nn.utils.remove_weight_norm(layer) for the old weight_norm) keeps what they "
+    "compute, with plain weights")
+
+
 def prunable(model: nn.Module, source: str) -> nn.Module:
     """The plain module behind a wrapper autoprune can see through (``torch.compile``'s,
     ``nn.DataParallel``'s: the checkpoint loader already drops their key prefixes), or a
@@ -79,8 +87,6 @@ def prunable(model: nn.Module, source: str) -> nn.Module:
     with a parametrization (``weight_norm``, ``spectral_norm``), new or old style. Each had
     ended in a raw traceback, some after the base model trained, or in a refusal of every
     group that named Torch-Pruning's internals."""
-    from torch.nn.utils import parametrize
-
     while True:
         inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
         if isinstance(inner, nn.Module):
@@ -95,17 +101,15 @@ def prunable(model: nn.Module, source: str) -> nn.Module:
                           "before torch.jit.script or torch.jit.trace (script the exported "
                           "model instead)")
     scripted = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
-    normed = [n for n, m in model.named_modules() if parametrize.is_parametrized(m) or any(
+    # the old weight_norm / spectral_norm hooks fail Torch-Pruning on any layer (a deepcopy of
+    # their non-leaf weight); a new-style parametrization only on a layer pruned, which
+    # prune_model names (one on the head, never pruned, is fine)
+    normed = [n for n, m in model.named_modules() if any(
         type(h).__name__ in ("WeightNorm", "SpectralNorm")
         for h in m._forward_pre_hooks.values())]
     for found, what, fix in (
             (scripted, "TorchScript submodules", "plain nn.Modules"),
-            (normed, "a weight parametrization (weight_norm, spectral_norm or "
-                     "torch.nn.utils.parametrize)",
-             "the layers without it: after loading your weights in the model function, "
-             "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') (or "
-             "torch.nn.utils.remove_weight_norm(layer) for the old weight_norm) keeps what "
-             "they compute, with plain weights")):
+            (normed, "the old torch.nn.utils weight_norm or spectral_norm", PARAMETRIZED_FIX)):
         if found:
             shown = ", ".join(repr(n) for n in found[:4]) + (", ..." if len(found) > 4 else "")
             raise SourceError(f"model.source: {source!r} has layers with {what}, which "
