@@ -173,13 +173,19 @@ def example_output(model: nn.Module, source: str, input_shape: tuple[int, ...],
         raise SourceError(f"model.input_shape: got {list(input_shape)}; the model {source!r} "
                           f"rejects {input_dtype} inputs of that shape "
                           f"({type(e).__name__}: {e})") from e
-    if not isinstance(out, torch.Tensor):
-        got = (f"a dict with keys {list(out)}" if isinstance(out, dict)
-               else f"a {type(out).__name__}")
-        raise SourceError(f"model.source: {source!r} returns {got}; allowed: one tensor of "
-                          "logits, (N, classes). Wrap the model so that forward returns the "
-                          "classifier's output (an auxiliary head left in would be pruned and "
-                          "trained as if it did not matter)")
+    from autoprune.prune import train_forward
+
+    # in training mode too: a model returning (logits, aux) only there failed base training
+    # with a raw traceback, or every trial's fine-tune (sweep X)
+    trained, error = train_forward(model, example_input(input_shape, input_dtype))
+    for mode, got, ran in (("", out, True), (" in training mode", trained, error is None)):
+        if ran and not isinstance(got, torch.Tensor):
+            shown = (f"a dict with keys {list(got)}" if isinstance(got, dict)
+                     else f"a {type(got).__name__}")
+            raise SourceError(f"model.source: {source!r} returns {shown}{mode}; allowed: one "
+                              "tensor of logits, (N, classes). Wrap the model so that forward "
+                              "returns the classifier's output (an auxiliary head left in would "
+                              "be pruned and trained as if it did not matter)")
     return out
 
 

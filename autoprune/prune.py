@@ -303,21 +303,26 @@ def _parametrized(model: nn.Module, error: Exception) -> str:
 
 
 def _train_forward(model: nn.Module, example: torch.Tensor) -> Exception | None:
-    """The error of one training-mode forward of ``model`` (two samples, for BatchNorm), or
-    None; without gradients, and its buffers (BatchNorm statistics) and the random state are
-    as before. The model is traced in eval mode only: a layer only training runs was never
-    seen, and every trial that pruned its input failed in the fine-tune with a bare shape
-    error naming no layer."""
+    """The error of one training-mode forward of ``model`` (see :func:`train_forward`), or
+    None. The model is traced in eval mode only: a layer only training runs was never seen,
+    and every trial that pruned its input failed in the fine-tune with a bare shape error
+    naming no layer."""
+    return train_forward(model, example)[1]
+
+
+def train_forward(model: nn.Module, example: torch.Tensor) -> tuple[Any, Exception | None]:
+    """One training-mode forward of ``model`` (two samples, for BatchNorm): its output, or
+    its error. Without gradients, and its buffers (BatchNorm statistics) and the random state
+    are as before."""
     batch = example.expand(2, *example.shape[1:]) if example.shape[0] == 1 else example
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     was = model.training
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.train()
-            model(batch)
-        return None
+            return model(batch), None
     except Exception as e:  # noqa: BLE001 - returned: the caller names it
-        return e
+        return None, e
     finally:
         model.train(was)
         with torch.no_grad():

@@ -564,13 +564,24 @@ def test_a_model_with_several_outputs_is_refused_at_load(
                 h = self.body(x)
                 return self.fc(h), self.aux(h)
 
+        class AuxInTraining(TwoHeads):
+            def forward(self, x):
+                out = TwoHeads.forward(self, x)
+                return out if self.training else out[0]
+
         def build(num_classes=10):
             return TwoHeads(num_classes)
+
+        def build_aux(num_classes=10):
+            return AuxInTraining(num_classes)
     """)
-    with pytest.raises(SourceError, match=rf"model.source: '{mod}:build' returns a tuple; "
-                                          r"allowed: one tensor of logits"):
-        load_sources(space.replace(model=ModelConfig(source=f"{mod}:build",
-                                                     input_shape=(1, 1, 8, 8))))
+    # in training mode only too (sweep X: a raw traceback in base training, or every trial
+    # failed in its fine-tune)
+    for fn, mode in (("build", ""), ("build_aux", " in training mode")):
+        with pytest.raises(SourceError, match=rf"model.source: '{mod}:{fn}' returns a tuple"
+                                              rf"{mode}; allowed: one tensor of logits"):
+            load_sources(space.replace(model=ModelConfig(source=f"{mod}:{fn}",
+                                                         input_shape=(1, 1, 8, 8))))
 
 
 _TASKS = """
