@@ -429,13 +429,19 @@ def _check_onnx(space: SpaceConfig, model: nn.Module) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            export_onnx(model, space.model.input_shape, Path(tmp) / "model.onnx",
-                        dtype=space.model.input_dtype)
+            path = export_onnx(model, space.model.input_shape, Path(tmp) / "model.onnx",
+                               dtype=space.model.input_dtype)
+            import onnxruntime as ort  # and run once: a graph it cannot load (bf16 autocast)
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            x = example_input(space.model.input_shape, space.model.input_dtype)
+            session.run(None, {session.get_inputs()[0].name: x.numpy()})
         except Exception as e:  # noqa: BLE001 - the exporter's error, named
             if environment_error(e):
                 raise
             raise SourceError(f"model.source: {space.model.source!r} cannot be exported to ONNX "
-                              f"({type(e).__name__}: {first_line(e, 200)}), which "
+                              f"and run in ONNX Runtime ({type(e).__name__}: "
+                              f"{first_line(e, 200)}), which "
                               "latency.runtime: onnxruntime times and export writes; allowed: a "
                               "model the ONNX exporter takes, or latency.runtime: torch to "
                               "search it (export writes ONNX all the same)") from e

@@ -35,7 +35,7 @@ from torch import nn
 import autoprune
 from autoprune.base import BaseMetrics, load_sources, sha256_file
 from autoprune.config import SpaceConfig, parse_space
-from autoprune.errors import AutopruneError, CheckpointError, environment_error
+from autoprune.errors import AutopruneError, CheckpointError, environment_error, first_line
 from autoprune.measure import INPUT_DTYPES, count_cost, evaluate, example_input, export_onnx
 from autoprune.pareto import pick
 from autoprune.prune import PruneRecord, replay
@@ -185,8 +185,14 @@ def check_formats(model: nn.Module, x: torch.Tensor, onnx_path: Path,
         ref = model(x).numpy()
     noise = float32_noise(model, x, ref)
     tol = tolerance(ref, noise)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's refusal, named (sweep X)
+        raise AutopruneError(f"verification: ONNX Runtime cannot run the exported model.onnx "
+                             f"({type(e).__name__}: {first_line(e, 200)}); allowed: a model "
+                             "the ONNX exporter writes as ONNX Runtime reads it (a forward "
+                             "under torch.autocast to bfloat16 is not)") from e
     checked = {"onnx_max_abs_diff": _max_diff(out, ref, "ONNX Runtime", tol),
                "onnx_batch": int(x.shape[0]), "onnx_tolerance": tol[0],
                "onnx_tolerance_rule": tol[1], "onnx_float32_noise": noise,

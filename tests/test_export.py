@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _helpers import mlflow_server_process, tiny_space
+from torch import nn
 
 import autoprune
 from autoprune.cli import main as cli
@@ -1089,6 +1090,28 @@ def test_export_takes_the_study_s_own_run_in_a_store_two_projects_share(
     assert run.data.tags["mlflow.parentRunId"] == a.user_attrs["parent_run_id"]
     trial_accuracy = res.config["metrics"]["trial"]["accuracy"]
     assert run.data.metrics["accuracy"] == pytest.approx(trial_accuracy)
+
+
+def test_an_onnx_file_onnx_runtime_cannot_run_is_a_named_error(tmp_path: Path) -> None:
+    """Sweep X: a forward under bfloat16 autocast exports to an ONNX file ONNX Runtime
+    refuses to load; export's verification ended in its raw traceback."""
+    from autoprune.export import check_formats
+    from autoprune.measure import export_onnx
+
+    class Autocast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.net(x).float()
+
+    model = Autocast().eval()
+    path = export_onnx(model, (1, 1, 8, 8), tmp_path / "model.onnx")
+    with pytest.raises(AutopruneError, match=r"verification: ONNX Runtime cannot run the "
+                                             r"exported model.onnx \(\w+: \[ONNXRuntimeError\]"):
+        check_formats(model, torch.zeros(2, 1, 8, 8), path)
 
 
 def test_an_old_study_s_space_is_read_without_today_s_value_rules(

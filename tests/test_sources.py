@@ -999,8 +999,9 @@ def test_a_model_onnx_cannot_take_is_named_before_the_base_trains(
     runs = space.replace(runs_dir=str(tmp_path / "runs"),
                          latency=dataclasses.replace(space.latency, runtime="onnxruntime"))
     model, data, fn = load_sources(runs)
-    with pytest.raises(SourceError, match=r"cannot be exported to ONNX \(RuntimeError: ONNX "
-                                          r"export failed: .*allowed: .*latency.runtime: torch"):
+    with pytest.raises(SourceError, match=r"cannot be exported to ONNX and run in ONNX Runtime "
+                                          r"\(RuntimeError: ONNX export failed: .*allowed: "
+                                          r".*latency.runtime: torch"):
         base_checkpoint(runs, model, data, torch.device("cpu"), fn)
     assert not trained
 
