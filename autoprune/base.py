@@ -166,6 +166,13 @@ def example_output(model: nn.Module, source: str, input_shape: tuple[int, ...],
                    input_dtype: str) -> torch.Tensor:
     """The model's output for an example input; a model that rejects the input, or returns
     anything but one tensor, is a source error naming the field."""
+    weights = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+               if p.is_floating_point() and p.dtype != torch.float32}
+    if weights:  # (its error named model.input_shape, the input's dtype being float32)
+        raise SourceError(f"model.source: {source!r} has {', '.join(sorted(weights))} weights; "
+                          "allowed: float32 weights, as autoprune prunes, fine-tunes, times "
+                          "and exports the model (call .float() in the model function; a "
+                          "half-precision copy of the exported model can be made after)")
     try:
         with torch.no_grad():
             out = model(example_input(input_shape, input_dtype))

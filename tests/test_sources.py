@@ -970,6 +970,12 @@ def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
                                      r"spectral_norm, .*\('0'\); allowed: .*remove_weight_norm")):
         with pytest.raises(SourceError, match=rf"model.source: '{mod}:{name}' {error}"):
             build_model(f"{mod}:{name}", (1, 1, 8, 8), None)
+    # half-precision weights were blamed on model.input_shape (sweep X F12)
+    from autoprune.base import example_output
+
+    with pytest.raises(SourceError, match=r"model.source: 'half' has float16 weights; allowed: "
+                                          r"float32 weights"):
+        example_output(nn.Linear(64, 10).half(), "half", (1, 64), "float32")
     # a new-style parametrization fails only the groups whose layers have it, named there
     # (refused at load, a model whose parametrized head's group was ignored was refused too)
     from autoprune.prune import failing_groups
