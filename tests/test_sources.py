@@ -955,6 +955,12 @@ def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
             parametrizations.spectral_norm(m[5])
             return m
 
+        def masked():
+            from torch.nn.utils import prune
+            m = make()
+            prune.l1_unstructured(m[0], "weight", amount=0.3)
+            return m
+
         def new_norm():
             m = make()
             parametrizations.weight_norm(m[0])
@@ -967,7 +973,9 @@ def test_wrapped_scripted_and_parametrized_models_are_unwrapped_or_named(
         assert isinstance(model, nn.Sequential)
     for name, error in (("scripted", "returns a TorchScript module, which cannot be pruned"),
                         ("old_norm", r"has layers with the old torch.nn.utils weight_norm or "
-                                     r"spectral_norm, .*\('0'\); allowed: .*remove_weight_norm")):
+                                     r"spectral_norm, .*\('0'\); allowed: .*remove_weight_norm"),
+                        ("masked", r"has layers with torch.nn.utils.prune masks .*\('0'\); "
+                                   r"allowed: .*prune.remove")):
         with pytest.raises(SourceError, match=rf"model.source: '{mod}:{name}' {error}"):
             build_model(f"{mod}:{name}", (1, 1, 8, 8), None)
     # half-precision weights were blamed on model.input_shape (sweep X F12)

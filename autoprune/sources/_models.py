@@ -107,8 +107,13 @@ def prunable(model: nn.Module, source: str) -> nn.Module:
     normed = [n for n, m in model.named_modules() if any(
         type(h).__name__ in ("WeightNorm", "SpectralNorm")
         for h in m._forward_pre_hooks.values())]
+    masked = [n for n, m in model.named_modules() if any(
+        type(h).__module__ == "torch.nn.utils.prune" for h in m._forward_pre_hooks.values())]
     for found, what, fix in (
             (scripted, "TorchScript submodules", "plain nn.Modules"),
+            (masked, "torch.nn.utils.prune masks (weight_orig and weight_mask)",
+             "the layers with their masks made permanent: torch.nn.utils.prune.remove(layer, "
+             "'weight') in the model function, after loading your weights"),
             (normed, "the old torch.nn.utils weight_norm or spectral_norm", PARAMETRIZED_FIX)):
         if found:
             shown = ", ".join(repr(n) for n in found[:4]) + (", ..." if len(found) > 4 else "")
