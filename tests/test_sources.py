@@ -221,6 +221,18 @@ def test_checkpoint_round_trip_and_nested_state_dict(tmp_path: Path) -> None:
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
+    # EMA weights (sweep X): alone they are the model's; beside the raw ones, a warning
+    ema = _tiny_resnet()
+    torch.save({"ema": ema.state_dict(), "epoch": 9}, path)
+    load_checkpoint(dst, path)
+    with torch.no_grad():
+        assert torch.equal(ema(x), dst(x))
+    torch.save({"model": src.state_dict(), "model_ema": ema.state_dict()}, path)
+    with pytest.warns(UserWarning, match=r"also holds EMA weights \('model_ema'\); the "
+                                         r"'model' ones are loaded"):
+        load_checkpoint(dst, path)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
 
 
 def test_checkpoints_of_wrapped_models_and_older_torch_load(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -191,6 +192,10 @@ def _torchvision_model(name: str, num_classes: int | None, kwargs: dict[str, Any
                  f"torchvision:{name}")
 
 
+#: Keys under which trainers keep a model's EMA weights beside (or in place of) its own.
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.checkpoint") -> None:
     """Load a state dict with ``weights_only=True``; mismatches are listed key by key."""
     path = Path(path)
@@ -205,7 +210,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model.chec
         raise CheckpointError(f"{field}: cannot read {str(path)!r} as a state dict with "
                               f"weights_only=True: {_unreadable(e)}; allowed: a file written by "
                               "torch.save(model.state_dict(), path)") from e
-    for key in ("state_dict", "model_state_dict", "model"):
+    ema = [k for k in EMA_KEYS if isinstance(state, dict) and isinstance(state.get(k), dict)]
+    keys = [k for k in ("state_dict", "model_state_dict", "model")
+            if isinstance(state, dict) and isinstance(state.get(k), dict)]
+    if ema and keys:  # the raw weights are loaded; the EMA ones were passed over silently
+        warnings.warn(f"{field}: {str(path)!r} also holds EMA weights ({ema[0]!r}); the "
+                      f"{keys[0]!r} ones are loaded (to prune the EMA weights, save them as a "
+                      "state dict of their own)", stacklevel=2)
+    elif ema:  # only EMA weights (timm's 'ema', 'model_ema'): those are the model's
+        state = state[ema[0]]
+    for key in keys:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
