@@ -74,6 +74,9 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
                 files: dict[str, str],
                 preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     m = space.model
+    from autoprune.base import code_digest
+
+    code = code_digest(m.source)
     return validate_config({
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -82,7 +85,8 @@ def make_config(space: SpaceConfig, base: BaseMetrics, record: PruneRecord,
         "source": source,
         "model": {"source": m.source, "kwargs": m.kwargs, "input_shape": list(m.input_shape),
                   "input_dtype": m.input_dtype, "num_classes": num_classes, "checkpoint":
-                  os.path.abspath(base.checkpoint), "checkpoint_sha256": base.checkpoint_sha256},
+                  os.path.abspath(base.checkpoint), "checkpoint_sha256": base.checkpoint_sha256,
+                  **({"code_digest": code} if code else {})},
         # what the model was trained and scored on: a deployment feeds it the same
         "data": {"source": space.data.source, "preprocessing": preprocessing},
         "pruning": {"importance": record.importance, "round_to": record.round_to,

@@ -60,7 +60,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def base_architecture(config: dict[str, Any]) -> nn.Module:
+    """The base model, built through ``model.source`` as it is now: code that is not the
+    export's (another project's package of the same name, an edit since) is said, as it may
+    compute something else with the same weights (sweep W: outputs 16.9 apart, no word)."""
     m = config["model"]
+    if m.get("code_digest"):
+        from autoprune.base import code_digest
+
+        now = code_digest(m["source"])
+        if now and now != m["code_digest"]:
+            import warnings
+
+            warnings.warn(f"model.source {m['source']!r}: the code imported here is not the code "
+                          "the model was exported with (its files differ: edited since, or "
+                          "another project's module of that name); the rebuilt model may "
+                          "compute something else with the same weights", stacklevel=3)
     return build_model(m["source"], tuple(m["input_shape"]), m.get("num_classes"),
                        m.get("kwargs") or {}).eval()
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1019,6 +1020,17 @@ def test_a_moved_project_exports_with_its_own_checkpoint_and_modules(
                   {a.path for a in client.list_artifacts(r.info.run_id)})
     assert (moved / "runs" / "mlartifacts" / parent.info.run_id).is_dir()
     assert not proj.exists()
+    # the export records its model code: rebuilt through other code (an edit, or another
+    # project's module of that name), it says so (sweep W: outputs 16.9 apart, no word)
+    out = elsewhere / "out"
+    assert read_config(out / "prune_config.json")["model"]["code_digest"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the code as it was: no word
+        autoprune.load_pruned(out / "prune_config.json", out / "weights.pt")
+    source = moved / f"{mod}.py"
+    source.write_text(source.read_text().replace("nn.ReLU()", "nn.Tanh()"))
+    with pytest.warns(UserWarning, match="not the code the model was exported with"):
+        autoprune.load_pruned(out / "prune_config.json", out / "weights.pt")
     # another file at that place is not taken for it
     torch.save(build().state_dict(), moved / "ckpt" / "best.pt")
     assert cli(["export", "--study", "moved", "--out", "out2", "--runs-dir",
