@@ -277,12 +277,26 @@ def _cost(ctx: TrialContext, result: TrialResult) -> float:
     return result.macs_ratio
 
 
+def _seed(ctx: TrialContext, seed: int) -> None:
+    """Seed a trial's randomness, the training loader's own generator too: a user's
+    ``DataLoader(..., generator=torch.Generator().manual_seed(0))`` went on from trial to
+    trial, so a trial's batches hung on how many trials ran before it in that process, and
+    export's re-run of it (weights not kept) failed its verification (sweep W)."""
+    seed_everything(seed)
+    loader = ctx.data.train
+    found = {id(g): g for g in (getattr(loader, "generator", None),
+                                getattr(getattr(loader, "sampler", None), "generator", None))
+             if isinstance(g, torch.Generator)}
+    for g in found.values():
+        g.manual_seed(seed)
+
+
 def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
          finetune_steps: int | None, promote: Promote | None, reuse: Reuse | None,
          inherit: Inherit | None, constraints: bool = True,
          kept: Mapping[str, int] | None = None) -> None:
     space, dev = ctx.space, ctx.device
-    seed_everything(result.seed)
+    _seed(ctx, result.seed)
     p = space.pruning
     grad_batches = (list(ctx.data.calibration_batches(p.taylor_batches))
                     if p.importance == "taylor" else None)
@@ -303,7 +317,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     if parent is not None:
         from autoprune.inherit import parent_model
 
-        seed_everything(result.seed)
+        _seed(ctx, result.seed)
         start, start_record = parent_model(ctx, parent)
         model, record = prune_model(start, ctx.example_inputs, result.ratios, p.importance,
                                     p.round_to, space.groups.ignore, grad_batches, loss,
@@ -323,7 +337,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     result.speedup = base.latency_ms / latency.median_ms
 
     model.to(dev)
-    seed_everything(result.seed)
+    _seed(ctx, result.seed)
     adaptive_bn(model, ctx.data.train, space.finetune.bn_calibration_batches, dev)
     result.proxy_accuracy = evaluate(model, ctx.data.val, dev, ctx.evaluate_fn)
 
@@ -339,7 +353,7 @@ def _run(ctx: TrialContext, result: TrialResult, keep_model: bool,
     if judge is not None and fid.proxy_rung and not _judged(result, judge, 0,
                                                           result.proxy_accuracy, ctx):
         return
-    seed_everything(result.seed)
+    _seed(ctx, result.seed)
     teacher = ctx.base_model if space.finetune.distill_alpha > 0 else None
     trainer = finetuner(model, ctx.data.train, space.finetune, dev, finetune_steps,
                         copy.deepcopy(teacher) if teacher is not None else None,

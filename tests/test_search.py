@@ -1391,6 +1391,25 @@ def test_trial_workers_take_the_loaders_jobs_1_takes_or_say_why_not(
                       "search's machine only"}
 
 
+def test_a_trial_is_the_same_whatever_ran_before_with_a_loader_s_own_generator(
+        runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sweep W: a training DataLoader with its own seeded generator went on from trial to
+    trial, so a trial's batches hung on the trials run before it, and export's re-run of one
+    (weights not kept) failed its verification."""
+    from autoprune.trial import TrialContext, run_trial
+
+    (tmp_path / "gen_data.py").write_text(WORKER_DATA.replace(
+        "shuffle=True,", "shuffle=True, generator=torch.Generator().manual_seed(0),").replace(
+        "num_workers=1, collate_fn=col", "num_workers=0, collate_fn=col"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ctx = TrialContext.build(parse_space(tiny_space(runs, "gen", **{
+        "data.source": "gen_data:loaders"})))
+    ratios = {g.name: 0.3 for g in ctx.groups}
+    first, second = run_trial(ctx, ratios), run_trial(ctx, ratios)
+    assert first.state == second.state == "complete"
+    assert first.accuracy == second.accuracy and first.finetune_losses == second.finetune_losses
+
+
 def test_a_resume_of_a_study_an_older_rounding_made_says_so_once(
         runs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Sweep V: a study begun before rounding rule 3, resumed after it, held one ratio at two
