@@ -43,6 +43,8 @@ def _rnn_macs_hook(rnn: nn.RNNBase, inputs: tuple[Any, ...], output: Any) -> Non
 
 for _rnn in (nn.RNN, nn.GRU, nn.LSTM):
     op_counter.MODULES_MAPPING[_rnn] = _rnn_macs_hook
+# SyncBatchNorm (a model trained with DDP) is a BatchNorm too: it was left out of the count
+op_counter.MODULES_MAPPING[nn.SyncBatchNorm] = op_counter.bn_flops_counter_hook
 
 
 @dataclass(frozen=True)
