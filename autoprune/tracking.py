@@ -109,6 +109,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, study: str, artifact_dir: str | Path) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+        # absolute: MLflow keeps one store per URI string in a process, so a relative SQLite
+        # URI opened again from another directory wrote into the first directory's store
+        uri = absolute_uri(uri)
         # a new store: one process at a time, without MLflow's INFO 'Creating initial MLflow
         # database tables...' and alembic's migrations (shown under --quiet too)
         with sqlite_setup(uri), quieter(logging.WARNING, "mlflow.store.db.utils", "alembic"):
