@@ -33,9 +33,9 @@ from torch import nn
 
 
 class Fragile(nn.Module):
-    """A user model whose forward needs at least 6 channels after its first conv (in training
-    only, with ``train_only``: out of sight of the check that a group prunes at all, which
-    runs the model in eval mode)."""
+    """A user model whose forward needs at least 6 channels after its first conv (while it
+    trains only, with ``train_only``: out of sight of the check that a group prunes at all,
+    which runs the model in eval mode and once in training mode without gradients)."""
 
     train_only = False
 
@@ -48,7 +48,8 @@ class Fragile(nn.Module):
 
     def forward(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
-        if x.shape[1] < 6 and (self.training or not self.train_only):
+        trains = self.training and torch.is_grad_enabled()
+        if x.shape[1] < 6 and (trains or not self.train_only):
             raise RuntimeError(f"this block needs >= 6 channels, got {x.shape[1]}")
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
@@ -869,7 +870,7 @@ def test_bad_run_options_fail_before_any_work(runs: Path, tmp_path: Path) -> Non
 
     spec = tiny_space(runs, "options")
     space = parse_space(spec)
-    with pytest.raises(ConfigError, match=r"--study: got '\.\./escaped'.*without spaces or "
+    with pytest.raises(ConfigError, match=r"--study: got '\.\./escaped'.*without spaces, "
                                           "slashes"):
         run_search(space, study_name="../escaped", quiet=True)
     for flag, bad in (("--trials", "0"), ("--jobs", "-2"), ("--seed", "-1"),
