@@ -377,9 +377,9 @@ def _moved_with_project(checkpoint: str, digest: str | None, ran_in: str | None,
             tails.insert(0, Path(checkpoint).relative_to(ran_in))
         except ValueError:
             pass
-    for root in roots:
+    for folder in roots:
         for tail in tails:
-            found = root / tail
+            found = folder / tail
             if found.is_file() and sha256_file(found) == digest:
                 print(f"autoprune: the study's base checkpoint {checkpoint} is not there; "
                       f"using {found}, the same file (SHA-256 {digest[:12]}...)",

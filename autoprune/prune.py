@@ -198,7 +198,6 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         except Exception as e:
             raise PruningError(f"model.input_shape: the model does not accept an input of shape "
                                f"{list(example_inputs.shape)} ({type(e).__name__}: {e})") from e
-    trains = _train_forward(pruned, example_inputs) is None
     if importance == "taylor":
         _accumulate_gradients(pruned, grad_batches or [], loss_fn or class_loss())
 
@@ -231,6 +230,9 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
     # are all single-channel blocks raised an IndexError and failed the group pruned).
     still = [m for m in groups if m not in effective]
     still += [root_module(g) for g, why in judged if why]
+    # whether the unpruned model runs in training mode (one forward, only when a group is
+    # pruned: a trial at ratio 0 needs none)
+    trains = bool(effective) and train_forward(pruned, example_inputs)[1] is None
     try:
         with shape_checked_reshapes(), warnings.catch_warnings():
             # Its own graph must map reshapes like build_graph's. It warns of "unwrapped
@@ -257,7 +259,7 @@ def _prune_copy(pruned: nn.Module, example_inputs: torch.Tensor, ratios: Mapping
         raise PruningError(f"{_FAILED}{_parametrized(pruned, e)}{type(e).__name__}: "
                            f"{e}") from e
     _check_output(ref_out, out)
-    if trains and effective and (broke := _train_forward(pruned, example_inputs)) is not None:
+    if trains and (broke := train_forward(pruned, example_inputs)[1]) is not None:
         raise PruningError(f"{_FAILED}the pruned model fails in training mode, though it "
                            "runs in eval mode, where it is traced: a layer only training runs "
                            "(an auxiliary head, deep supervision) reads the pruned channels "
@@ -302,18 +304,12 @@ def _parametrized(model: nn.Module, error: Exception) -> str:
             f"pruned ({', '.join(found[:4])}); allowed: {PARAMETRIZED_FIX} - ")
 
 
-def _train_forward(model: nn.Module, example: torch.Tensor) -> Exception | None:
-    """The error of one training-mode forward of ``model`` (see :func:`train_forward`), or
-    None. The model is traced in eval mode only: a layer only training runs was never seen,
-    and every trial that pruned its input failed in the fine-tune with a bare shape error
-    naming no layer."""
-    return train_forward(model, example)[1]
-
-
 def train_forward(model: nn.Module, example: torch.Tensor) -> tuple[Any, Exception | None]:
     """One training-mode forward of ``model`` (two samples, for BatchNorm): its output, or
     its error. Without gradients, and its buffers (BatchNorm statistics) and the random state
-    are as before."""
+    are as before. The model is traced in eval mode only: a layer only training runs was
+    never seen, and every trial that pruned its input failed in the fine-tune with a bare
+    shape error naming no layer."""
     batch = example.expand(2, *example.shape[1:]) if example.shape[0] == 1 else example
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     was = model.training

@@ -937,6 +937,14 @@ def test_the_card_says_slower_for_a_speed_up_below_one() -> None:
     assert speed_words(0.62) == "1.61x slower"  # it read "0.62x faster"
 
 
+#: A user's model module: one conv block and a head.
+_SMALL_MODEL = ("from torch import nn\n\n\ndef build(num_classes=10):\n"
+                "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), "
+                "nn.ReLU(),\n"
+                "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+                "                         nn.Linear(8, num_classes))\n")
+
+
 def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's own model (`model.source: mymodels:build`, a module in the project
@@ -948,11 +956,7 @@ def test_export_from_elsewhere_imports_the_user_s_modules_from_the_search_s_fold
     proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
     proj.mkdir()
     elsewhere.mkdir()
-    (proj / f"{mod}.py").write_text(
-        "from torch import nn\n\n\ndef build(num_classes=10):\n"
-        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
-        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
-        "                         nn.Linear(8, num_classes))\n")
+    (proj / f"{mod}.py").write_text(_SMALL_MODEL)
     monkeypatch.chdir(proj)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the search puts proj on it
     spec = tiny_space(Path("runs"), "own", objectives=["accuracy", "macs"],
@@ -984,11 +988,7 @@ def test_a_moved_project_exports_with_its_own_checkpoint_and_modules(
     proj, moved, elsewhere = tmp_path / "proj", tmp_path / "laptop" / "proj", tmp_path / "x"
     (proj / "ckpt").mkdir(parents=True)
     elsewhere.mkdir()
-    (proj / f"{mod}.py").write_text(
-        "from torch import nn\n\n\ndef build(num_classes=10):\n"
-        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
-        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
-        "                         nn.Linear(8, num_classes))\n")
+    (proj / f"{mod}.py").write_text(_SMALL_MODEL)
     monkeypatch.chdir(proj)
     monkeypatch.setattr(sys, "path", [str(proj), *sys.path])
     build = importlib.import_module(mod).build
